@@ -1,0 +1,176 @@
+//! Surfaces: the buffers kernels read and write. On the ANE they are IOSurfaces; here
+//! they are plain memory with the same layout: row-major over the declared shape, which
+//! for activations is channel-major `[1, C, 1, S]` (element (c, s) at `c*S + s`).
+
+use half::f16;
+use mil::DType;
+
+#[derive(Clone, Debug, PartialEq)]
+enum Data {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+/// A dense fp16 or fp32 buffer with a shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Surface {
+    shape: Vec<usize>,
+    data: Data,
+}
+
+impl Surface {
+    /// A zero-filled surface. Panics on a dtype other than fp16/fp32: surfaces carry
+    /// floats only, and that is a programming error, not a user's.
+    pub fn zeros(dtype: DType, shape: &[usize]) -> Surface {
+        let n = shape.iter().product();
+        let data = match dtype {
+            DType::Fp16 => Data::F16(vec![f16::ZERO; n]),
+            DType::Fp32 => Data::F32(vec![0.0; n]),
+            other => panic!("surfaces hold fp16 or fp32, not {other}"),
+        };
+        Surface { shape: shape.to_vec(), data }
+    }
+
+    /// A `[1, C, 1, S]` activation surface.
+    pub fn activation(dtype: DType, channels: usize, seq: usize) -> Surface {
+        Surface::zeros(dtype, &[1, channels, 1, seq])
+    }
+
+    /// A surface of the given type holding `values` (rounded if fp16).
+    pub fn from_f32(dtype: DType, shape: &[usize], values: &[f32]) -> Surface {
+        let mut s = Surface::zeros(dtype, shape);
+        s.write_f32(values);
+        s
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Data::F16(_) => DType::Fp16,
+            Data::F32(_) => DType::Fp32,
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.data {
+            Data::F16(v) => v.len(),
+            Data::F32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the data takes (the IOSurface allocation before any padding).
+    pub fn byte_len(&self) -> usize {
+        self.len() * self.dtype().size_bytes()
+    }
+
+    /// Copies `src` into the surface from element 0, converting to its dtype.
+    pub fn write_f32(&mut self, src: &[f32]) {
+        self.write_f32_at(0, src);
+    }
+
+    /// Copies `src` into the surface from element `at`.
+    pub fn write_f32_at(&mut self, at: usize, src: &[f32]) {
+        match &mut self.data {
+            Data::F16(v) => v[at..at + src.len()].iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(*s)),
+            Data::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+        }
+    }
+
+    /// Copies elements `at..at + dst.len()` out as f32.
+    pub fn read_f32_at(&self, at: usize, dst: &mut [f32]) {
+        let n = dst.len();
+        match &self.data {
+            Data::F16(v) => dst.iter_mut().zip(&v[at..at + n]).for_each(|(d, s)| *d = s.to_f32()),
+            Data::F32(v) => dst.copy_from_slice(&v[at..at + n]),
+        }
+    }
+
+    /// The whole surface as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.read_f32_at(0, &mut out);
+        out
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(v) => Some(v),
+            Data::F16(_) => None,
+        }
+    }
+
+    pub fn as_f32_mut(&mut self) -> Option<&mut [f32]> {
+        match &mut self.data {
+            Data::F32(v) => Some(v),
+            Data::F16(_) => None,
+        }
+    }
+
+    pub fn as_f16(&self) -> Option<&[f16]> {
+        match &self.data {
+            Data::F16(v) => Some(v),
+            Data::F32(_) => None,
+        }
+    }
+
+    pub fn as_f16_mut(&mut self) -> Option<&mut [f16]> {
+        match &mut self.data {
+            Data::F16(v) => Some(v),
+            Data::F32(_) => None,
+        }
+    }
+
+    /// Writes a `[rows, cols]` row-major block into a `[1, C, 1, S]` surface at channel
+    /// `c0`, position `s0`: element (r, k) goes to channel `c0 + r`, position `s0 + k`.
+    /// This is how activations and packed weights enter a dynamic-weight surface.
+    pub fn write_block(&mut self, c0: usize, s0: usize, rows: usize, cols: usize, src: &[f32]) {
+        assert_eq!(src.len(), rows * cols, "write_block: {rows}x{cols} block from {} values", src.len());
+        let seq = *self.shape.last().expect("surface has a shape");
+        assert!(s0 + cols <= seq, "write_block: positions {s0}..{} past width {seq}", s0 + cols);
+        for r in 0..rows {
+            self.write_f32_at((c0 + r) * seq + s0, &src[r * cols..(r + 1) * cols]);
+        }
+    }
+
+    /// Reads a `[rows, cols]` block at channel `c0`, position `s0` (see [`write_block`](Self::write_block)).
+    pub fn read_block(&self, c0: usize, s0: usize, rows: usize, cols: usize, dst: &mut [f32]) {
+        assert_eq!(dst.len(), rows * cols, "read_block: {rows}x{cols} block into {} values", dst.len());
+        let seq = *self.shape.last().expect("surface has a shape");
+        assert!(s0 + cols <= seq, "read_block: positions {s0}..{} past width {seq}", s0 + cols);
+        for r in 0..rows {
+            self.read_f32_at((c0 + r) * seq + s0, &mut dst[r * cols..(r + 1) * cols]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_land_channel_major() {
+        let mut s = Surface::activation(DType::Fp32, 3, 5);
+        s.write_block(1, 2, 2, 3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let v = s.to_f32();
+        assert_eq!(&v[5..10], &[0.0, 0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(&v[10..15], &[0.0, 0.0, 4.0, 5.0, 6.0]);
+        let mut back = [0.0; 6];
+        s.read_block(1, 2, 2, 3, &mut back);
+        assert_eq!(back, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn fp16_surfaces_round() {
+        let s = Surface::from_f32(DType::Fp16, &[1, 1, 1, 2], &[1.0 / 3.0, 70000.0]);
+        let v = s.to_f32();
+        assert_eq!(v[0], f16::from_f32(1.0 / 3.0).to_f32());
+        assert!(v[1].is_infinite());
+    }
+}

@@ -1,0 +1,1 @@
+//! The ANE lint. (Being written.)
