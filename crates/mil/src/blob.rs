@@ -105,7 +105,11 @@ pub fn chunk_offsets(lens: &[usize]) -> Vec<u64> {
 /// Reads the fp16 payload of the chunk whose header is at `offset`.
 pub fn read_chunk(bytes: &[u8], offset: u64, numel: usize) -> Result<Vec<f16>> {
     if bytes.len() < HEADER_BYTES {
-        return Err(mil_err!(Blob, "weight file is {} bytes, shorter than its {HEADER_BYTES}-byte header", bytes.len()));
+        return Err(mil_err!(
+            Blob,
+            "weight file is {} bytes, shorter than its {HEADER_BYTES}-byte header",
+            bytes.len()
+        ));
     }
     let at = usize::try_from(offset).unwrap_or(usize::MAX);
     if at.checked_add(HEADER_BYTES).is_none_or(|end| end > bytes.len()) {
@@ -113,12 +117,20 @@ pub fn read_chunk(bytes: &[u8], offset: u64, numel: usize) -> Result<Vec<f16>> {
     }
     let chunk = &bytes[at..at + HEADER_BYTES];
     if chunk[0..4] != CHUNK_MAGIC {
-        return Err(mil_err!(Blob, "no chunk header at offset {offset}: expected magic EF BE AD DE, found {:02X?}", &chunk[0..4]));
+        return Err(mil_err!(
+            Blob,
+            "no chunk header at offset {offset}: expected magic EF BE AD DE, found {:02X?}",
+            &chunk[0..4]
+        ));
     }
     let size = u32::from_le_bytes(chunk[8..12].try_into().unwrap()) as usize;
     let data_at = u32::from_le_bytes(chunk[16..20].try_into().unwrap()) as usize;
     if size != 2 * numel {
-        return Err(mil_err!(Blob, "chunk at offset {offset} holds {size} bytes, expected {} ({numel} fp16 values)", 2 * numel));
+        return Err(mil_err!(
+            Blob,
+            "chunk at offset {offset} holds {size} bytes, expected {} ({numel} fp16 values)",
+            2 * numel
+        ));
     }
     if data_at.checked_add(size).is_none_or(|end| end > bytes.len()) {
         return Err(mil_err!(
@@ -127,5 +139,8 @@ pub fn read_chunk(bytes: &[u8], offset: u64, numel: usize) -> Result<Vec<f16>> {
             bytes.len()
         ));
     }
-    Ok(bytes[data_at..data_at + size].chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect())
+    Ok(bytes[data_at..data_at + size]
+        .chunks_exact(2)
+        .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+        .collect())
 }

@@ -62,7 +62,9 @@ impl FunctionBuilder {
     pub fn finish(self) -> Result<Function> {
         match self.error {
             Some(e) => Err(e),
-            None if self.f.outputs.is_empty() => Err(mil_err!(BadArgument, "function `{}` returns nothing", self.f.name)),
+            None if self.f.outputs.is_empty() => {
+                Err(mil_err!(BadArgument, "function `{}` returns nothing", self.f.name))
+            }
             None => Ok(self.f),
         }
     }
@@ -310,7 +312,11 @@ impl FunctionBuilder {
         let ax = self.int(axis);
         let s = self.ints(sizes);
         let n = self.int(sizes.len() as i64);
-        self.op("split", name, vec![("axis", (&ax).into()), ("num_splits", (&n).into()), ("split_sizes", (&s).into()), ("x", x.into())])
+        self.op(
+            "split",
+            name,
+            vec![("axis", (&ax).into()), ("num_splits", (&n).into()), ("split_sizes", (&s).into()), ("x", x.into())],
+        )
     }
 
     pub fn gather(&mut self, name: &str, x: &Var, indices: &Var, axis: i64) -> Var {

@@ -17,8 +17,7 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 6] =
-        [DType::Fp16, DType::Fp32, DType::Int32, DType::Uint64, DType::Bool, DType::String];
+    pub const ALL: [DType; 6] = [DType::Fp16, DType::Fp32, DType::Int32, DType::Uint64, DType::Bool, DType::String];
 
     /// The spelling in MIL text: `fp16`, `int32`, ….
     pub fn mil_name(self) -> &'static str {
@@ -146,10 +145,17 @@ impl Data {
 /// A constant value: an inline literal, or a tensor stored in a BLOBFILE weight file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Literal { ty: TensorType, data: Data },
+    Literal {
+        ty: TensorType,
+        data: Data,
+    },
     /// `BLOBFILE(path = string("@model_path/weights/w.bin"), offset = uint64(64))`:
     /// `offset` is the byte offset of the chunk header in that file.
-    Blob { ty: TensorType, path: String, offset: u64 },
+    Blob {
+        ty: TensorType,
+        path: String,
+        offset: u64,
+    },
 }
 
 impl Value {
@@ -346,10 +352,7 @@ impl Function {
 
     /// The output values with their types, in declared order.
     pub fn output_vars(&self) -> Vec<Var> {
-        self.outputs
-            .iter()
-            .filter_map(|n| self.type_of(n).map(|t| Var::new(n.clone(), t.clone())))
-            .collect()
+        self.outputs.iter().filter_map(|n| self.type_of(n).map(|t| Var::new(n.clone(), t.clone()))).collect()
     }
 }
 

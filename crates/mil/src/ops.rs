@@ -101,7 +101,9 @@ pub fn resolve<'a>(arg: &'a Arg, scope: &'a Scope, arg_name: &str) -> Result<Res
     match arg {
         Arg::Var(name) => match scope.get(name) {
             Some((ty, value)) => Ok(Resolved { ty: ty.clone(), value }),
-            None => Err(mil_err!(UndefinedName, "argument `{arg_name}` uses `{name}`, which is not defined before this op")),
+            None => {
+                Err(mil_err!(UndefinedName, "argument `{arg_name}` uses `{name}`, which is not defined before this op"))
+            }
         },
         Arg::Value(v) => Ok(Resolved { ty: v.ty().clone(), value: Some(v) }),
         Arg::List(_) => Err(mil_err!(BadArgument, "argument `{arg_name}` takes one value, found a tuple")),
@@ -158,7 +160,9 @@ impl<'a> Args<'a> {
     fn bool(&self, name: &str, default: bool) -> Result<bool> {
         match self.constant(name)? {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| mil_err!(TypeMismatch, "argument `{name}` must be bool, found {}", v.ty())),
+            Some(v) => {
+                v.as_bool().ok_or_else(|| mil_err!(TypeMismatch, "argument `{name}` must be bool, found {}", v.ty()))
+            }
         }
     }
 
@@ -175,7 +179,10 @@ impl<'a> Args<'a> {
     fn float(&self, name: &str) -> Result<Option<f64>> {
         match self.constant(name)? {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| mil_err!(TypeMismatch, "argument `{name}` must be a number, found {}", v.ty())),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| mil_err!(TypeMismatch, "argument `{name}` must be a number, found {}", v.ty())),
         }
     }
 
@@ -219,9 +226,8 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 /// Infers the result types of `op` from its arguments. Declared output types are not
 /// looked at; [`validate`] compares them with what this returns.
 pub fn infer(op: &Operation, scope: &Scope) -> Result<Vec<TensorType>> {
-    let spec = spec(&op.op).ok_or_else(|| {
-        mil_err!(UnknownOp, "unknown op `{}`; known ops: {}", op.op, known_ops().join(", "))
-    })?;
+    let spec = spec(&op.op)
+        .ok_or_else(|| mil_err!(UnknownOp, "unknown op `{}`; known ops: {}", op.op, known_ops().join(", ")))?;
     for (name, _) in &op.args {
         if !spec.required.contains(&name.as_str()) && !spec.optional.contains(&name.as_str()) {
             let mut all: Vec<&str> = spec.required.to_vec();
@@ -262,9 +268,8 @@ pub fn infer(op: &Operation, scope: &Scope) -> Result<Vec<TensorType>> {
             if !(x.dtype.is_float() || x.dtype == DType::Int32) {
                 return Err(mil_err!(TypeMismatch, "`{o}` takes fp16, fp32 or int32, found {}", x.dtype));
             }
-            let shape = broadcast(&x.shape, &y.shape).ok_or_else(|| {
-                mil_err!(ShapeMismatch, "shapes {:?} and {:?} do not broadcast", x.shape, y.shape)
-            })?;
+            let shape = broadcast(&x.shape, &y.shape)
+                .ok_or_else(|| mil_err!(ShapeMismatch, "shapes {:?} and {:?} do not broadcast", x.shape, y.shape))?;
             one(x.with_shape(shape))
         }
         o if UNARY_OPS.contains(&o) => {
@@ -332,7 +337,12 @@ pub fn infer(op: &Operation, scope: &Scope) -> Result<Vec<TensorType>> {
             let axis = norm_axis(a.int("axis")?.unwrap_or(0), x.rank(), "axis")?;
             let sizes = split_sizes(x.shape[axis], a.int("num_splits")?, a.ints("split_sizes")?)?;
             if op.outputs.len() > 1 && op.outputs.len() != sizes.len() {
-                return Err(mil_err!(BadArgument, "split makes {} parts but {} outputs are declared", sizes.len(), op.outputs.len()));
+                return Err(mil_err!(
+                    BadArgument,
+                    "split makes {} parts but {} outputs are declared",
+                    sizes.len(),
+                    op.outputs.len()
+                ));
             }
             Ok(sizes
                 .into_iter()
@@ -418,7 +428,12 @@ pub fn matmul_shape(x: &[usize], y: &[usize], tx: bool, ty: bool) -> Result<Vec<
         ));
     }
     let mut batch = broadcast(&x[..x.len() - 2], &y[..y.len() - 2]).ok_or_else(|| {
-        mil_err!(ShapeMismatch, "matmul batch dimensions {:?} and {:?} do not broadcast", &x[..x.len() - 2], &y[..y.len() - 2])
+        mil_err!(
+            ShapeMismatch,
+            "matmul batch dimensions {:?} and {:?} do not broadcast",
+            &x[..x.len() - 2],
+            &y[..y.len() - 2]
+        )
     })?;
     batch.extend_from_slice(&[m, n]);
     Ok(batch)
@@ -436,7 +451,9 @@ pub fn reshape_shape(x: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
                 out.push(1);
             }
             -1 => return Err(mil_err!(BadArgument, "reshape shape {shape:?} has more than one -1")),
-            0 => out.push(*x.get(i).ok_or_else(|| mil_err!(BadArgument, "reshape shape {shape:?}: 0 at index {i} but the input has rank {}", x.len()))?),
+            0 => out.push(*x.get(i).ok_or_else(|| {
+                mil_err!(BadArgument, "reshape shape {shape:?}: 0 at index {i} but the input has rank {}", x.len())
+            })?),
             d if d > 0 => out.push(d as usize),
             d => return Err(mil_err!(BadArgument, "reshape shape {shape:?} has dimension {d}")),
         }
@@ -621,7 +638,9 @@ pub fn conv_geometry(op: &Operation, scope: &Scope, x: &[usize], w: &[usize]) ->
     let pad = match a.string("pad_type")?.unwrap_or("valid") {
         "valid" => [0; 4],
         "custom" => match a.ints("pad")? {
-            Some(p) if p.len() == 4 && p.iter().all(|&v| v >= 0) => [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize],
+            Some(p) if p.len() == 4 && p.iter().all(|&v| v >= 0) => {
+                [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize]
+            }
             Some(p) => return Err(mil_err!(BadArgument, "pad must be 4 non-negative integers, found {p:?}")),
             None => [0; 4],
         },
@@ -643,7 +662,12 @@ fn infer_conv(a: &Args<'_>) -> Result<Vec<TensorType>> {
     let x = a.float_x("x")?;
     let w = a.float_x("weight")?;
     if x.rank() != 4 || w.rank() != 4 {
-        return Err(mil_err!(ShapeMismatch, "conv takes x [N, C, H, W] and weight [O, C/groups, kH, kW], found {:?} and {:?}", x.shape, w.shape));
+        return Err(mil_err!(
+            ShapeMismatch,
+            "conv takes x [N, C, H, W] and weight [O, C/groups, kH, kW], found {:?} and {:?}",
+            x.shape,
+            w.shape
+        ));
     }
     if x.dtype != w.dtype {
         return Err(mil_err!(TypeMismatch, "x is {} but weight is {}", x.dtype, w.dtype));
@@ -667,7 +691,11 @@ fn infer_conv(a: &Args<'_>) -> Result<Vec<TensorType>> {
     let out = |size: usize, k: usize, s: usize, d: usize, p: usize| -> Result<usize> {
         let span = (k - 1) * d + 1;
         if size + p < span {
-            return Err(mil_err!(ShapeMismatch, "conv kernel span {span} is larger than the padded input {}", size + p));
+            return Err(mil_err!(
+                ShapeMismatch,
+                "conv kernel span {span} is larger than the padded input {}",
+                size + p
+            ));
         }
         Ok((size + p - span) / s + 1)
     };
@@ -685,7 +713,8 @@ fn infer_concat(a: &Args<'_>) -> Result<Vec<TensorType>> {
     if items.is_empty() {
         return Err(mil_err!(BadArgument, "concat needs at least one value"));
     }
-    let types: Vec<TensorType> = items.iter().map(|i| resolve(i, a.scope, "values").map(|r| r.ty)).collect::<Result<_>>()?;
+    let types: Vec<TensorType> =
+        items.iter().map(|i| resolve(i, a.scope, "values").map(|r| r.ty)).collect::<Result<_>>()?;
     let first = &types[0];
     let axis = norm_axis(a.int("axis")?.unwrap_or(0), first.rank(), "axis")?;
     let interleave = a.bool("interleave", false)?;
@@ -697,7 +726,12 @@ fn infer_concat(a: &Args<'_>) -> Result<Vec<TensorType>> {
         let same = t.rank() == first.rank()
             && t.shape.iter().zip(&first.shape).enumerate().all(|(d, (x, y))| d == axis || x == y);
         if !same || (interleave && t.shape[axis] != first.shape[axis]) {
-            return Err(mil_err!(ShapeMismatch, "concat value {i} has shape {:?}, which does not fit {:?} on axis {axis}", t.shape, first.shape));
+            return Err(mil_err!(
+                ShapeMismatch,
+                "concat value {i} has shape {:?}, which does not fit {:?} on axis {axis}",
+                t.shape,
+                first.shape
+            ));
         }
         total += t.shape[axis];
     }
@@ -713,7 +747,9 @@ pub fn validate_function(f: &Function) -> Result<Scope> {
     let mut scope = Scope::new();
     for v in &f.inputs {
         if !v.ty.dtype.is_float() {
-            return Err(mil_err!(TypeMismatch, "input `{}` is {}: inputs must be fp16 or fp32", v.name, v.ty).at(f.span));
+            return Err(
+                mil_err!(TypeMismatch, "input `{}` is {}: inputs must be fp16 or fp32", v.name, v.ty).at(f.span)
+            );
         }
         if !scope.define(&v.name, v.ty.clone(), None) {
             return Err(mil_err!(DuplicateName, "input `{}` is declared twice", v.name).at(f.span));
@@ -724,18 +760,43 @@ pub fn validate_function(f: &Function) -> Result<Scope> {
         let inferred = infer(op, &scope).map_err(ctx)?;
         if let Some(Value::Literal { ty, data }) = op.const_value() {
             if data.len() != ty.numel() {
-                return Err(ctx(mil_err!(BadLiteral, "literal of type {ty} has {} values, expected {}", data.len(), ty.numel())));
+                return Err(ctx(mil_err!(
+                    BadLiteral,
+                    "literal of type {ty} has {} values, expected {}",
+                    data.len(),
+                    ty.numel()
+                )));
             }
         }
         if inferred.len() != op.outputs.len() {
-            return Err(ctx(mil_err!(BadArgument, "`{}` makes {} results, {} declared", op.op, inferred.len(), op.outputs.len())));
+            return Err(ctx(mil_err!(
+                BadArgument,
+                "`{}` makes {} results, {} declared",
+                op.op,
+                inferred.len(),
+                op.outputs.len()
+            )));
         }
         for (out, ty) in op.outputs.iter().zip(&inferred) {
             if out.ty.dtype != ty.dtype {
-                return Err(ctx(mil_err!(TypeMismatch, "`{}` is declared {}, but `{}` gives {}", out.name, out.ty, op.op, ty)));
+                return Err(ctx(mil_err!(
+                    TypeMismatch,
+                    "`{}` is declared {}, but `{}` gives {}",
+                    out.name,
+                    out.ty,
+                    op.op,
+                    ty
+                )));
             }
             if out.ty.shape != ty.shape {
-                return Err(ctx(mil_err!(ShapeMismatch, "`{}` is declared {}, but `{}` gives {}", out.name, out.ty, op.op, ty)));
+                return Err(ctx(mil_err!(
+                    ShapeMismatch,
+                    "`{}` is declared {}, but `{}` gives {}",
+                    out.name,
+                    out.ty,
+                    op.op,
+                    ty
+                )));
             }
             if !scope.define(&out.name, out.ty.clone(), op.const_value().cloned()) {
                 return Err(ctx(mil_err!(DuplicateName, "`{}` is already defined", out.name)));
@@ -747,7 +808,11 @@ pub fn validate_function(f: &Function) -> Result<Scope> {
     }
     for name in &f.outputs {
         match scope.get(name) {
-            None => return Err(mil_err!(UndefinedName, "function `{}` returns `{name}`, which is not defined", f.name).at(f.span)),
+            None => {
+                return Err(
+                    mil_err!(UndefinedName, "function `{}` returns `{name}`, which is not defined", f.name).at(f.span)
+                )
+            }
             Some((ty, _)) if !ty.dtype.is_float() => {
                 return Err(mil_err!(TypeMismatch, "output `{name}` is {ty}: outputs must be fp16 or fp32").at(f.span))
             }
