@@ -1,0 +1,1 @@
+//! Llama forward and decoding on a device. (Being written.)
