@@ -1,1 +1,366 @@
-//! Llama forward and decoding on a device. (Being written.)
+//! A Llama model on a device: prefill and KV-cached decoding with the kernels of
+//! [`crate::kernels`], RMSNorm, RoPE and the classifier on the CPU.
+//!
+//! Weights are packed into each layer's input surfaces once, when the decoder is built:
+//! inference weights never change, so every later step writes only activations into the
+//! surfaces (the weights already sit after them) and the kernels stay compiled.
+//!
+//! ## Padding
+//! [`token_padding`] is the one place that pads shapes for a device: the ANE is reported
+//! to want a spatial width that is a multiple of 16 (DESIGN.md), so on the ANE the
+//! number of tokens a kernel processes at once is rounded up to a multiple of 16 (the
+//! extra columns are zeros and their results are dropped; their attention rows are fully
+//! masked). The CPU device needs no padding.
+
+use std::collections::HashMap;
+
+use device::{Device, Kernel, Surface};
+use rayon::prelude::*;
+
+use crate::kernels::{self, KernelDef, LayerDims, SurfaceLayout, MASK_NEG};
+
+/// Model hyperparameters the device model needs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelDims {
+    pub layer: LayerDims,
+    pub n_layers: usize,
+    pub vocab: usize,
+    pub seq_len: usize,
+    pub norm_eps: f32,
+    pub rope_theta: f32,
+}
+
+/// One layer's weights, row-major `[out, in]` as in llama2.c.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerRef<'a> {
+    pub rms_att: &'a [f32],
+    pub wq: &'a [f32],
+    pub wk: &'a [f32],
+    pub wv: &'a [f32],
+    pub wo: &'a [f32],
+    pub rms_ffn: &'a [f32],
+    pub w1: &'a [f32],
+    pub w2: &'a [f32],
+    pub w3: &'a [f32],
+    /// Optional QKV biases (Qwen2): `[D]`, `[KV]`, `[KV]`.
+    pub bq: Option<&'a [f32]>,
+    pub bk: Option<&'a [f32]>,
+    pub bv: Option<&'a [f32]>,
+}
+
+/// What a device model reads its weights from.
+pub trait ModelWeights {
+    fn dims(&self) -> ModelDims;
+    /// `[vocab, dim]`.
+    fn token_embedding(&self) -> &[f32];
+    fn layer(&self, l: usize) -> LayerRef<'_>;
+    /// `[dim]`.
+    fn rms_final(&self) -> &[f32];
+    /// `[vocab, dim]` (the embedding table when the classifier is shared).
+    fn classifier(&self) -> &[f32];
+}
+
+/// How many token columns a kernel should process for `t` real tokens on `device`
+/// (see the module docs).
+pub fn token_padding(device: &dyn Device, t: usize) -> usize {
+    /// Reported by the 2026 ANE experiments: spatial widths that are not a multiple of
+    /// 16 fail or slow down on the ANE.
+    const ANE_WIDTH_MULTIPLE: usize = 16;
+    if device.name() == "ane" {
+        t.div_ceil(ANE_WIDTH_MULTIPLE) * ANE_WIDTH_MULTIPLE
+    } else {
+        t
+    }
+}
+
+/// Writes `W [out, in]` transposed into a surface block (`[in, out]` at `c0 = 0`,
+/// positions `s0..s0+out`): row `i` of the block holds column `i` of W.
+pub fn write_transposed(surface: &mut Surface, s0: usize, w: &[f32], out: usize, inp: usize) {
+    let width = *surface.shape().last().expect("surface has a shape");
+    let mut row = vec![0.0f32; out];
+    for i in 0..inp {
+        for (o, r) in row.iter_mut().enumerate() {
+            *r = w[o * inp + i];
+        }
+        surface.write_f32_at(i * width + s0, &row);
+    }
+}
+
+/// Kernels compiled for one token count.
+struct KernelSet {
+    qkv: Box<dyn Kernel>,
+    attn: Box<dyn Kernel>,
+    ffn: Box<dyn Kernel>,
+    qkv_layout: SurfaceLayout,
+    attn_layout: SurfaceLayout,
+    ffn_layout: SurfaceLayout,
+    /// Per layer: the packed input surfaces (weights written once).
+    qkv_in: Vec<Surface>,
+    attn_q: Vec<Surface>,
+    ffn_x: Vec<Surface>,
+    mask: Surface,
+    q: Surface,
+    k: Surface,
+    v: Surface,
+    o: Surface,
+    y: Surface,
+    h1: Surface,
+    h3: Surface,
+}
+
+/// Prefill and decode on a device, with a KV cache in the attention kernels' surfaces.
+pub struct Decoder<'w, W: ModelWeights> {
+    weights: &'w W,
+    dims: ModelDims,
+    device: &'w dyn Device,
+    sets: HashMap<usize, KernelSet>,
+    /// Per layer: `[KV, 2·seq_len]`, keys then values, shared by all kernel sets.
+    kv_cache: Vec<Surface>,
+    /// Per layer: the shared `W2ᵀ` surface of the FFN kernel.
+    ffn_w2: Vec<Surface>,
+    pos: usize,
+    /// How many tokens prefill processes per kernel call.
+    pub prefill_chunk: usize,
+    /// Seconds spent compiling kernels so far.
+    pub compile_seconds: f64,
+}
+
+impl<'w, W: ModelWeights> Decoder<'w, W> {
+    pub fn new(device: &'w dyn Device, weights: &'w W) -> device::Result<Self> {
+        let dims = weights.dims();
+        let io = kernels::Io::for_dialect(device.dialect()).surface_dtype();
+        let d = dims.layer;
+        let mut kv_cache = Vec::new();
+        let mut ffn_w2 = Vec::new();
+        for l in 0..dims.n_layers {
+            kv_cache.push(Surface::activation(io, d.kv_dim(), 2 * dims.seq_len));
+            let mut w2 = Surface::activation(io, d.hidden, d.dim);
+            write_transposed(&mut w2, 0, weights.layer(l).w2, d.dim, d.hidden);
+            ffn_w2.push(w2);
+        }
+        Ok(Decoder {
+            weights,
+            dims,
+            device,
+            sets: HashMap::new(),
+            kv_cache,
+            ffn_w2,
+            pos: 0,
+            prefill_chunk: 32,
+            compile_seconds: 0.0,
+        })
+    }
+
+    /// The next position to fill.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Forgets the cache: the next token goes to position 0.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    fn compile(&mut self, t: usize) -> device::Result<()> {
+        if self.sets.contains_key(&t) {
+            return Ok(());
+        }
+        let start = std::time::Instant::now();
+        let (d, dialect) = (self.dims.layer, self.device.dialect());
+        let qkv = kernels::qkv_forward(&d, t, dialect)?;
+        let attn = kernels::attention_decode(&d, t, self.dims.seq_len, dialect)?;
+        let ffn = kernels::ffn_forward(&d, t, dialect)?;
+        let compile = |k: &KernelDef| self.device.compile(&k.program, &k.weights);
+        let (qkv_k, attn_k, ffn_k) = (compile(&qkv)?, compile(&attn)?, compile(&ffn)?);
+        let io = kernels::Io::for_dialect(dialect).surface_dtype();
+        let surf = |l: &SurfaceLayout| Surface::activation(io, l.channels, l.width);
+        let (mut qkv_in, mut attn_q, mut ffn_x) = (Vec::new(), Vec::new(), Vec::new());
+        let (dim, kvd, hid) = (d.dim, d.kv_dim(), d.hidden);
+        for l in 0..self.dims.n_layers {
+            let w = self.weights.layer(l);
+            let mut s = surf(&qkv.inputs[0]);
+            let s0 = qkv.inputs[0].block("wqkv").s0;
+            write_transposed(&mut s, s0, w.wq, dim, dim);
+            write_transposed(&mut s, s0 + dim, w.wk, kvd, dim);
+            write_transposed(&mut s, s0 + dim + kvd, w.wv, kvd, dim);
+            qkv_in.push(s);
+            let mut s = surf(&attn.inputs[0]);
+            write_transposed(&mut s, attn.inputs[0].block("wo").s0, w.wo, dim, dim);
+            attn_q.push(s);
+            let mut s = surf(&ffn.inputs[0]);
+            let s0 = ffn.inputs[0].block("w13").s0;
+            write_transposed(&mut s, s0, w.w1, hid, dim);
+            write_transposed(&mut s, s0 + hid, w.w3, hid, dim);
+            ffn_x.push(s);
+        }
+        let set = KernelSet {
+            qkv: qkv_k,
+            attn: attn_k,
+            ffn: ffn_k,
+            mask: surf(&attn.inputs[2]),
+            qkv_layout: qkv.inputs[0].clone(),
+            attn_layout: attn.inputs[0].clone(),
+            ffn_layout: ffn.inputs[0].clone(),
+            qkv_in,
+            attn_q,
+            ffn_x,
+            q: Surface::activation(io, dim, t),
+            k: Surface::activation(io, kvd, t),
+            v: Surface::activation(io, kvd, t),
+            o: Surface::activation(io, dim, t),
+            y: Surface::activation(io, dim, t),
+            h1: Surface::activation(io, hid, t),
+            h3: Surface::activation(io, hid, t),
+        };
+        self.sets.insert(t, set);
+        self.compile_seconds += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Runs `tokens` at positions `pos..pos + n` and returns the logits of the last one.
+    /// Prompts are processed in chunks of [`prefill_chunk`](Self::prefill_chunk).
+    pub fn forward(&mut self, tokens: &[u32]) -> device::Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(device::Error::new(device::ErrorKind::Binding, "forward needs at least one token"));
+        }
+        if self.pos + tokens.len() > self.dims.seq_len {
+            return Err(device::Error::new(
+                device::ErrorKind::Binding,
+                format!(
+                    "positions {}..{} pass the model's context of {} tokens",
+                    self.pos,
+                    self.pos + tokens.len(),
+                    self.dims.seq_len
+                ),
+            ));
+        }
+        let mut last = Vec::new();
+        for chunk in tokens.chunks(if tokens.len() == 1 { 1 } else { self.prefill_chunk }) {
+            last = self.forward_chunk(chunk)?;
+        }
+        Ok(last)
+    }
+
+    fn forward_chunk(&mut self, tokens: &[u32]) -> device::Result<Vec<f32>> {
+        let n = tokens.len();
+        let t = token_padding(self.device, n);
+        self.compile(t)?;
+        let dims = self.dims;
+        let d = dims.layer;
+        let (dim, kvd) = (d.dim, d.kv_dim());
+        let pos0 = self.pos;
+        let cache = dims.seq_len;
+        let set = self.sets.get_mut(&t).expect("compiled above");
+
+        // x: [D, t] residual stream, channel-major; padded columns stay zero.
+        let mut x = vec![0.0f32; dim * t];
+        let emb = self.weights.token_embedding();
+        for (j, &tok) in tokens.iter().enumerate() {
+            let row = &emb[tok as usize * dim..(tok as usize + 1) * dim];
+            for c in 0..dim {
+                x[c * t + j] = row[c];
+            }
+        }
+        // mask: [t, cache], query j sees cache positions 0..=pos0+j.
+        let mut mask_row = vec![MASK_NEG; cache];
+        for j in 0..t {
+            let visible = if j < n { pos0 + j + 1 } else { 0 };
+            mask_row[..visible].fill(0.0);
+            mask_row[visible..].fill(MASK_NEG);
+            set.mask.write_f32_at(j * cache, &mask_row);
+        }
+
+        let mut xn = vec![0.0f32; dim * t];
+        let mut q = vec![0.0f32; dim * t];
+        let mut k = vec![0.0f32; kvd * t];
+        let mut v = vec![0.0f32; kvd * t];
+        let mut y = vec![0.0f32; dim * t];
+        for l in 0..dims.n_layers {
+            let w = self.weights.layer(l);
+            rmsnorm_cols(&x, w.rms_att, dims.norm_eps, dim, t, &mut xn);
+            set.qkv_in[l].write_block(0, set.qkv_layout.block("xn").s0, dim, t, &xn);
+            set.qkv.eval(&[&set.qkv_in[l]], &mut [&mut set.q, &mut set.k, &mut set.v])?;
+            set.q.read_f32_at(0, &mut q);
+            set.k.read_f32_at(0, &mut k);
+            set.v.read_f32_at(0, &mut v);
+            add_bias(&mut q, w.bq, t);
+            add_bias(&mut k, w.bk, t);
+            add_bias(&mut v, w.bv, t);
+            rope_cols(&mut q, d.head_dim(), t, pos0, dims.rope_theta);
+            rope_cols(&mut k, d.head_dim(), t, pos0, dims.rope_theta);
+            // New keys and values go into the cache at their positions.
+            let kv = &mut self.kv_cache[l];
+            for c in 0..kvd {
+                kv.write_f32_at(c * 2 * cache + pos0, &k[c * t..c * t + n]);
+                kv.write_f32_at(c * 2 * cache + cache + pos0, &v[c * t..c * t + n]);
+            }
+            set.attn_q[l].write_block(0, set.attn_layout.block("q").s0, dim, t, &q);
+            set.attn.eval(&[&set.attn_q[l], kv, &set.mask], &mut [&mut set.o, &mut set.y])?;
+            set.y.read_f32_at(0, &mut y);
+            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+
+            rmsnorm_cols(&x, w.rms_ffn, dims.norm_eps, dim, t, &mut xn);
+            set.ffn_x[l].write_block(0, set.ffn_layout.block("xn").s0, dim, t, &xn);
+            set.ffn.eval(&[&set.ffn_x[l], &self.ffn_w2[l]], &mut [&mut set.h1, &mut set.h3, &mut set.y])?;
+            set.y.read_f32_at(0, &mut y);
+            x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        }
+        self.pos += n;
+
+        // Final norm and classifier for the last real token only.
+        let last: Vec<f32> = (0..dim).map(|c| x[c * t + n - 1]).collect();
+        let mut normed = vec![0.0f32; dim];
+        rmsnorm_cols(&last, self.weights.rms_final(), dims.norm_eps, dim, 1, &mut normed);
+        let wcls = self.weights.classifier();
+        let logits: Vec<f32> = wcls
+            .par_chunks(dim)
+            .with_min_len(256)
+            .map(|row| row.iter().zip(&normed).map(|(a, b)| a * b).sum())
+            .collect();
+        Ok(logits)
+    }
+}
+
+/// RMSNorm of each column of `x: [C, T]`, as llama2.c computes it (f32, ε inside the root).
+fn rmsnorm_cols(x: &[f32], w: &[f32], eps: f32, c: usize, t: usize, out: &mut [f32]) {
+    let mut ss = vec![0.0f32; t];
+    for ch in 0..c {
+        for (j, s) in ss.iter_mut().enumerate() {
+            let v = x[ch * t + j];
+            *s += v * v;
+        }
+    }
+    for s in &mut ss {
+        *s = 1.0 / (*s / c as f32 + eps).sqrt();
+    }
+    for ch in 0..c {
+        for j in 0..t {
+            out[ch * t + j] = w[ch] * (ss[j] * x[ch * t + j]);
+        }
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>, t: usize) {
+    if let Some(b) = bias {
+        for (row, &bv) in x.chunks_mut(t).zip(b) {
+            row.iter_mut().for_each(|v| *v += bv);
+        }
+    }
+}
+
+/// RoPE on interleaved pairs of channels `(2i, 2i+1)` of `x: [C, T]`, column j at
+/// position `pos0 + j`, exactly as llama2.c's run.c computes the angles (in f32).
+fn rope_cols(x: &mut [f32], head_dim: usize, t: usize, pos0: usize, theta: f32) {
+    let c = x.len() / t;
+    for i in (0..c).step_by(2) {
+        let hd = (i % head_dim) as f32;
+        let freq = 1.0 / theta.powf(hd / head_dim as f32);
+        for j in 0..t {
+            let val = (pos0 + j) as f32 * freq;
+            let (fci, fcr) = val.sin_cos();
+            let (a, b) = (x[i * t + j], x[(i + 1) * t + j]);
+            x[i * t + j] = a * fcr - b * fci;
+            x[(i + 1) * t + j] = a * fci + b * fcr;
+        }
+    }
+}
