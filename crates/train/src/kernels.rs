@@ -159,7 +159,12 @@ impl Gen {
     fn block(&mut self, surf: &Var, input: usize, block: &str) -> Var {
         let bl = self.inputs[input].block(block).clone();
         let name = format!("{}_{}", self.inputs[input].name, bl.name);
-        let s = self.b.slice_by_size(&format!("{name}_s"), surf, &[0, 0, 0, bl.s0 as i64], &[1, bl.rows as i64, 1, bl.width as i64]);
+        let s = self.b.slice_by_size(
+            &format!("{name}_s"),
+            surf,
+            &[0, 0, 0, bl.s0 as i64],
+            &[1, bl.rows as i64, 1, bl.width as i64],
+        );
         self.b.reshape(&name, &s, &[bl.rows as i64, bl.width as i64])
     }
 
@@ -220,9 +225,8 @@ pub fn qkv_forward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<Ker
 /// Written out explicitly — matmul, scale, additive causal mask, softmax, matmul —
 /// because the ANE's `scaled_dot_product_attention` ignores `attn_mask` (DESIGN.md).
 pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, dialect: Dialect) -> mil::Result<KernelDef> {
-    let (dim, kv, hd, nkv, grp) = (d.dim, d.kv_dim(), d.head_dim(), d.n_kv_heads, d.group());
+    let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
     let t = batch * seq;
-    let (b_, s_, hd_, nkv_, g_) = (batch as i64, seq as i64, hd as i64, nkv as i64, grp as i64);
     let mut g = Gen::new(dialect);
     let qs = g.surface("q", dim, &[("q", dim, t), ("wo", dim, dim)]);
     let kvs = g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
@@ -231,25 +235,16 @@ pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, dialect: Diale
     let v = g.block(&kvs, 1, "v");
     let mask = causal_mask(&mut g, seq);
 
-    // q: [D, T] = [nkv, g, hd, B, S] → [B, nkv, g, S, hd]
-    let q5 = g.b.reshape("q5", &q, &[nkv_, g_, hd_, b_, s_]);
-    let qt = g.b.transpose("qt", &q5, &[3, 0, 1, 4, 2]);
-    // k: [KV, T] = [nkv, hd, B, S] → [B, nkv, 1, hd, S]
-    let k4 = g.b.reshape("k4", &k, &[nkv_, hd_, b_, s_]);
-    let kt = g.b.transpose("kt", &k4, &[2, 0, 1, 3]);
-    let k5 = g.b.reshape("k5", &kt, &[b_, nkv_, 1, hd_, s_]);
-    // v: [KV, T] → [B, nkv, 1, S, hd]
-    let v4 = g.b.reshape("v4", &v, &[nkv_, hd_, b_, s_]);
-    let vt = g.b.transpose("vt", &v4, &[2, 0, 3, 1]);
-    let v5 = g.b.reshape("v5", &vt, &[b_, nkv_, 1, s_, hd_]);
-
-    let scores = g.b.matmul("scores", &qt, &k5, false, false); // [B, nkv, g, S, S]
+    let h = Heads::new(d, batch, seq);
+    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
+    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
+    let vh = h.kv_rows(&mut g, "vh", &v);
+    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
     let scaled = g.b.scale("scaled", &scores, 1.0 / (hd as f64).sqrt());
     let masked = g.b.add("masked", &scaled, &mask);
     let probs = g.b.softmax("probs", &masked, -1);
-    let o5 = g.b.matmul("o5", &probs, &v5, false, false); // [B, nkv, g, S, hd]
-    let ot = g.b.transpose("ot", &o5, &[1, 2, 4, 0, 3]); // [nkv, g, hd, B, S]
-    let o = g.b.reshape("o2", &ot, &[dim as i64, t as i64]);
+    let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g, S, hd]
+    let o = h.merge_queries(&mut g, "o2", &oh); // [D, T]
     let wo = g.block(&qs, 0, "wo");
     let y = g.linear_t("y2", &wo, &o);
     g.output("o", &o);
@@ -330,6 +325,163 @@ pub fn ffn_forward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<Ker
     g.finish("ffn_forward")
 }
 
+/// Reshapes a channel-major `[heads·hd, B·S]` value to `[B, heads, S, hd]`-like 5-D
+/// layouts and back: the attention kernels' bookkeeping, in one place.
+struct Heads {
+    b: i64,
+    s: i64,
+    hd: i64,
+    nkv: i64,
+    g: i64,
+}
+
+impl Heads {
+    fn new(d: &LayerDims, batch: usize, seq: usize) -> Heads {
+        Heads { b: batch as i64, s: seq as i64, hd: d.head_dim() as i64, nkv: d.n_kv_heads as i64, g: d.group() as i64 }
+    }
+
+    /// Queries `[D, T]` → `[B, nkv, g, S, hd]` (head h = kv_head·g + i, as llama2.c).
+    fn queries(&self, g: &mut Gen, name: &str, q: &Var) -> Var {
+        let q5 = g.b.reshape(&format!("{name}_5"), q, &[self.nkv, self.g, self.hd, self.b, self.s]);
+        g.b.transpose(name, &q5, &[3, 0, 1, 4, 2])
+    }
+
+    /// Keys or values `[KV, T]` → `[B, nkv, 1, S, hd]`.
+    fn kv_rows(&self, g: &mut Gen, name: &str, k: &Var) -> Var {
+        let k4 = g.b.reshape(&format!("{name}_4"), k, &[self.nkv, self.hd, self.b, self.s]);
+        let kt = g.b.transpose(&format!("{name}_t"), &k4, &[2, 0, 3, 1]);
+        g.b.reshape(name, &kt, &[self.b, self.nkv, 1, self.s, self.hd])
+    }
+
+    /// `[B, nkv, g, S, hd]` → channel-major `[D, T]`.
+    fn merge_queries(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
+        let t = g.b.transpose(&format!("{name}_t"), x, &[1, 2, 4, 0, 3]);
+        g.b.reshape(name, &t, &[self.nkv * self.g * self.hd, self.b * self.s])
+    }
+
+    /// `[B, nkv, S, hd]` → channel-major `[KV, T]`.
+    fn merge_kv(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
+        let t = g.b.transpose(&format!("{name}_t"), x, &[1, 3, 0, 2]);
+        g.b.reshape(name, &t, &[self.nkv * self.hd, self.b * self.s])
+    }
+}
+
+/// Backward of the SwiGLU FFN. Inputs: `dy: [D, T + H]` = the gradient at the FFN's
+/// output, then `W2 [D, H]` (as stored, untransposed); `h: [H, 2T + 2D]` = `h1`, `h3`
+/// from the forward pass, then `W1 [H, D]`, `W3 [H, D]`. Outputs: `dx [D, T]` (at the
+/// FFN's normed input), `dh1`, `dh3` and `gate = silu(h1)·h3` (`[H, T]`, for the weight
+/// gradients on the CPU).
+pub fn ffn_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+    let (dim, hid) = (d.dim, d.hidden);
+    let mut g = Gen::new(dialect);
+    let dys = g.surface("dy", dim, &[("dy", dim, t), ("w2", dim, hid)]);
+    let hs = g.surface("h", hid, &[("h1", hid, t), ("h3", hid, t), ("w1", hid, dim), ("w3", hid, dim)]);
+    let dy = g.block(&dys, 0, "dy");
+    let w2 = g.block(&dys, 0, "w2");
+    let h1 = g.block(&hs, 1, "h1");
+    let h3 = g.block(&hs, 1, "h3");
+    let dgate = g.linear_t("dgate", &w2, &dy); // [H, T]
+                                               // silu(h1) = h1·σ(h1); silu'(h1) = σ(h1)·(1 + h1·(1 − σ(h1))).
+    let sig = g.b.sigmoid("sig", &h1);
+    let act = g.b.mul("act", &h1, &sig);
+    let gate = g.b.mul("gate2", &act, &h3);
+    let dh3 = g.b.mul("dh3_2", &dgate, &act);
+    let one = g.b.scalar(DType::Fp16, 1.0);
+    let one_minus = g.b.sub("one_minus_sig", &one, &sig);
+    let h1_oms = g.b.mul("h1_oms", &h1, &one_minus);
+    let inner = g.b.add("inner", &h1_oms, &one);
+    let dsilu = g.b.mul("dsilu", &sig, &inner);
+    let dact = g.b.mul("dact", &dgate, &h3);
+    let dh1 = g.b.mul("dh1_2", &dact, &dsilu);
+    let w1 = g.block(&hs, 1, "w1");
+    let w3 = g.block(&hs, 1, "w3");
+    let dx1 = g.linear_t("dx1", &w1, &dh1);
+    let dx3 = g.linear_t("dx3", &w3, &dh3);
+    let dx = g.b.add("dx2", &dx1, &dx3);
+    g.output("dx", &dx);
+    g.output("dh1", &dh1);
+    g.output("dh3", &dh3);
+    g.output("gate", &gate);
+    g.finish("ffn_backward")
+}
+
+/// Backward of attention and its output projection, recomputing the probabilities.
+/// Inputs: `dy: [D, 2T + D]` = the gradient at the projection's output, the rotated
+/// queries `q [D, T]`, then `Wo [D, D]` (untransposed); `kv: [KV, 2T]` = rotated keys
+/// then values. Outputs `dq [D, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values;
+/// the CPU applies RoPE's backward). With grouped-query attention the gradients of the
+/// query heads sharing a KV head are summed ("folded") into it.
+pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+    let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
+    let t = batch * seq;
+    let h = Heads::new(d, batch, seq);
+    let mut g = Gen::new(dialect);
+    let dys = g.surface("dy", dim, &[("dy", dim, t), ("q", dim, t), ("wo", dim, dim)]);
+    let kvs = g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
+    let dy = g.block(&dys, 0, "dy");
+    let wo = g.block(&dys, 0, "wo");
+    let q = g.block(&dys, 0, "q");
+    let k = g.block(&kvs, 1, "k");
+    let v = g.block(&kvs, 1, "v");
+    let mask = causal_mask(&mut g, seq);
+    let scale = 1.0 / (hd as f64).sqrt();
+
+    let d_o = g.linear_t("do", &wo, &dy); // [D, T] gradient at the attention output
+    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
+    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
+    let vh = h.kv_rows(&mut g, "vh", &v);
+    let doh = h.queries(&mut g, "doh", &d_o);
+    // Recompute P = softmax(q·kᵀ·scale + mask).
+    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
+    let scaled = g.b.scale("scaled", &scores, scale);
+    let masked = g.b.add("masked", &scaled, &mask);
+    let p = g.b.softmax("probs", &masked, -1);
+    // dV = Σ_g Pᵀ·dO ; dP = dO·Vᵀ
+    let dv_g = g.b.matmul("dv_g", &p, &doh, true, false); // [B, nkv, g, S, hd]
+    let dvh = g.b.reduce_sum("dvh", &dv_g, &[2], false); // [B, nkv, S, hd]
+    let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g, S, S]
+                                                       // Softmax backward: dS = P ⊙ (dP − Σ_j dP⊙P), then the scale.
+    let dpp = g.b.mul("dpp", &dp, &p);
+    let rowsum = g.b.reduce_sum("rowsum", &dpp, &[-1], true);
+    let centered = g.b.sub("centered", &dp, &rowsum);
+    let ds0 = g.b.mul("ds0", &p, &centered);
+    let ds = g.b.scale("ds", &ds0, scale);
+    // dQ = dS·K ; dK = Σ_g dSᵀ·Q
+    let dqh = g.b.matmul("dqh", &ds, &kh, false, false); // [B, nkv, g, S, hd]
+    let dk_g = g.b.matmul("dk_g", &ds, &qh, true, false); // [B, nkv, g, S, hd]
+    let dkh = g.b.reduce_sum("dkh", &dk_g, &[2], false);
+    let dq = h.merge_queries(&mut g, "dq2", &dqh);
+    let dk = h.merge_kv(&mut g, "dk2", &dkh);
+    let dv = h.merge_kv(&mut g, "dv2", &dvh);
+    g.output("dq", &dq);
+    g.output("dk", &dk);
+    g.output("dv", &dv);
+    g.finish("attention_backward")
+}
+
+/// Backward of the QKV projection: `dx = Wqᵀ·dq + Wkᵀ·dk + Wvᵀ·dv`.
+/// Inputs: `dq: [D, T + D]` = `dq`, then `Wq [D, D]`; `dkv: [KV, 2T + 2D]` = `dk`,
+/// `dv`, then `Wk [KV, D]`, `Wv [KV, D]` (all untransposed). Output `dx [D, T]`.
+pub fn qkv_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+    let (dim, kv) = (d.dim, d.kv_dim());
+    let mut g = Gen::new(dialect);
+    let dqs = g.surface("dq", dim, &[("dq", dim, t), ("wq", dim, dim)]);
+    let dkvs = g.surface("dkv", kv, &[("dk", kv, t), ("dv", kv, t), ("wk", kv, dim), ("wv", kv, dim)]);
+    let dq = g.block(&dqs, 0, "dq");
+    let wq = g.block(&dqs, 0, "wq");
+    let dk = g.block(&dkvs, 1, "dk");
+    let dv = g.block(&dkvs, 1, "dv");
+    let wk = g.block(&dkvs, 1, "wk");
+    let wv = g.block(&dkvs, 1, "wv");
+    let a = g.linear_t("dxq", &wq, &dq);
+    let b = g.linear_t("dxk", &wk, &dk);
+    let c = g.linear_t("dxv", &wv, &dv);
+    let ab = g.b.add("dxqk", &a, &b);
+    let dx = g.b.add("dx2", &ab, &c);
+    g.output("dx", &dx);
+    g.finish("qkv_backward")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +499,9 @@ mod tests {
                 attention_forward(&d, 2, 16, dialect).unwrap(),
                 attention_decode(&d, 1, 64, dialect).unwrap(),
                 ffn_forward(&d, 32, dialect).unwrap(),
+                ffn_backward(&d, 32, dialect).unwrap(),
+                attention_backward(&d, 2, 16, dialect).unwrap(),
+                qkv_backward(&d, 32, dialect).unwrap(),
             ];
             for k in &ks {
                 mil::validate(&k.program).unwrap_or_else(|e| panic!("{}: {e}", k.name));
