@@ -9,5 +9,7 @@
 //! ([`model`]: forward and decoding on a device) → pipelines (training steps) →
 //! checkpoints, telemetry and the efficiency report.
 
+pub mod cpu_ops;
 pub mod kernels;
+pub mod linalg;
 pub mod model;
