@@ -13,3 +13,5 @@ pub mod cpu_ops;
 pub mod kernels;
 pub mod linalg;
 pub mod model;
+pub mod optim;
+pub mod pipeline;

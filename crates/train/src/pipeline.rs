@@ -1,0 +1,522 @@
+//! The dynamic-weight training pipeline: one step's loss and gradients, with every
+//! projection, the attention and the FFN — forward and backward — as device kernels
+//! that are compiled once per run, and the rest on the CPU.
+//!
+//! Per layer and step: 3 forward evaluations (QKV, attention + Wo, SwiGLU FFN) and 3
+//! backward ones (FFN, attention + Woᵀ, QKV). Weights enter the kernels inside their
+//! input surfaces; one set of surfaces serves every layer, so each layer writes its own
+//! weights and activations into them before its evaluations (each weight is copied once
+//! per step per direction, whatever the number of layers).
+//!
+//! On the CPU: embedding, RMSNorm (forward and backward), RoPE (forward and backward),
+//! residuals, QKV biases, the classifier with the cross-entropy over the full vocabulary,
+//! and every weight gradient as a GEMM.
+
+use std::time::Instant;
+
+use device::{Device, Kernel, Surface};
+use llama::{Config, Params};
+
+use crate::cpu_ops::{self, ClassifierLoss, RopeTable};
+use crate::kernels::{self, KernelDef, LayerDims, SurfaceLayout};
+use crate::linalg::{matmul_acc, MatMut, MatRef};
+use crate::model::write_transposed;
+
+/// Milliseconds spent per phase, summed since the last [`PhaseTimes::take`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PhaseTimes {
+    pub device_forward: f64,
+    pub device_backward: f64,
+    pub surface_io: f64,
+    pub rmsnorm: f64,
+    pub classifier: f64,
+    pub dw: f64,
+    /// Embedding, RoPE, residuals, biases.
+    pub other_cpu: f64,
+}
+
+impl PhaseTimes {
+    /// Returns the times so far and starts again from zero.
+    pub fn take(&mut self) -> PhaseTimes {
+        std::mem::take(self)
+    }
+
+    pub fn total(&self) -> f64 {
+        self.device_forward
+            + self.device_backward
+            + self.surface_io
+            + self.rmsnorm
+            + self.classifier
+            + self.dw
+            + self.other_cpu
+    }
+}
+
+/// Adds the time since `*t` to `slot` and restarts `*t`.
+fn lap(t: &mut Instant, slot: &mut f64) {
+    let now = Instant::now();
+    *slot += (now - *t).as_secs_f64() * 1e3;
+    *t = now;
+}
+
+/// A compiled kernel and the layout of its inputs.
+struct Compiled {
+    kernel: Box<dyn Kernel>,
+    inputs: Vec<SurfaceLayout>,
+    /// Input surfaces, reused by every layer.
+    surfaces: Vec<Surface>,
+    /// Output surfaces `[1, C, 1, T]`.
+    outputs: Vec<Surface>,
+}
+
+impl Compiled {
+    fn new(device: &dyn Device, def: KernelDef) -> device::Result<Compiled> {
+        let kernel = device.compile(&def.program, &def.weights)?;
+        let surfaces = kernel.inputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect();
+        let outputs = kernel.outputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect();
+        Ok(Compiled { kernel, inputs: def.inputs, surfaces, outputs })
+    }
+
+    /// Writes a `[rows, width]` row-major matrix into block `block` of input `input`.
+    fn write(&mut self, input: usize, block: &str, data: &[f32]) {
+        let b = self.inputs[input].block(block);
+        self.surfaces[input].write_block(0, b.s0, b.rows, b.width, data);
+    }
+
+    /// Writes `W [out, in]` transposed (as `[in, out]`) into block `block` at column `col`.
+    fn write_t(&mut self, input: usize, block: &str, col: usize, w: &[f32], out: usize, inp: usize) {
+        let s0 = self.inputs[input].block(block).s0 + col;
+        write_transposed(&mut self.surfaces[input], s0, w, out, inp);
+    }
+
+    fn eval(&mut self) -> device::Result<()> {
+        let ins: Vec<&Surface> = self.surfaces.iter().collect();
+        let mut outs: Vec<&mut Surface> = self.outputs.iter_mut().collect();
+        self.kernel.eval(&ins, &mut outs)
+    }
+
+    fn read(&self, output: usize, dst: &mut [f32]) {
+        self.outputs[output].read_f32_at(0, dst);
+    }
+}
+
+/// What the forward pass keeps of one layer for the backward pass. All `[C, T]`.
+struct LayerActs {
+    /// Residual stream entering the layer, and its RMSNorm statistic and result.
+    x_in: Vec<f32>,
+    inv_rms1: Vec<f32>,
+    xn1: Vec<f32>,
+    /// Rotated queries and keys, values.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output before Wo.
+    o: Vec<f32>,
+    /// Residual stream after attention, and its RMSNorm.
+    x_mid: Vec<f32>,
+    inv_rms2: Vec<f32>,
+    xn2: Vec<f32>,
+    h1: Vec<f32>,
+    h3: Vec<f32>,
+}
+
+impl LayerActs {
+    fn new(d: &LayerDims, t: usize) -> LayerActs {
+        let (dim, kv, hid) = (d.dim, d.kv_dim(), d.hidden);
+        LayerActs {
+            x_in: vec![0.0; dim * t],
+            inv_rms1: vec![0.0; t],
+            xn1: vec![0.0; dim * t],
+            q: vec![0.0; dim * t],
+            k: vec![0.0; kv * t],
+            v: vec![0.0; kv * t],
+            o: vec![0.0; dim * t],
+            x_mid: vec![0.0; dim * t],
+            inv_rms2: vec![0.0; t],
+            xn2: vec![0.0; dim * t],
+            h1: vec![0.0; hid * t],
+            h3: vec![0.0; hid * t],
+        }
+    }
+}
+
+/// Gradient scratch buffers for the backward pass (one set, reused per layer).
+struct Scratch {
+    dx: Vec<f32>,
+    dxn: Vec<f32>,
+    dh1: Vec<f32>,
+    dh3: Vec<f32>,
+    gate: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    row: Vec<f32>,
+    x_final: Vec<f32>,
+    xn_final: Vec<f32>,
+    inv_rms_final: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// The dynamic-weight pipeline for one model shape and batch shape.
+pub struct DynamicPipeline {
+    config: Config,
+    dims: LayerDims,
+    batch: usize,
+    seq: usize,
+    qkv_fwd: Compiled,
+    attn_fwd: Compiled,
+    ffn_fwd: Compiled,
+    ffn_bwd: Compiled,
+    attn_bwd: Compiled,
+    qkv_bwd: Compiled,
+    acts: Vec<LayerActs>,
+    scratch: Scratch,
+    rope: RopeTable,
+    classifier: ClassifierLoss,
+    /// Time per phase since the last `times.take()`.
+    pub times: PhaseTimes,
+    /// Seconds spent compiling the kernels.
+    pub compile_seconds: f64,
+}
+
+/// Positions of the classifier processed at once (bounds its logits buffer to
+/// `CLASSIFIER_CHUNK × vocab` floats).
+const CLASSIFIER_CHUNK: usize = 256;
+
+impl DynamicPipeline {
+    /// Generates and compiles the six kernels for `batch` sequences of `seq` tokens.
+    pub fn new(device: &dyn Device, config: &Config, batch: usize, seq: usize) -> device::Result<DynamicPipeline> {
+        let dims = LayerDims {
+            dim: config.dim,
+            hidden: config.hidden_dim,
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads,
+        };
+        let t = batch * seq;
+        let dialect = device.dialect();
+        let start = Instant::now();
+        let qkv_fwd = Compiled::new(device, kernels::qkv_forward(&dims, t, dialect)?)?;
+        let attn_fwd = Compiled::new(device, kernels::attention_forward(&dims, batch, seq, dialect)?)?;
+        let ffn_fwd = Compiled::new(device, kernels::ffn_forward(&dims, t, dialect)?)?;
+        let ffn_bwd = Compiled::new(device, kernels::ffn_backward(&dims, t, dialect)?)?;
+        let attn_bwd = Compiled::new(device, kernels::attention_backward(&dims, batch, seq, dialect)?)?;
+        let qkv_bwd = Compiled::new(device, kernels::qkv_backward(&dims, t, dialect)?)?;
+        let compile_seconds = start.elapsed().as_secs_f64();
+        let (dim, kv, hid) = (dims.dim, dims.kv_dim(), dims.hidden);
+        Ok(DynamicPipeline {
+            config: config.clone(),
+            dims,
+            batch,
+            seq,
+            qkv_fwd,
+            attn_fwd,
+            ffn_fwd,
+            ffn_bwd,
+            attn_bwd,
+            qkv_bwd,
+            acts: (0..config.n_layers).map(|_| LayerActs::new(&dims, t)).collect(),
+            scratch: Scratch {
+                dx: vec![0.0; dim * t],
+                dxn: vec![0.0; dim * t],
+                dh1: vec![0.0; hid * t],
+                dh3: vec![0.0; hid * t],
+                gate: vec![0.0; hid * t],
+                dq: vec![0.0; dim * t],
+                dk: vec![0.0; kv * t],
+                dv: vec![0.0; kv * t],
+                row: vec![0.0; t],
+                x_final: vec![0.0; dim * t],
+                xn_final: vec![0.0; dim * t],
+                inv_rms_final: vec![0.0; t],
+                y: vec![0.0; dim * t],
+            },
+            rope: RopeTable::new(dims.head_dim(), seq, config.rope_theta),
+            classifier: ClassifierLoss::new(config.vocab_size, dim, CLASSIFIER_CHUNK.min(t)),
+            times: PhaseTimes::default(),
+            compile_seconds,
+        })
+    }
+
+    /// Number of kernels this pipeline compiled.
+    pub const KERNELS: usize = 6;
+
+    /// Tokens per step.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Mean cross-entropy of `params` on `inputs → targets` (`[B·S]` each, sequence `b`
+    /// at `b·S..(b+1)·S`), without gradients.
+    pub fn loss(&mut self, params: &Params, inputs: &[u32], targets: &[u32]) -> device::Result<f32> {
+        self.forward(params, inputs)?;
+        let mut t = Instant::now();
+        let loss = self.classifier.forward(&self.scratch.xn_final, params.classifier(), targets);
+        lap(&mut t, &mut self.times.classifier);
+        Ok(loss)
+    }
+
+    /// Mean cross-entropy and its gradients, times `grad_scale`, accumulated into
+    /// `grads` (which the caller zeroes once per optimizer step). Returns the loss.
+    pub fn forward_backward(
+        &mut self,
+        params: &Params,
+        grads: &mut Params,
+        inputs: &[u32],
+        targets: &[u32],
+        grad_scale: f32,
+    ) -> device::Result<f32> {
+        self.forward(params, inputs)?;
+        let loss = self.backward(params, grads, inputs, targets, grad_scale)?;
+        Ok(loss)
+    }
+
+    fn forward(&mut self, params: &Params, inputs: &[u32]) -> device::Result<()> {
+        let t_len = self.tokens();
+        assert_eq!(inputs.len(), t_len, "inputs must be [B·S = {t_len}]");
+        let cfg = &self.config;
+        let (dim, kv, hid) = (self.dims.dim, self.dims.kv_dim(), self.dims.hidden);
+        let eps = cfg.norm_eps;
+        let times = &mut self.times;
+        let mut t = Instant::now();
+
+        let mut x = std::mem::take(&mut self.scratch.x_final);
+        cpu_ops::embedding_forward(&mut x, params.token_embedding(), inputs, dim);
+        lap(&mut t, &mut times.other_cpu);
+        for l in 0..cfg.n_layers {
+            let w = params.layer(l);
+            let a = &mut self.acts[l];
+            a.x_in.copy_from_slice(&x);
+            cpu_ops::rmsnorm_forward(&mut a.xn1, &mut a.inv_rms1, &a.x_in, w.rms_att(), eps);
+            lap(&mut t, &mut times.rmsnorm);
+
+            // QKV projection.
+            let k = &mut self.qkv_fwd;
+            k.write(0, "xn", &a.xn1);
+            k.write_t(0, "wqkv", 0, w.wq(), dim, dim);
+            k.write_t(0, "wqkv", dim, w.wk(), kv, dim);
+            k.write_t(0, "wqkv", dim + kv, w.wv(), kv, dim);
+            lap(&mut t, &mut times.surface_io);
+            k.eval()?;
+            lap(&mut t, &mut times.device_forward);
+            k.read(0, &mut a.q);
+            k.read(1, &mut a.k);
+            k.read(2, &mut a.v);
+            lap(&mut t, &mut times.surface_io);
+            if let Some((bq, bk, bv)) = w.qkv_bias() {
+                add_bias(&mut a.q, bq, t_len);
+                add_bias(&mut a.k, bk, t_len);
+                add_bias(&mut a.v, bv, t_len);
+            }
+            cpu_ops::rope_forward(&mut a.q, t_len, &self.rope);
+            cpu_ops::rope_forward(&mut a.k, t_len, &self.rope);
+            lap(&mut t, &mut times.other_cpu);
+
+            // Attention and Wo.
+            let k = &mut self.attn_fwd;
+            k.write(0, "q", &a.q);
+            k.write_t(0, "wo", 0, w.wo(), dim, dim);
+            k.write(1, "k", &a.k);
+            k.write(1, "v", &a.v);
+            lap(&mut t, &mut times.surface_io);
+            k.eval()?;
+            lap(&mut t, &mut times.device_forward);
+            k.read(0, &mut a.o);
+            k.read(1, &mut self.scratch.y);
+            lap(&mut t, &mut times.surface_io);
+            for ((xm, xi), y) in a.x_mid.iter_mut().zip(&a.x_in).zip(&self.scratch.y) {
+                *xm = xi + y;
+            }
+            lap(&mut t, &mut times.other_cpu);
+            cpu_ops::rmsnorm_forward(&mut a.xn2, &mut a.inv_rms2, &a.x_mid, w.rms_ffn(), eps);
+            lap(&mut t, &mut times.rmsnorm);
+
+            // SwiGLU FFN.
+            let k = &mut self.ffn_fwd;
+            k.write(0, "xn", &a.xn2);
+            k.write_t(0, "w13", 0, w.w1(), hid, dim);
+            k.write_t(0, "w13", hid, w.w3(), hid, dim);
+            k.write_t(1, "w2", 0, w.w2(), dim, hid);
+            lap(&mut t, &mut times.surface_io);
+            k.eval()?;
+            lap(&mut t, &mut times.device_forward);
+            k.read(0, &mut a.h1);
+            k.read(1, &mut a.h3);
+            k.read(2, &mut self.scratch.y);
+            lap(&mut t, &mut times.surface_io);
+            for ((xo, xm), y) in x.iter_mut().zip(&a.x_mid).zip(&self.scratch.y) {
+                *xo = xm + y;
+            }
+            lap(&mut t, &mut times.other_cpu);
+        }
+        cpu_ops::rmsnorm_forward(
+            &mut self.scratch.xn_final,
+            &mut self.scratch.inv_rms_final,
+            &x,
+            params.rms_final(),
+            eps,
+        );
+        self.scratch.x_final = x;
+        lap(&mut t, &mut times.rmsnorm);
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        params: &Params,
+        grads: &mut Params,
+        inputs: &[u32],
+        targets: &[u32],
+        grad_scale: f32,
+    ) -> device::Result<f32> {
+        let t_len = self.tokens();
+        assert_eq!(targets.len(), t_len, "targets must be [B·S = {t_len}]");
+        let (dim, kv, hid) = (self.dims.dim, self.dims.kv_dim(), self.dims.hidden);
+        let times = &mut self.times;
+        let s = &mut self.scratch;
+        let mut t = Instant::now();
+
+        // Classifier and loss: dxn_final into s.dxn, dWcls into its gradient.
+        s.dxn.fill(0.0);
+        let loss = {
+            let dwcls = if grads.wcls().is_some() {
+                grads.wcls_mut().expect("checked just above")
+            } else {
+                grads.token_embedding_mut()
+            };
+            self.classifier.forward_backward(&s.xn_final, params.classifier(), targets, grad_scale, &mut s.dxn, dwcls)
+        };
+        lap(&mut t, &mut times.classifier);
+        s.dx.fill(0.0);
+        cpu_ops::rmsnorm_backward(
+            &mut s.dx,
+            grads.rms_final_mut(),
+            &s.dxn,
+            &s.x_final,
+            params.rms_final(),
+            &s.inv_rms_final,
+            &mut s.row,
+        );
+        lap(&mut t, &mut times.rmsnorm);
+
+        for l in (0..self.config.n_layers).rev() {
+            let w = params.layer(l);
+            let a = &self.acts[l];
+            let mut g = grads.layer_mut(l);
+
+            // FFN backward: s.dx is the gradient at the layer's output (= at the FFN's
+            // output, through the residual).
+            let k = &mut self.ffn_bwd;
+            k.write(0, "dy", &s.dx);
+            k.write(0, "w2", w.w2());
+            k.write(1, "h1", &a.h1);
+            k.write(1, "h3", &a.h3);
+            k.write(1, "w1", w.w1());
+            k.write(1, "w3", w.w3());
+            lap(&mut t, &mut times.surface_io);
+            k.eval()?;
+            lap(&mut t, &mut times.device_backward);
+            k.read(0, &mut s.dxn);
+            k.read(1, &mut s.dh1);
+            k.read(2, &mut s.dh3);
+            k.read(3, &mut s.gate);
+            lap(&mut t, &mut times.surface_io);
+            // dW2 [D, H] += dy [D, T] · gateᵀ ; dW1, dW3 [H, D] += dh [H, T] · xn2ᵀ
+            matmul_acc(
+                MatMut::new(g.w2_mut(), dim, hid),
+                MatRef::new(&s.dx, dim, t_len),
+                MatRef::new(&s.gate, hid, t_len).t(),
+            );
+            let xn2 = MatRef::new(&a.xn2, dim, t_len).t();
+            matmul_acc(MatMut::new(g.w1_mut(), hid, dim), MatRef::new(&s.dh1, hid, t_len), xn2);
+            matmul_acc(MatMut::new(g.w3_mut(), hid, dim), MatRef::new(&s.dh3, hid, t_len), xn2);
+            lap(&mut t, &mut times.dw);
+            // The residual carries s.dx through; the FFN branch adds its part.
+            cpu_ops::rmsnorm_backward(
+                &mut s.dx,
+                g.rms_ffn_mut(),
+                &s.dxn,
+                &a.x_mid,
+                w.rms_ffn(),
+                &a.inv_rms2,
+                &mut s.row,
+            );
+            lap(&mut t, &mut times.rmsnorm);
+
+            // Attention backward (with Woᵀ): s.dx is now the gradient at x_mid.
+            let k = &mut self.attn_bwd;
+            k.write(0, "dy", &s.dx);
+            k.write(0, "q", &a.q);
+            k.write(0, "wo", w.wo());
+            k.write(1, "k", &a.k);
+            k.write(1, "v", &a.v);
+            lap(&mut t, &mut times.surface_io);
+            k.eval()?;
+            lap(&mut t, &mut times.device_backward);
+            k.read(0, &mut s.dq);
+            k.read(1, &mut s.dk);
+            k.read(2, &mut s.dv);
+            lap(&mut t, &mut times.surface_io);
+            // dWo [D, D] += dy [D, T] · oᵀ
+            matmul_acc(
+                MatMut::new(g.wo_mut(), dim, dim),
+                MatRef::new(&s.dx, dim, t_len),
+                MatRef::new(&a.o, dim, t_len).t(),
+            );
+            lap(&mut t, &mut times.dw);
+            cpu_ops::rope_backward(&mut s.dq, t_len, &self.rope);
+            cpu_ops::rope_backward(&mut s.dk, t_len, &self.rope);
+            bias_grads(&mut g, &s.dq, &s.dk, &s.dv, t_len);
+            lap(&mut t, &mut times.other_cpu);
+
+            // QKV backward.
+            let k = &mut self.qkv_bwd;
+            k.write(0, "dq", &s.dq);
+            k.write(0, "wq", w.wq());
+            k.write(1, "dk", &s.dk);
+            k.write(1, "dv", &s.dv);
+            k.write(1, "wk", w.wk());
+            k.write(1, "wv", w.wv());
+            lap(&mut t, &mut times.surface_io);
+            k.eval()?;
+            lap(&mut t, &mut times.device_backward);
+            k.read(0, &mut s.dxn);
+            lap(&mut t, &mut times.surface_io);
+            // dWq [D, D] += dq · xn1ᵀ ; dWk, dWv [KV, D] += dk/dv · xn1ᵀ
+            let xn1 = MatRef::new(&a.xn1, dim, t_len).t();
+            matmul_acc(MatMut::new(g.wq_mut(), dim, dim), MatRef::new(&s.dq, dim, t_len), xn1);
+            matmul_acc(MatMut::new(g.wk_mut(), kv, dim), MatRef::new(&s.dk, kv, t_len), xn1);
+            matmul_acc(MatMut::new(g.wv_mut(), kv, dim), MatRef::new(&s.dv, kv, t_len), xn1);
+            lap(&mut t, &mut times.dw);
+            cpu_ops::rmsnorm_backward(
+                &mut s.dx,
+                g.rms_att_mut(),
+                &s.dxn,
+                &a.x_in,
+                w.rms_att(),
+                &a.inv_rms1,
+                &mut s.row,
+            );
+            lap(&mut t, &mut times.rmsnorm);
+        }
+        cpu_ops::embedding_backward(grads.token_embedding_mut(), &s.dx, inputs, dim);
+        lap(&mut t, &mut times.other_cpu);
+        Ok(loss)
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: &[f32], t_len: usize) {
+    for (row, &b) in x.chunks_mut(t_len).zip(bias) {
+        row.iter_mut().for_each(|v| *v += b);
+    }
+}
+
+/// Bias gradients (when the model has QKV biases): the sum of each row's gradient.
+fn bias_grads(g: &mut llama::LayerMut<'_>, dq: &[f32], dk: &[f32], dv: &[f32], t_len: usize) {
+    for (which, d) in [dq, dk, dv].into_iter().enumerate() {
+        if let Some(db) = g.qkv_bias_mut(which) {
+            for (b, row) in db.iter_mut().zip(d.chunks(t_len)) {
+                *b += row.iter().sum::<f32>();
+            }
+        }
+    }
+}

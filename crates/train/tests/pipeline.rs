@@ -1,0 +1,123 @@
+//! The dynamic pipeline against independent references: its loss against llama's plain
+//! reference forward pass, its gradients against finite differences of that loss.
+
+use device::{cpu::CpuDevice, Precision};
+use llama::{Config, Params};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use train::pipeline::DynamicPipeline;
+
+fn tiny(n_kv_heads: usize) -> Config {
+    Config {
+        dim: 32,
+        hidden_dim: 48,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads,
+        vocab_size: 37,
+        seq_len: 8,
+        norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        qkv_bias: false,
+        shared_classifier: n_kv_heads == 4,
+    }
+}
+
+/// Parameters with larger values than the llama2.c init, so gradients are large
+/// enough for finite differences in f32 to resolve.
+fn params(config: &Config, seed: u64) -> Params {
+    let mut p = Params::init(config, seed).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    for v in p.as_mut_slice() {
+        *v = rng.gen_range(-0.4f32..0.4);
+    }
+    for (spec, values) in p.tensors_mut() {
+        if spec.name.contains("rms") {
+            values.iter_mut().for_each(|v| *v = 1.0 + *v);
+        }
+    }
+    p
+}
+
+fn batch(config: &Config, b: usize, s: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let stream: Vec<Vec<u32>> =
+        (0..b).map(|_| (0..=s).map(|_| rng.gen_range(0..config.vocab_size as u32)).collect()).collect();
+    let inputs = stream.iter().flat_map(|row| row[..s].to_vec()).collect();
+    let targets = stream.iter().flat_map(|row| row[1..].to_vec()).collect();
+    (inputs, targets)
+}
+
+/// Mean cross-entropy over the batch with llama's reference forward pass, in f64.
+fn reference_loss(params: &Params, inputs: &[u32], targets: &[u32], s: usize) -> f64 {
+    let mut total = 0.0f64;
+    for (inp, tgt) in inputs.chunks(s).zip(targets.chunks(s)) {
+        let logits = llama::reference::forward_sequence(params, inp).unwrap();
+        for (row, &target) in logits.iter().zip(tgt) {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            total += lse - row[target as usize] as f64;
+        }
+    }
+    total / inputs.len() as f64
+}
+
+#[test]
+fn loss_matches_the_reference_forward_with_and_without_gqa() {
+    for n_kv in [4, 2] {
+        let config = tiny(n_kv);
+        let p = params(&config, 7);
+        let (b, s) = (2, 8);
+        let (inputs, targets) = batch(&config, b, s, 3);
+        let device = CpuDevice::new(Precision::Fp32);
+        let mut pipe = DynamicPipeline::new(&device, &config, b, s).unwrap();
+        let loss = pipe.loss(&p, &inputs, &targets).unwrap() as f64;
+        let want = reference_loss(&p, &inputs, &targets, s);
+        // Both compute in f32 with different summation orders: a loss of ~4 agrees to
+        // a few ulp per op over ~10 ops deep, far below 1e-4.
+        assert!((loss - want).abs() < 1e-4 * want.abs().max(1.0), "kv heads {n_kv}: pipeline {loss}, reference {want}");
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_with_and_without_gqa() {
+    for n_kv in [4, 2] {
+        let config = tiny(n_kv);
+        let mut p = params(&config, 11);
+        let (b, s) = (2, 8);
+        let (inputs, targets) = batch(&config, b, s, 5);
+        let device = CpuDevice::new(Precision::Fp32);
+        let mut pipe = DynamicPipeline::new(&device, &config, b, s).unwrap();
+        let mut grads = Params::zeros(&config).unwrap();
+        pipe.forward_backward(&p, &mut grads, &inputs, &targets, 1.0).unwrap();
+
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let specs: Vec<_> = p.layout().specs().to_vec();
+        let mut checked = 0;
+        for spec in &specs {
+            for _ in 0..3 {
+                let i = spec.offset + rng.gen_range(0..spec.len());
+                let h = 1e-2f32;
+                let orig = p.as_slice()[i];
+                p.as_mut_slice()[i] = orig + h;
+                let up = reference_loss(&p, &inputs, &targets, s);
+                p.as_mut_slice()[i] = orig - h;
+                let down = reference_loss(&p, &inputs, &targets, s);
+                p.as_mut_slice()[i] = orig;
+                let fd = (up - down) / (2.0 * h as f64);
+                let g = grads.as_slice()[i] as f64;
+                // Central differences have O(h²) truncation error and ~1e-7/h of f32
+                // noise: 2e-3 absolute plus 3 % relative covers both with margin, while a
+                // wrong gradient (a missing term, a transpose) is off by far more.
+                assert!(
+                    (g - fd).abs() <= 2e-3 + 0.03 * fd.abs(),
+                    "kv heads {n_kv}: d loss / d {}[{}]: pipeline {g}, finite difference {fd}",
+                    spec.name,
+                    i - spec.offset
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3 * specs.len());
+    }
+}
