@@ -1,1 +1,98 @@
-fn main() {}
+//! `anetrain`: train Llama models on Apple's Neural Engine, and run the same kernels on
+//! any CPU. This binary only parses arguments, wires the library crates together and
+//! prints; the numerics live in `mil`, `device`, `llama` and `train`.
+//!
+//! Exit status: 0 on success, 1 on a user error (a bad flag, file or input), 2 where the
+//! system cannot do what was asked (no ANE here, say).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod devices;
+mod mil_cmd;
+mod npy;
+mod sample;
+
+/// Train Llama-family transformers on Apple's Neural Engine — and run the very same
+/// compiled kernels on any CPU.
+#[derive(Parser, Debug)]
+#[command(name = "anetrain", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Sample text from a model (llama2.c model.bin or an anetrain checkpoint).
+    Sample(sample::SampleArgs),
+    /// MIL programs: check, format, run.
+    #[command(subcommand)]
+    Mil(mil_cmd::MilCommand),
+    /// Benchmarks that print figures measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// An error the system, not the user, is responsible for: exit status 2.
+#[derive(Debug)]
+pub struct SystemError(pub String);
+
+impl std::fmt::Display for SystemError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SystemError {}
+
+/// Exit status for an error chain: 2 if anything in it says the system can't do this.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.downcast_ref::<SystemError>().is_some() {
+            return 2;
+        }
+        if let Some(d) = cause.downcast_ref::<device::Error>() {
+            if d.kind == device::ErrorKind::Unavailable {
+                return 2;
+            }
+        }
+    }
+    1
+}
+
+/// True when the error is a closed stdout (`anetrain sample | head`): not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// Loads model parameters from a llama2.c model.bin (v0 or v1).
+pub fn load_model(path: &std::path::Path) -> anyhow::Result<llama::Params> {
+    Ok(llama::llama2c::read_model(path)?)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; usage mistakes are the user's.
+            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        }
+    };
+    let result = match cli.command {
+        Command::Sample(args) => sample::run(args),
+        Command::Mil(cmd) => mil_cmd::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}

@@ -364,3 +364,116 @@ fn rope_cols(x: &mut [f32], head_dim: usize, t: usize, pos0: usize, theta: f32) 
         }
     }
 }
+
+impl ModelWeights for llama::Params {
+    fn dims(&self) -> ModelDims {
+        let c = self.config();
+        ModelDims {
+            layer: LayerDims { dim: c.dim, hidden: c.hidden_dim, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads },
+            n_layers: c.n_layers,
+            vocab: c.vocab_size,
+            seq_len: c.seq_len,
+            norm_eps: c.norm_eps,
+            rope_theta: c.rope_theta,
+        }
+    }
+
+    fn token_embedding(&self) -> &[f32] {
+        llama::Params::token_embedding(self)
+    }
+
+    fn layer(&self, l: usize) -> LayerRef<'_> {
+        let w = llama::Params::layer(self, l);
+        let bias = w.qkv_bias();
+        LayerRef {
+            rms_att: w.rms_att(),
+            wq: w.wq(),
+            wk: w.wk(),
+            wv: w.wv(),
+            wo: w.wo(),
+            rms_ffn: w.rms_ffn(),
+            w1: w.w1(),
+            w2: w.w2(),
+            w3: w.w3(),
+            bq: bias.map(|b| b.0),
+            bk: bias.map(|b| b.1),
+            bv: bias.map(|b| b.2),
+        }
+    }
+
+    fn rms_final(&self) -> &[f32] {
+        llama::Params::rms_final(self)
+    }
+
+    fn classifier(&self) -> &[f32] {
+        llama::Params::classifier(self)
+    }
+}
+
+/// Timing of one [`generate`] call.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GenerateStats {
+    /// Tokens run through the prefill (the prompt, BOS included).
+    pub prefill_tokens: usize,
+    pub prefill_seconds: f64,
+    /// Tokens produced one at a time after the prompt.
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
+}
+
+/// llama2.c's generation loop on a device: `prompt` (BOS first) is prefilled in chunks,
+/// then tokens are sampled one position at a time until `steps` positions have run or
+/// the model produces BOS (id 1). `steps` counts positions, prompt included, as
+/// llama2.c's `-n`. `emit(prev, next)` receives every token after BOS as it is known —
+/// the prompt's too, as llama2.c prints them. Returns the tokens (BOS, prompt,
+/// generated).
+pub fn generate<W: ModelWeights>(
+    decoder: &mut Decoder<'_, W>,
+    prompt: &[u32],
+    steps: usize,
+    mut sample: impl FnMut(&[f32]) -> u32,
+    mut emit: impl FnMut(u32, u32),
+) -> device::Result<(Vec<u32>, GenerateStats)> {
+    /// llama2.c's BOS id: the model predicting it ends the text.
+    const BOS: u32 = 1;
+    let mut stats = GenerateStats::default();
+    let mut tokens = prompt.to_vec();
+    let n_pre = prompt.len().min(steps);
+    if n_pre == 0 {
+        return Ok((tokens, stats));
+    }
+    decoder.reset();
+    let start = std::time::Instant::now();
+    let mut logits = decoder.forward(&prompt[..n_pre])?;
+    stats.prefill_tokens = n_pre;
+    stats.prefill_seconds = start.elapsed().as_secs_f64();
+    for pos in 0..n_pre {
+        if pos + 1 < prompt.len() {
+            emit(prompt[pos], prompt[pos + 1]);
+        }
+    }
+    if n_pre < prompt.len() {
+        tokens.truncate(n_pre + 1);
+        return Ok((tokens, stats));
+    }
+    let start = std::time::Instant::now();
+    let mut pos = prompt.len() - 1;
+    let mut token = prompt[pos];
+    loop {
+        let next = sample(&logits);
+        if next == BOS {
+            break;
+        }
+        emit(token, next);
+        tokens.push(next);
+        token = next;
+        pos += 1;
+        if pos >= steps {
+            break;
+        }
+        logits = decoder.forward(&[token])?;
+        stats.decode_tokens += 1;
+    }
+    stats.decode_seconds = start.elapsed().as_secs_f64();
+    Ok((tokens, stats))
+}
