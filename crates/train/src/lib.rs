@@ -17,3 +17,4 @@ pub mod linalg;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
+pub mod telemetry;
