@@ -18,3 +18,4 @@ pub mod model;
 pub mod optim;
 pub mod pipeline;
 pub mod telemetry;
+pub mod trainer;
