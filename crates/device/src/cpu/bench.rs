@@ -1,0 +1,266 @@
+//! `anetrain bench gemm`: how close the CPU device's linear layers come to the best GEMM
+//! this machine runs, and what one op costs to dispatch.
+//!
+//! For each transformer shape — `x: [1, C_in, 1, S]`, `W: [C_out, C_in]` — it times:
+//! - `matmul` as the dynamic-weight pipeline writes it: one input surface
+//!   `[1, C_in, 1, S + C_out]` holding the activations and `Wᵀ`, sliced, reshaped and
+//!   multiplied with `transpose_x` (all views: no copy before the GEMM);
+//! - a 1×1 `conv` with the weights baked in as a BLOBFILE constant;
+//! - the `gemm` crate called directly on packed `W · x`, same threads, same process.
+
+use std::time::{Duration, Instant};
+
+use mil::builder::FunctionBuilder;
+use mil::{DType, Dialect, Program, TensorType};
+
+use super::linalg::{gemm_into, parallelism};
+use super::CpuDevice;
+use crate::{Device, Precision, Surface, Weights};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct GemmBenchConfig {
+    /// Threads for the device and for the direct GEMM.
+    pub threads: usize,
+    /// Sequence length S (positions per surface).
+    pub seq: usize,
+    /// Wall time spent timing each case (after warm-up).
+    pub time_per_case: Duration,
+    pub precision: Precision,
+    /// `(dim, hidden)` model widths; each gives the shapes dim→dim, dim→hidden, hidden→dim.
+    pub widths: Vec<(usize, usize)>,
+}
+
+impl Default for GemmBenchConfig {
+    fn default() -> GemmBenchConfig {
+        GemmBenchConfig {
+            threads: rayon::current_num_threads(),
+            seq: 256,
+            time_per_case: Duration::from_millis(500),
+            precision: Precision::Fp32,
+            // Stories110M (dim 768, hidden 2048) and Stories15M (dim 288, hidden 768).
+            widths: vec![(768, 2048), (288, 768)],
+        }
+    }
+}
+
+/// Which path a row measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmBenchOp {
+    /// `matmul` on a dynamic-weight surface (slice → reshape → matmul, as views).
+    Matmul,
+    /// 1×1 `conv` with baked weights.
+    Conv1x1,
+    /// One `relu` on a single element: the fixed cost of an op (`device_us`).
+    Dispatch,
+}
+
+impl GemmBenchOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmBenchOp::Matmul => "matmul",
+            GemmBenchOp::Conv1x1 => "conv 1x1",
+            GemmBenchOp::Dispatch => "dispatch",
+        }
+    }
+}
+
+/// One measured case. Times are medians per evaluation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GemmBenchRow {
+    pub op: GemmBenchOp,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub seq: usize,
+    pub device_us: f64,
+    /// The direct GEMM on the same shape (0 for [`GemmBenchOp::Dispatch`]).
+    pub direct_us: f64,
+    pub device_gflops: f64,
+    pub direct_gflops: f64,
+    /// `device_gflops / direct_gflops` (1.0 = as fast as the bare GEMM).
+    pub ratio: f64,
+}
+
+/// Median time of `f` over `budget` of wall time (at least 3 runs, after one warm-up).
+fn median_time(budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < 3 || (start.elapsed() < budget && times.len() < 1_000_000) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Deterministic values in [-1, 1) (no RNG dependency in the library).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn matmul_program(c_in: usize, c_out: usize, seq: usize) -> Program {
+    let mut b = FunctionBuilder::new("main", Dialect::Ios18);
+    let xw = b.input("xw", TensorType::surface(DType::Fp32, c_in, seq + c_out));
+    let (ci, co, s) = (c_in as i64, c_out as i64, seq as i64);
+    let x = b.slice_by_size("x", &xw, &[0, 0, 0, 0], &[1, ci, 1, s]);
+    let x = b.reshape("x2", &x, &[ci, s]);
+    let w = b.slice_by_size("w", &xw, &[0, 0, 0, s], &[1, ci, 1, co]);
+    let w = b.reshape("w2", &w, &[ci, co]);
+    let y = b.matmul("y", &w, &x, true, false); // [C_out, S]
+    let y = b.reshape("out", &y, &[1, co, 1, s]);
+    b.output(&y);
+    Program::new(Dialect::Ios18, b.finish().expect("the benchmark program is valid"))
+}
+
+fn conv_program(c_in: usize, c_out: usize, seq: usize, weights: &mut Weights) -> Program {
+    let mut b = FunctionBuilder::new("main", Dialect::Ios18);
+    let x = b.input("x", TensorType::surface(DType::Fp32, c_in, seq));
+    let w = weights.add_tensor("w", &[c_out, c_in, 1, 1], &values(c_out * c_in, 7));
+    let w = b.constant("w", w);
+    let w = b.cast("w32", &w, DType::Fp32);
+    let y = b.conv1x1("out", &x, &w);
+    b.output(&y);
+    Program::new(Dialect::Ios18, b.finish().expect("the benchmark program is valid"))
+}
+
+/// Runs the benchmark. Takes roughly `time_per_case` × (3 per shape + 1).
+pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
+    let device = CpuDevice::new(cfg.precision).with_threads(cfg.threads);
+    let seq = cfg.seq;
+    let mut rows = Vec::new();
+    for &(dim, hidden) in &cfg.widths {
+        for (c_in, c_out) in [(dim, dim), (dim, hidden), (hidden, dim)] {
+            let flops = 2.0 * (c_in * c_out * seq) as f64;
+            // The direct GEMM: out[C_out, S] = W[C_out, C_in] · x[C_in, S], all packed.
+            let w = values(c_out * c_in, 1);
+            let x = values(c_in * seq, 2);
+            let mut out = vec![0f32; c_out * seq];
+            let direct = median_time(cfg.time_per_case, || unsafe {
+                gemm_into(
+                    c_out,
+                    seq,
+                    c_in,
+                    out.as_mut_ptr(),
+                    seq as isize,
+                    w.as_ptr(),
+                    c_in as isize,
+                    1,
+                    x.as_ptr(),
+                    seq as isize,
+                    1,
+                    parallelism(cfg.threads),
+                )
+            });
+
+            let program = matmul_program(c_in, c_out, seq);
+            let mut kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
+            let mut input = Surface::activation(DType::Fp32, c_in, seq + c_out);
+            input.write_block(0, 0, c_in, seq, &x);
+            input.write_block(0, seq, c_in, c_out, &values(c_in * c_out, 3));
+            let mut output = Surface::activation(DType::Fp32, c_out, seq);
+            let t = median_time(cfg.time_per_case, || {
+                kernel.eval(&[&input], &mut [&mut output]).expect("the benchmark kernel runs")
+            });
+            rows.push(row(GemmBenchOp::Matmul, c_in, c_out, seq, t, direct, flops));
+
+            let mut weights = Weights::new();
+            let program = conv_program(c_in, c_out, seq, &mut weights);
+            let mut kernel = device.compile(&program, &weights).expect("the benchmark program compiles");
+            let input = Surface::from_f32(DType::Fp32, &[1, c_in, 1, seq], &x);
+            let t = median_time(cfg.time_per_case, || {
+                kernel.eval(&[&input], &mut [&mut output]).expect("the benchmark kernel runs")
+            });
+            rows.push(row(GemmBenchOp::Conv1x1, c_in, c_out, seq, t, direct, flops));
+        }
+    }
+    rows.push(dispatch_row(&device, cfg.time_per_case));
+    rows
+}
+
+fn row(op: GemmBenchOp, c_in: usize, c_out: usize, seq: usize, device_s: f64, direct_s: f64, flops: f64) -> GemmBenchRow {
+    let (device_gflops, direct_gflops) = (flops / device_s / 1e9, flops / direct_s / 1e9);
+    GemmBenchRow {
+        op,
+        c_in,
+        c_out,
+        seq,
+        device_us: device_s * 1e6,
+        direct_us: direct_s * 1e6,
+        device_gflops,
+        direct_gflops,
+        ratio: device_gflops / direct_gflops,
+    }
+}
+
+fn dispatch_row(device: &CpuDevice, budget: Duration) -> GemmBenchRow {
+    let mut b = FunctionBuilder::new("main", Dialect::Ios18);
+    let x = b.input("x", TensorType::new(DType::Fp32, [1, 1, 1, 1]));
+    let y = b.relu("y", &x);
+    b.output(&y);
+    let program = Program::new(Dialect::Ios18, b.finish().expect("the benchmark program is valid"));
+    let mut kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
+    let input = Surface::from_f32(DType::Fp32, &[1, 1, 1, 1], &[-1.5]);
+    let mut output = Surface::zeros(DType::Fp32, &[1, 1, 1, 1]);
+    // Many evals per sample: one is far below the clock's resolution.
+    const EVALS: usize = 1000;
+    let t = median_time(budget, || {
+        for _ in 0..EVALS {
+            kernel.eval(&[&input], &mut [&mut output]).expect("the benchmark kernel runs");
+        }
+    }) / EVALS as f64;
+    GemmBenchRow {
+        op: GemmBenchOp::Dispatch,
+        c_in: 1,
+        c_out: 1,
+        seq: 1,
+        device_us: t * 1e6,
+        direct_us: 0.0,
+        device_gflops: 0.0,
+        direct_gflops: 0.0,
+        ratio: 0.0,
+    }
+}
+
+/// The rows as a plain-text table.
+pub fn format_gemm_bench(rows: &[GemmBenchRow]) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "{:<10} {:>22} {:>11} {:>11} {:>12} {:>12} {:>7}\n",
+        "op", "x[C_in,S] · W[C_out,C_in]", "device µs", "gemm µs", "device GF/s", "gemm GF/s", "ratio"
+    ));
+    for r in rows {
+        if r.op == GemmBenchOp::Dispatch {
+            s.push_str(&format!(
+                "{:<10} {:>22} {:>11.3} {:>11} {:>12} {:>12} {:>7}\n",
+                r.op.name(),
+                "1 element (relu)",
+                r.device_us,
+                "-",
+                "-",
+                "-",
+                "-"
+            ));
+        } else {
+            let shape = format!("[{}x{}]·[{}x{}]", r.c_in, r.seq, r.c_out, r.c_in);
+            s.push_str(&format!(
+                "{:<10} {:>22} {:>11.1} {:>11.1} {:>12.1} {:>12.1} {:>6.0}%\n",
+                r.op.name(),
+                shape,
+                r.device_us,
+                r.direct_us,
+                r.device_gflops,
+                r.direct_gflops,
+                r.ratio * 100.0
+            ));
+        }
+    }
+    s
+}

@@ -1,0 +1,222 @@
+//! `matmul` and `conv` on the `gemm` crate (packed, multithreaded, runtime-dispatched
+//! SIMD kernels). Both precisions multiply in f32; fp16 mode rounds the finished result
+//! once, as the ANE is reported to accumulate its dot products wider than fp16.
+//!
+//! `gemm` takes any row and column strides, so operands are passed as the views they
+//! are: a weight block sliced out of a dynamic-weight surface and transposed is read in
+//! place, never copied.
+
+use gemm::{gemm, Parallelism};
+
+use super::elementwise::{par_split, Ptr};
+use super::math::round_f16_slice;
+use super::view::StorageId;
+
+/// A matrix window: base address and strides, in elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Mat {
+    pub storage: StorageId,
+    pub offset: usize,
+    pub row_stride: isize,
+    pub col_stride: isize,
+}
+
+/// Work (m·n·k) under which a batched matmul runs its batch entries in parallel, each
+/// single-threaded, rather than one after another with a parallel GEMM each.
+const SMALL_GEMM: usize = 1 << 21;
+
+/// `dst[b] = x[b] · y[b]` for every batch index `b`.
+#[derive(Clone, Debug)]
+pub(crate) struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// The result's batch shape; `x_batch`/`y_batch` are the operands' strides over it
+    /// (0 where an operand is broadcast).
+    pub batch_shape: Vec<usize>,
+    pub x: Mat,
+    pub x_batch: Vec<isize>,
+    pub y: Mat,
+    pub y_batch: Vec<isize>,
+    /// Packed `[batch…, m, n]` result.
+    pub dst: (StorageId, usize),
+    pub round: bool,
+}
+
+/// Parallelism for one GEMM call.
+pub(crate) fn parallelism(threads: usize) -> Parallelism {
+    if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// One GEMM: `dst[m, n] = lhs[m, k] · rhs[k, n]`, `dst` packed with row stride `dst_rs`.
+///
+/// # Safety
+/// The pointers and strides describe valid, non-overlapping (for `dst`) memory.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            std::slice::from_raw_parts_mut(dst.offset(i as isize * dst_rs), n).fill(0.0);
+        }
+        return;
+    }
+    gemm(m, n, k, dst, 1, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false, false, false, par);
+}
+
+impl Matmul {
+    /// # Safety
+    /// Pointers are the storages named by the plan; `dst` overlaps neither operand.
+    pub unsafe fn run(&self, x: Ptr, y: Ptr, dst: Ptr, threads: usize) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let batches: usize = self.batch_shape.iter().product();
+        let one = |b: usize, par: Parallelism| {
+            let (mut xo, mut yo) = (self.x.offset as isize, self.y.offset as isize);
+            let mut r = b;
+            for d in (0..self.batch_shape.len()).rev() {
+                let i = (r % self.batch_shape[d]) as isize;
+                r /= self.batch_shape[d];
+                xo += i * self.x_batch[d];
+                yo += i * self.y_batch[d];
+            }
+            let out = dst.get().add(self.dst.1 + b * m * n);
+            gemm_into(
+                m,
+                n,
+                k,
+                out,
+                n as isize,
+                x.get().offset(xo),
+                self.x.row_stride,
+                self.x.col_stride,
+                y.get().offset(yo),
+                self.y.row_stride,
+                self.y.col_stride,
+                par,
+            );
+            if self.round {
+                round_f16_slice(std::slice::from_raw_parts_mut(out, m * n));
+            }
+        };
+        if batches > 1 && threads > 1 && m * n * k < SMALL_GEMM {
+            par_split(batches, batches * m * n * k, threads, |lo, hi| (lo..hi).for_each(|b| one(b, Parallelism::None)));
+        } else {
+            (0..batches).for_each(|b| one(b, parallelism(threads)));
+        }
+    }
+}
+
+/// A 2-D convolution, as one GEMM per (batch, group): weights `[O/g, C/g·kH·kW]` times
+/// the input's columns. A 1×1 convolution with unit strides and no padding (a linear
+/// layer on `[1, C, 1, S]`) reads the input in place; any other first copies the
+/// receptive fields into a planned scratch buffer (im2col).
+#[derive(Clone, Debug)]
+pub(crate) struct Conv {
+    /// `x: [N, C, H, W]`: storage, offset, strides.
+    pub x: (StorageId, usize, [isize; 4]),
+    pub x_shape: [usize; 4],
+    /// The weights as a `[O, C/g·kH·kW]` matrix.
+    pub w: Mat,
+    pub kernel: [usize; 2],
+    /// `bias: [O]`: storage, offset, stride.
+    pub bias: Option<(StorageId, usize, isize)>,
+    pub out_channels: usize,
+    pub out_hw: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    /// top, left.
+    pub pad: [usize; 2],
+    pub groups: usize,
+    /// For a pointwise conv: the stride between consecutive positions of `x` once H and
+    /// W are merged. `None`: use the im2col path.
+    pub pointwise_col_stride: Option<isize>,
+    /// im2col scratch, `[C/g·kH·kW, Ho·Wo]` packed.
+    pub scratch: Option<(StorageId, usize)>,
+    /// Packed `[N, O, Ho, Wo]` result.
+    pub dst: (StorageId, usize),
+    pub round: bool,
+}
+
+impl Conv {
+    /// # Safety
+    /// Pointers are the storages named by the plan; `dst` and `scratch` overlap nothing.
+    pub unsafe fn run(&self, x: Ptr, w: Ptr, bias: Option<Ptr>, scratch: Option<Ptr>, dst: Ptr, threads: usize) {
+        let [batch, channels, h, wd] = self.x_shape;
+        let [kh, kw] = self.kernel;
+        let [ho, wo] = self.out_hw;
+        let g = self.groups;
+        let (cg, og) = (channels / g, self.out_channels / g);
+        let kdim = cg * kh * kw;
+        let cols = ho * wo;
+        let xs = self.x.2;
+        let par = parallelism(threads);
+        for nb in 0..batch {
+            for gi in 0..g {
+                let out = dst.get().add(self.dst.1 + (nb * self.out_channels + gi * og) * cols);
+                let lhs = w.get().offset(self.w.offset as isize + (gi * og) as isize * self.w.row_stride);
+                let x_base = self.x.1 as isize + nb as isize * xs[0] + (gi * cg) as isize * xs[1];
+                let (rhs, rhs_rs, rhs_cs) = match (self.pointwise_col_stride, scratch) {
+                    (Some(cs), _) => (x.get().offset(x_base) as *const f32, xs[1], cs),
+                    (None, Some(sc)) => {
+                        let col = sc.get().add(self.scratch.expect("planned with scratch").1);
+                        for c in 0..cg {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let row = std::slice::from_raw_parts_mut(col.add(((c * kh + i) * kw + j) * cols), cols);
+                                    for oh in 0..ho {
+                                        let ih = (oh * self.strides[0] + i * self.dilations[0]) as isize
+                                            - self.pad[0] as isize;
+                                        for ow in 0..wo {
+                                            let iw = (ow * self.strides[1] + j * self.dilations[1]) as isize
+                                                - self.pad[1] as isize;
+                                            row[oh * wo + ow] =
+                                                if ih >= 0 && iw >= 0 && (ih as usize) < h && (iw as usize) < wd {
+                                                    *x.get().offset(x_base + c as isize * xs[1] + ih * xs[2] + iw * xs[3])
+                                                } else {
+                                                    0.0
+                                                };
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        (col as *const f32, cols as isize, 1)
+                    }
+                    (None, None) => unreachable!("a non-pointwise conv is planned with scratch"),
+                };
+                gemm_into(og, cols, kdim, out, cols as isize, lhs, self.w.row_stride, self.w.col_stride, rhs, rhs_rs, rhs_cs, par);
+                let rows = std::slice::from_raw_parts_mut(out, og * cols);
+                if let (Some((_, boff, bstride)), Some(bp)) = (self.bias, bias) {
+                    for (o, row) in rows.chunks_exact_mut(cols.max(1)).enumerate() {
+                        let b = *bp.get().offset(boff as isize + (gi * og + o) as isize * bstride);
+                        for v in row.iter_mut() {
+                            *v += b;
+                        }
+                    }
+                }
+                if self.round {
+                    round_f16_slice(rows);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! Compile time: a validated MIL function becomes a list of [`Step`]s over planned
+//! storages.
+//!
+//! Every value is a [`View`]. Ops that only re-index (`reshape`, `transpose`, the
+//! slices, `split`, `expand_dims`, `squeeze`, `identity`, and in fp32 mode `cast`) make a
+//! new view and no step. Ops that compute get a fresh packed temporary. Temporaries
+//! whose lifetimes do not overlap share arena space; a result that is exactly an fp32
+//! output is computed straight into the output surface.
+//!
+//! Aliasing rule the executor relies on: a step's destination storage is never one of
+//! its sources. Every destination is a fresh temporary or an output surface, and arena
+//! ranges are shared only by temporaries whose step ranges are disjoint.
+
+use std::collections::HashMap;
+
+use half::f16;
+use mil::ops::{self, Scope, SliceByIndex};
+use mil::{Arg, DType, Data, Function, Operation, Value};
+
+use super::elementwise::{Binary, Map, Unary};
+use super::exec::{CpuKernel, Gather, StorageKind, Step};
+use super::linalg::{Conv, Mat, Matmul};
+use super::reduce::{Reduce, ReduceKind, Softmax};
+use super::view::{StorageId, View};
+use super::Ptr;
+use crate::{Error, ErrorKind, Precision, Result, Weights};
+
+/// Arena offsets are multiples of this many elements (64 bytes: a cache line, and the
+/// widest SIMD load).
+const ALIGN: usize = 16;
+
+/// Placeholder storage id for the destination of a [`Step::StoreF16`] (the surface
+/// itself, not a planned storage).
+const SURFACE: StorageId = usize::MAX;
+
+struct Planner<'a> {
+    precision: Precision,
+    weights: &'a Weights,
+    scope: Scope,
+    kinds: Vec<StorageKind>,
+    consts: Vec<Vec<f32>>,
+    /// Constants already turned into storages, by name.
+    const_views: HashMap<String, View>,
+    values: HashMap<String, View>,
+    steps: Vec<Step>,
+}
+
+fn program_error(op: &Operation, message: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Program, format!("op `{}` ({}): {message}", op.name, op.op))
+}
+
+fn mil_error(op: &Operation) -> impl Fn(mil::Error) -> Error + '_ {
+    move |e| Error::from(e.in_op(op.name.clone()))
+}
+
+/// Plans `f` (already validated: `scope` is what validation returned).
+pub(crate) fn compile(
+    f: &Function,
+    scope: Scope,
+    weights: &Weights,
+    precision: Precision,
+    threads: usize,
+) -> Result<CpuKernel> {
+    let mut p = Planner {
+        precision,
+        weights,
+        scope,
+        kinds: Vec::new(),
+        consts: Vec::new(),
+        const_views: HashMap::new(),
+        values: HashMap::new(),
+        steps: Vec::new(),
+    };
+    let mut input_storage = vec![None; f.inputs.len()];
+    for (i, v) in f.inputs.iter().enumerate() {
+        let view = if v.ty.dtype == DType::Fp32 {
+            let st = p.storage(StorageKind::Input(i));
+            input_storage[i] = Some(st);
+            View::packed(st, 0, &v.ty.shape)
+        } else {
+            let view = p.new_packed(&v.ty.shape);
+            p.steps.push(Step::LoadF16 { input: i, dst: (view.storage, 0) });
+            view
+        };
+        p.values.insert(v.name.clone(), view);
+    }
+    for op in &f.ops {
+        p.plan_op(op)?;
+    }
+    let outputs = f.output_vars();
+    let mut output_storage = vec![None; outputs.len()];
+    for (j, out) in outputs.iter().enumerate() {
+        let view = p.value(&out.name).ok_or_else(|| {
+            Error::new(ErrorKind::Program, format!("output `{}` is not a tensor value", out.name))
+        })?;
+        if out.ty.dtype == DType::Fp16 {
+            let surface = View::packed(SURFACE, 0, &out.ty.shape);
+            p.steps.push(Step::StoreF16 { output: j, map: Map::new(&surface, [&view]) });
+            continue;
+        }
+        let relocatable = matches!(p.kinds[view.storage], StorageKind::Temp { len } if len == view.numel())
+            && view.offset == 0
+            && view.is_packed();
+        if relocatable {
+            // The value is exactly this output: compute it in the surface itself.
+            p.kinds[view.storage] = StorageKind::Output(j);
+            output_storage[j] = Some(view.storage);
+        } else {
+            let st = p.storage(StorageKind::Output(j));
+            output_storage[j] = Some(st);
+            p.copy(&view, &View::packed(st, 0, &out.ty.shape));
+        }
+    }
+    let (arena_len, temp_offsets) = p.layout_arena();
+    // One spare line so the arena's start can be aligned to 64 bytes.
+    let mut arena = vec![0f32; arena_len + ALIGN];
+    let shift = arena.as_ptr().align_offset(ALIGN * 4).min(ALIGN);
+    let mut ptrs = vec![Ptr(std::ptr::null_mut()); p.kinds.len()];
+    for (st, kind) in p.kinds.iter().enumerate() {
+        match kind {
+            StorageKind::Temp { .. } => ptrs[st] = Ptr(arena[shift + temp_offsets[st]..].as_mut_ptr()),
+            StorageKind::Const(k) => ptrs[st] = Ptr(p.consts[*k].as_mut_ptr()),
+            StorageKind::Input(_) | StorageKind::Output(_) => {}
+        }
+    }
+    Ok(CpuKernel {
+        inputs: f.inputs.clone(),
+        outputs,
+        steps: p.steps,
+        threads,
+        input_storage,
+        output_storage,
+        consts: p.consts,
+        arena,
+        ptrs,
+    })
+}
+
+impl Planner<'_> {
+    fn storage(&mut self, kind: StorageKind) -> StorageId {
+        self.kinds.push(kind);
+        self.kinds.len() - 1
+    }
+
+    /// A fresh packed temporary of `shape`.
+    fn new_packed(&mut self, shape: &[usize]) -> View {
+        let st = self.storage(StorageKind::Temp { len: shape.iter().product() });
+        View::packed(st, 0, shape)
+    }
+
+    fn round(&self, dtype: DType) -> bool {
+        self.precision == Precision::Fp16 && dtype.is_float()
+    }
+
+    /// Copies `src` into the window `dst` (same shape).
+    fn copy(&mut self, src: &View, dst: &View) {
+        self.steps.push(Step::Unary { kind: Unary::Identity, round: false, map: Map::new(dst, [src]) });
+    }
+
+    /// `v` itself when packed, else a packed copy.
+    fn packed(&mut self, v: View) -> View {
+        if v.is_packed() {
+            return v;
+        }
+        let dst = self.new_packed(&v.shape);
+        self.copy(&v, &dst);
+        dst
+    }
+
+    /// `v` reshaped, copying first if its strides do not allow a view.
+    fn reshaped(&mut self, v: View, shape: &[usize]) -> View {
+        match v.reshape(shape) {
+            Some(r) => r,
+            None => self.packed(v).reshape(shape).expect("a packed view reshapes"),
+        }
+    }
+
+    /// The value named `name`: a computed one, or a constant made into a storage now.
+    fn value(&mut self, name: &str) -> Option<View> {
+        if let Some(v) = self.values.get(name).or_else(|| self.const_views.get(name)) {
+            return Some(v.clone());
+        }
+        let value = self.scope.get(name)?.1?.clone();
+        let view = self.constant(&value).ok()?;
+        self.const_views.insert(name.to_string(), view.clone());
+        Some(view)
+    }
+
+    /// A constant's data as a storage. Values hold their declared type: fp16 literals and
+    /// weights are fp16 numbers in either precision; in fp16 mode fp32 literals are
+    /// rounded too, as the ANE stores every constant in fp16.
+    fn constant(&mut self, value: &Value) -> Result<View> {
+        let ty = value.ty().clone();
+        let round = ty.dtype == DType::Fp16 || self.round(ty.dtype);
+        let data: Vec<f32> = match value {
+            Value::Literal { data: Data::Float(v), .. } => {
+                v.iter().map(|&x| if round { f16::from_f64(x).to_f32() } else { x as f32 }).collect()
+            }
+            Value::Literal { data: Data::Int(v), .. } => v.iter().map(|&x| x as f32).collect(),
+            Value::Literal { data: Data::Bool(v), .. } => v.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect(),
+            Value::Literal { data: Data::Str(_), .. } => {
+                return Err(Error::new(ErrorKind::Program, "a string constant is used as a tensor"))
+            }
+            Value::Blob { path, offset, .. } => {
+                self.weights.read_fp16(path, *offset, ty.numel())?.iter().map(|h| h.to_f32()).collect()
+            }
+        };
+        if data.len() != ty.numel() {
+            return Err(Error::new(
+                ErrorKind::Program,
+                format!("constant of type {ty} has {} values, expected {}", data.len(), ty.numel()),
+            ));
+        }
+        self.consts.push(data);
+        let st = self.storage(StorageKind::Const(self.consts.len() - 1));
+        Ok(View::packed(st, 0, &ty.shape))
+    }
+
+    /// A tensor argument of `op`.
+    fn arg(&mut self, op: &Operation, name: &str) -> Result<View> {
+        let arg = op.arg(name).ok_or_else(|| program_error(op, format!("missing argument `{name}`")))?;
+        self.arg_view(op, arg, name)
+    }
+
+    fn arg_view(&mut self, op: &Operation, arg: &Arg, name: &str) -> Result<View> {
+        match arg {
+            Arg::Var(v) => self
+                .value(v)
+                .ok_or_else(|| program_error(op, format!("argument `{name}` uses `{v}`, which is not a tensor value"))),
+            Arg::Value(v) => self.constant(v).map_err(|e| program_error(op, e)),
+            Arg::List(_) => Err(program_error(op, format!("argument `{name}` takes one value, found a tuple"))),
+        }
+    }
+
+    /// A constant parameter of `op` (`axes`, `perm`, …), if given.
+    fn param(&self, op: &Operation, name: &str) -> Result<Option<Value>> {
+        match op.arg(name) {
+            None => Ok(None),
+            Some(a) => {
+                let r = ops::resolve(a, &self.scope, name).map_err(mil_error(op))?;
+                match r.value {
+                    Some(v) => Ok(Some(v.clone())),
+                    None => Err(program_error(op, format!("argument `{name}` must be a constant"))),
+                }
+            }
+        }
+    }
+
+    fn ints(&self, op: &Operation, name: &str) -> Result<Option<Vec<i64>>> {
+        match self.param(op, name)? {
+            None => Ok(None),
+            Some(v) => {
+                v.as_ints().map(|i| Some(i.to_vec())).ok_or_else(|| program_error(op, format!("`{name}` must be int32")))
+            }
+        }
+    }
+
+    fn int(&self, op: &Operation, name: &str) -> Result<Option<i64>> {
+        match self.param(op, name)? {
+            None => Ok(None),
+            Some(v) => v.as_int().map(Some).ok_or_else(|| program_error(op, format!("`{name}` must be one integer"))),
+        }
+    }
+
+    fn flag(&self, op: &Operation, name: &str) -> Result<bool> {
+        match self.param(op, name)? {
+            None => Ok(false),
+            Some(v) => v.as_bool().ok_or_else(|| program_error(op, format!("`{name}` must be a bool"))),
+        }
+    }
+
+    fn bools(&self, op: &Operation, name: &str, rank: usize) -> Result<Vec<bool>> {
+        match self.param(op, name)? {
+            None => Ok(vec![false; rank]),
+            Some(Value::Literal { data: Data::Bool(v), .. }) if v.len() == rank => Ok(v),
+            Some(_) => Err(program_error(op, format!("`{name}` must be {rank} bools"))),
+        }
+    }
+
+    fn define(&mut self, op: &Operation, view: View) {
+        self.values.insert(op.outputs[0].name.clone(), view);
+    }
+
+    fn plan_op(&mut self, op: &Operation) -> Result<()> {
+        let kind = op.op.as_str();
+        if kind == "const" {
+            // Made into a storage when (and if) an op reads it as a tensor.
+            return Ok(());
+        }
+        let out = op.outputs.first().ok_or_else(|| program_error(op, "declares no result"))?.clone();
+        let round = self.round(out.ty.dtype);
+        match kind {
+            "cast" => {
+                let x = self.arg(op, "x")?;
+                // Only fp32 input surfaces can hold values that are not fp16 numbers in
+                // fp16 mode (op results and constants are rounded already).
+                let unrounded = matches!(self.kinds[x.storage], StorageKind::Input(_));
+                let unary = match out.ty.dtype {
+                    DType::Fp16 if round && unrounded => Some(Unary::Identity),
+                    DType::Fp16 | DType::Fp32 => None,
+                    DType::Int32 => Some(Unary::Trunc),
+                    DType::Bool => Some(Unary::NonZero),
+                    other => return Err(program_error(op, format!("cannot cast to {other}"))),
+                };
+                let v = match unary {
+                    None => x,
+                    Some(kind) => {
+                        let dst = self.new_packed(&x.shape);
+                        self.steps.push(Step::Unary { kind, round, map: Map::new(&dst, [&x]) });
+                        dst
+                    }
+                };
+                self.define(op, v);
+            }
+            k if ops::BINARY_OPS.contains(&k) => {
+                let x = self.arg(op, "x")?.broadcast_to(&out.ty.shape);
+                let y = self.arg(op, "y")?.broadcast_to(&out.ty.shape);
+                let kind = Binary::from_op(k, out.ty.dtype == DType::Int32).expect("a binary op");
+                let dst = self.new_packed(&out.ty.shape);
+                self.steps.push(Step::Binary { kind, round, map: Map::new(&dst, [&x, &y]) });
+                self.define(op, dst);
+            }
+            "identity" => {
+                let x = self.arg(op, "x")?;
+                self.define(op, x);
+            }
+            k if ops::UNARY_OPS.contains(&k) => {
+                let x = self.arg(op, "x")?;
+                let x_dtype = op
+                    .arg("x")
+                    .and_then(|a| ops::resolve(a, &self.scope, "x").ok())
+                    .map(|r| r.ty.dtype)
+                    .unwrap_or(out.ty.dtype);
+                let epsilon = self.epsilon(op, k, x_dtype)?;
+                let kind = Unary::from_op(k, epsilon).expect("a unary op");
+                let dst = self.new_packed(&out.ty.shape);
+                self.steps.push(Step::Unary { kind, round, map: Map::new(&dst, [&x]) });
+                self.define(op, dst);
+            }
+            "softmax" => {
+                let x = self.arg(op, "x")?;
+                let axis = ops::norm_axis(self.int(op, "axis")?.unwrap_or(-1), x.shape.len(), "axis")
+                    .map_err(mil_error(op))?;
+                let x = self.packed(x);
+                let dst = self.new_packed(&x.shape);
+                let outer = x.shape[..axis.min(x.shape.len())].iter().product();
+                let inner = x.shape.get(axis + 1..).map_or(1, |s| s.iter().product());
+                self.steps.push(Step::Softmax(Softmax {
+                    src: (x.storage, x.offset),
+                    dst: (dst.storage, 0),
+                    outer,
+                    len: x.shape.get(axis).copied().unwrap_or(1),
+                    inner,
+                    round,
+                }));
+                self.define(op, dst);
+            }
+            k if ops::REDUCE_OPS.contains(&k) => {
+                let x = self.arg(op, "x")?;
+                let axes = ops::reduce_axes(self.ints(op, "axes")?, x.shape.len()).map_err(mil_error(op))?;
+                let kind = ReduceKind::from_op(k).expect("a reduction");
+                let dst = self.new_packed(&out.ty.shape);
+                self.steps.push(Step::Reduce(Reduce::new(kind, round, &x, &axes, (dst.storage, 0))));
+                self.define(op, dst);
+            }
+            "matmul" => self.plan_matmul(op, round, &out.ty.shape)?,
+            "conv" => self.plan_conv(op, round, &out.ty.shape)?,
+            "reshape" | "expand_dims" | "squeeze" => {
+                // expand_dims and squeeze only add or drop size-1 axes: always a view.
+                let x = self.arg(op, "x")?;
+                let v = self.reshaped(x, &out.ty.shape);
+                self.define(op, v);
+            }
+            "transpose" => {
+                let x = self.arg(op, "x")?;
+                let perm = ops::check_perm(&self.ints(op, "perm")?.unwrap_or_default(), x.shape.len())
+                    .map_err(mil_error(op))?;
+                self.define(op, x.permute(&perm));
+            }
+            "slice_by_size" => {
+                let x = self.arg(op, "x")?;
+                let begin = self.ints(op, "begin")?.unwrap_or_default();
+                let size = self.ints(op, "size")?.unwrap_or_default();
+                let (start, extent) = ops::slice_by_size(&x.shape, &begin, &size).map_err(mil_error(op))?;
+                let v = x.slice(&start, &vec![1; start.len()], &extent);
+                self.define(op, v);
+            }
+            "slice_by_index" => {
+                let x = self.arg(op, "x")?;
+                let rank = x.shape.len();
+                let s = SliceByIndex {
+                    begin: self.ints(op, "begin")?.unwrap_or_default(),
+                    end: self.ints(op, "end")?.unwrap_or_default(),
+                    stride: self.ints(op, "stride")?.unwrap_or_else(|| vec![1; rank]),
+                    begin_mask: self.bools(op, "begin_mask", rank)?,
+                    end_mask: self.bools(op, "end_mask", rank)?,
+                    squeeze_mask: self.bools(op, "squeeze_mask", rank)?,
+                };
+                let r = s.resolve(&x.shape).map_err(mil_error(op))?;
+                let v = x.slice(&r.start, &r.step, &r.extent);
+                let squeezed: Vec<usize> = (0..rank).filter(|&d| s.squeeze_mask[d]).collect();
+                self.define(op, v.drop_axes(&squeezed));
+            }
+            "concat" => self.plan_concat(op, &out.ty.shape)?,
+            "split" => {
+                let x = self.arg(op, "x")?;
+                let axis = ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), x.shape.len(), "axis")
+                    .map_err(mil_error(op))?;
+                let sizes = ops::split_sizes(x.shape[axis], self.int(op, "num_splits")?, self.ints(op, "split_sizes")?)
+                    .map_err(mil_error(op))?;
+                let mut at = 0;
+                for (part, size) in op.outputs.iter().zip(sizes) {
+                    let mut start = vec![0; x.shape.len()];
+                    start[axis] = at;
+                    let mut extent = x.shape.clone();
+                    extent[axis] = size;
+                    let v = x.slice(&start, &vec![1; start.len()], &extent);
+                    self.values.insert(part.name.clone(), v);
+                    at += size;
+                }
+            }
+            "gather" => {
+                let x = self.arg(op, "x")?;
+                let x = self.packed(x);
+                let indices = self.arg(op, "indices")?;
+                let indices = self.packed(indices);
+                let axis = ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), x.shape.len(), "axis")
+                    .map_err(mil_error(op))?;
+                let dst = self.new_packed(&out.ty.shape);
+                self.steps.push(Step::Gather(Gather {
+                    op: op.name.clone(),
+                    axis,
+                    x: (x.storage, x.offset),
+                    outer: x.shape[..axis].iter().product(),
+                    dim: x.shape[axis],
+                    inner: x.shape[axis + 1..].iter().product(),
+                    indices: (indices.storage, indices.offset),
+                    n_indices: indices.numel(),
+                    dst: (dst.storage, 0),
+                }));
+                self.define(op, dst);
+            }
+            other => {
+                return Err(program_error(op, format!("the CPU device does not implement `{other}`")));
+            }
+        }
+        Ok(())
+    }
+
+    /// `epsilon` of rsqrt/log/inverse: given, or coremltools' default, in `x`'s dtype.
+    fn epsilon(&self, op: &Operation, kind: &str, dtype: DType) -> Result<f32> {
+        let (default, given) = match kind {
+            "rsqrt" => (1e-12, self.param(op, "epsilon")?),
+            "log" => (1e-45, self.param(op, "epsilon")?),
+            "inverse" => (1e-4, self.param(op, "epsilon")?),
+            _ => return Ok(0.0),
+        };
+        let (value, dtype) = match given {
+            Some(v) => (
+                v.as_f64().ok_or_else(|| program_error(op, "`epsilon` must be a number"))?,
+                v.ty().dtype,
+            ),
+            None => (default, dtype),
+        };
+        Ok(if dtype == DType::Fp16 { f16::from_f64(value).to_f32() } else { value as f32 })
+    }
+
+    fn plan_matmul(&mut self, op: &Operation, round: bool, out_shape: &[usize]) -> Result<()> {
+        let x = self.arg(op, "x")?;
+        let y = self.arg(op, "y")?;
+        let (tx, ty) = (self.flag(op, "transpose_x")?, self.flag(op, "transpose_y")?);
+        let rank = out_shape.len();
+        let (m, n) = (out_shape[rank - 2], out_shape[rank - 1]);
+        let k = if tx { x.shape[x.shape.len() - 2] } else { x.shape[x.shape.len() - 1] };
+        let batch_shape = out_shape[..rank - 2].to_vec();
+        // Matrix strides after the transposes, and batch strides broadcast to the result.
+        let mat = |v: &View, t: bool| {
+            let r = v.shape.len();
+            let (rs, cs) = (v.strides[r - 2], v.strides[r - 1]);
+            let (rs, cs) = if t { (cs, rs) } else { (rs, cs) };
+            let batch = View {
+                storage: v.storage,
+                offset: v.offset,
+                shape: v.shape[..r - 2].to_vec(),
+                strides: v.strides[..r - 2].to_vec(),
+            }
+            .broadcast_to(&batch_shape);
+            (Mat { storage: v.storage, offset: v.offset, row_stride: rs, col_stride: cs }, batch.strides)
+        };
+        let (xm, x_batch) = mat(&x, tx);
+        let (ym, y_batch) = mat(&y, ty);
+        let dst = self.new_packed(out_shape);
+        self.steps.push(Step::Matmul(Matmul {
+            m,
+            n,
+            k,
+            batch_shape,
+            x: xm,
+            x_batch,
+            y: ym,
+            y_batch,
+            dst: (dst.storage, 0),
+            round,
+        }));
+        self.define(op, dst);
+        Ok(())
+    }
+
+    fn plan_conv(&mut self, op: &Operation, round: bool, out_shape: &[usize]) -> Result<()> {
+        let x = self.arg(op, "x")?;
+        let w = self.arg(op, "weight")?;
+        let geo = ops::conv_geometry(op, &self.scope, &x.shape, &w.shape).map_err(mil_error(op))?;
+        let bias = match op.arg("bias") {
+            Some(_) => {
+                let b = self.arg(op, "bias")?;
+                Some((b.storage, b.offset, b.strides[0]))
+            }
+            None => None,
+        };
+        let (o, cg, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
+        let w2 = self.reshaped(w, &[o, cg * kh * kw]);
+        let wmat = Mat { storage: w2.storage, offset: w2.offset, row_stride: w2.strides[0], col_stride: w2.strides[1] };
+        let [n, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+        let pointwise = kh == 1 && kw == 1 && geo.strides == [1, 1] && geo.pad == [0; 4];
+        let out_hw = [out_shape[2], out_shape[3]];
+        let (xv, pointwise_col_stride, scratch) = if pointwise {
+            // Positions (H, W) as one axis: [N, C, H·W].
+            let x3 = self.reshaped(x, &[n, c, h * wd]);
+            let strides = [x3.strides[0], x3.strides[1], 0, x3.strides[2]];
+            ((x3.storage, x3.offset, strides), Some(x3.strides[2]), None)
+        } else {
+            let s = self.new_packed(&[cg * kh * kw * out_hw[0] * out_hw[1]]);
+            ((x.storage, x.offset, [x.strides[0], x.strides[1], x.strides[2], x.strides[3]]), None, Some((s.storage, 0)))
+        };
+        let dst = self.new_packed(out_shape);
+        self.steps.push(Step::Conv(Conv {
+            x: xv,
+            x_shape: [n, c, h, wd],
+            w: wmat,
+            kernel: [kh, kw],
+            bias,
+            out_channels: o,
+            out_hw,
+            strides: geo.strides,
+            dilations: geo.dilations,
+            pad: [geo.pad[0], geo.pad[2]],
+            groups: geo.groups,
+            pointwise_col_stride,
+            scratch,
+            dst: (dst.storage, 0),
+            round,
+        }));
+        self.define(op, dst);
+        Ok(())
+    }
+
+    fn plan_concat(&mut self, op: &Operation, out_shape: &[usize]) -> Result<()> {
+        let items: Vec<Arg> = match op.arg("values") {
+            Some(Arg::List(items)) => items.clone(),
+            Some(other) => vec![other.clone()],
+            None => return Err(program_error(op, "missing argument `values`")),
+        };
+        let axis =
+            ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), out_shape.len(), "axis").map_err(mil_error(op))?;
+        let interleave = self.flag(op, "interleave")?;
+        let dst = self.new_packed(out_shape);
+        let mut at = 0;
+        for (j, item) in items.iter().enumerate() {
+            let v = self.arg_view(op, item, "values")?;
+            let mut window = dst.clone();
+            window.shape = v.shape.clone();
+            if interleave {
+                // Item j fills positions j, j + n, j + 2n, … of the axis.
+                window.offset = j * dst.strides[axis] as usize;
+                window.strides[axis] *= items.len() as isize;
+            } else {
+                window.offset = at * dst.strides[axis] as usize;
+                at += v.shape[axis];
+            }
+            self.copy(&v, &window);
+        }
+        self.define(op, dst);
+        Ok(())
+    }
+
+    /// Places the temporaries in one arena: each lives from the first to the last step
+    /// that touches it, and two share space only if those ranges are disjoint. Greedy
+    /// first fit in order of first use. Returns the arena length and each storage's
+    /// offset (meaningful for temporaries only).
+    fn layout_arena(&self) -> (usize, Vec<usize>) {
+        let n = self.kinds.len();
+        let mut first = vec![usize::MAX; n];
+        let mut last = vec![0usize; n];
+        for (i, step) in self.steps.iter().enumerate() {
+            step.visit_storages(&mut |st| {
+                if st != SURFACE {
+                    first[st] = first[st].min(i);
+                    last[st] = last[st].max(i);
+                }
+            });
+        }
+        let mut order: Vec<StorageId> =
+            (0..n).filter(|&st| matches!(self.kinds[st], StorageKind::Temp { .. }) && first[st] != usize::MAX).collect();
+        order.sort_by_key(|&st| first[st]);
+        let mut offsets = vec![0usize; n];
+        // Live allocations: (offset, len, storage), kept sorted by offset.
+        let mut live: Vec<(usize, usize, StorageId)> = Vec::new();
+        let mut arena = 0;
+        for st in order {
+            let StorageKind::Temp { len } = self.kinds[st] else { continue };
+            let len = len.div_ceil(ALIGN) * ALIGN;
+            live.retain(|&(_, _, other)| last[other] >= first[st]);
+            let mut at = 0;
+            for &(off, l, _) in &live {
+                if off >= at + len {
+                    break;
+                }
+                at = at.max(off + l);
+            }
+            offsets[st] = at;
+            arena = arena.max(at + len);
+            let pos = live.partition_point(|&(off, _, _)| off < at);
+            live.insert(pos, (at, len, st));
+        }
+        (arena, offsets)
+    }
+}
