@@ -136,7 +136,7 @@ pub fn relative_weight_path(key: &str) -> Result<PathBuf> {
     let rel = key.strip_prefix(MODEL_PATH).ok_or_else(|| bad("the path does not start with `@model_path/`"))?;
     let path = Path::new(rel);
     if rel.is_empty() || !path.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(bad("the path must stay inside the model directory (no `..`, `.` or leading `/`)"));
+        return Err(bad("the path must stay inside the model directory (no `..` or leading `/`)"));
     }
     if rel == "model.mil" {
         return Err(bad("the name is taken by the program text"));
