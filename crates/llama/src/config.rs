@@ -169,10 +169,10 @@ impl Config {
                 return Err(err!(Config, "{field} is {value}, above the sanity limit {max}"));
             }
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return Err(err!(Config, "dim {} is not divisible by n_heads {}", self.dim, self.n_heads));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err!(
                 Config,
                 "n_heads {} is not divisible by n_kv_heads {} (grouped-query attention needs whole groups)",
@@ -180,7 +180,7 @@ impl Config {
                 self.n_kv_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(err!(
                 Config,
                 "head_dim (dim {} / n_heads {}) is {}; RoPE needs it even",
@@ -273,7 +273,8 @@ mod tests {
         let c = Config { qkv_bias: true, ..Config::preset("stories15m").unwrap() };
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
-        let short = r#"{"dim":64,"hidden_dim":172,"n_layers":5,"n_heads":8,"n_kv_heads":4,"vocab_size":512,"seq_len":512}"#;
+        let short =
+            r#"{"dim":64,"hidden_dim":172,"n_layers":5,"n_heads":8,"n_kv_heads":4,"vocab_size":512,"seq_len":512}"#;
         assert_eq!(serde_json::from_str::<Config>(short).unwrap(), Config::preset("stories260k").unwrap());
     }
 }

@@ -298,12 +298,7 @@ impl Params {
         config.validate()?;
         let layout = Layout::new(config);
         if data.len() != layout.len() {
-            return Err(err!(
-                Mismatch,
-                "parameter array has {} values, the config needs {}",
-                data.len(),
-                layout.len()
-            ));
+            return Err(err!(Mismatch, "parameter array has {} values, the config needs {}", data.len(), layout.len()));
         }
         Ok(Params { config: config.clone(), layout, data })
     }

@@ -73,7 +73,8 @@ pub struct Tokenizer {
 
 impl PartialEq for Tokenizer {
     fn eq(&self, other: &Tokenizer) -> bool {
-        self.pieces == other.pieces && self.scores.iter().map(|s| s.to_bits()).eq(other.scores.iter().map(|s| s.to_bits()))
+        self.pieces == other.pieces
+            && self.scores.iter().map(|s| s.to_bits()).eq(other.scores.iter().map(|s| s.to_bits()))
     }
 }
 
@@ -107,7 +108,11 @@ impl Tokenizer {
     /// Parses the bytes of a `tokenizer.bin`.
     pub fn parse(bytes: &[u8]) -> Result<Tokenizer> {
         if bytes.len() < 4 {
-            return Err(err!(Format, "file is {} bytes, too short for the 4-byte max_token_length header", bytes.len()));
+            return Err(err!(
+                Format,
+                "file is {} bytes, too short for the 4-byte max_token_length header",
+                bytes.len()
+            ));
         }
         // max_token_length only sizes run.c's merge buffer; it is recomputed on write.
         let mut at = 4;

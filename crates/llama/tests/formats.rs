@@ -101,7 +101,8 @@ fn files_follow_export_py_byte_for_byte() {
             let bytes = std::fs::read(&path).unwrap();
 
             // Header.
-            let i32s: Vec<i32> = bytes.chunks_exact(4).take(9).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
+            let i32s: Vec<i32> =
+                bytes.chunks_exact(4).take(9).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
             let vocab = if shared || version == Version::V1 { 512 } else { -512 };
             let dims = [64, 192, 4, 4, 2, vocab, 16];
             let body = match version {
@@ -189,7 +190,7 @@ fn with_commas(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
