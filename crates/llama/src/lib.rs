@@ -9,7 +9,7 @@
 //! - [`llama2c`]: llama2.c's `model.bin` (v0 and v1), read and write;
 //! - [`tokenizer`]: `tokenizer.bin` and llama2.c's BPE encode/decode ([`Tokenizer`]);
 //! - [`sampler`]: greedy, temperature and top-p sampling with llama2.c's RNG ([`Sampler`]);
-//! - [`reference`]: a plain fp32 forward pass, the yardstick for the device pipelines;
+//! - [`reference`](mod@reference): a plain fp32 forward pass, the yardstick for the device pipelines;
 //! - [`generate`](generate::generate): llama2.c's generation loop over any forward pass.
 //!
 //! The `train` crate builds MIL kernels and training on top of these types; the `cli`

@@ -6,7 +6,7 @@
 //! SIMD, no threads, no fusion. Sums run left to right in fp32 as run.c's do, which is
 //! what lets it reproduce llama2.c's greedy output token for token.
 //!
-//! Per layer, for the token at position `pos` (x: [dim]):
+//! Per layer, for the token at position `pos` (`x: [dim]`):
 //!
 //! ```text
 //! xb = rmsnorm(x) · rms_att
