@@ -14,6 +14,7 @@ mod devices;
 mod mil_cmd;
 mod npy;
 mod sample;
+mod train_cmd;
 
 /// Train Llama-family transformers on Apple's Neural Engine — and run the very same
 /// compiled kernels on any CPU.
@@ -26,6 +27,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train a model; with no arguments, the built-in tiny model on the built-in story corpus.
+    Train(Box<train_cmd::TrainArgs>),
+    /// Write a checkpoint as a llama2.c model.bin (and tokenizer.bin beside it).
+    Export(train_cmd::ExportArgs),
     /// Sample text from a model (llama2.c model.bin or an anetrain checkpoint).
     Sample(sample::SampleArgs),
     /// MIL programs: check, format, run.
@@ -68,9 +73,13 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
-/// Loads model parameters from a llama2.c model.bin (v0 or v1).
+/// Loads model parameters from an anetrain checkpoint or a llama2.c model.bin (v0, v1).
 pub fn load_model(path: &std::path::Path) -> anyhow::Result<llama::Params> {
-    Ok(llama::llama2c::read_model(path)?)
+    if train::trainer::is_checkpoint(path) {
+        Ok(train::trainer::load_params(path)?)
+    } else {
+        Ok(llama::llama2c::read_model(path)?)
+    }
 }
 
 fn main() -> ExitCode {
@@ -83,6 +92,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Train(args) => train_cmd::run(*args),
+        Command::Export(args) => train_cmd::export(args),
         Command::Sample(args) => sample::run(args),
         Command::Mil(cmd) => mil_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

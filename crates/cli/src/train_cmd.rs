@@ -1,0 +1,346 @@
+//! `anetrain train`: train a model, by default the built-in tiny config on the built-in
+//! story corpus (no downloads), and `anetrain export`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use device::Precision;
+use indicatif::{ProgressBar, ProgressStyle};
+use llama::{Config, Params, Sampler, Tokenizer};
+use train::data::{Dataset, HoldOut};
+use train::model::{generate, Decoder};
+use train::telemetry::{Event, Telemetry};
+use train::trainer::{self, TrainConfig, Trainer};
+
+use crate::devices::{open_device, DeviceArg};
+
+/// Stories in the built-in corpus. About 1.5 MB of text: enough variety that the tiny
+/// model's loss keeps falling for a few hundred steps.
+const BUILTIN_STORIES: usize = 6000;
+/// Vocabulary of the BPE tokenizer trained on the built-in corpus (llama2.c's small models use 512).
+const BUILTIN_VOCAB: usize = 512;
+/// Fraction of the built-in tokens held out for validation.
+const BUILTIN_VAL_FRACTION: f64 = 0.05;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A preset (tiny, stories260k, stories15m, stories42m, stories110m), a llama2.c
+    /// model.bin to start from, or an anetrain checkpoint.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Pretokenized u16 shards (llama2.c layout); default: the built-in story corpus.
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    /// A separate validation shard; default: the last 5 % of the data.
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
+    /// tokenizer.bin for the model (copied beside the checkpoint); the built-in corpus
+    /// trains one when none is given.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f32,
+    /// Final learning rate of the cosine decay; default: lr / 10.
+    #[arg(long)]
+    pub min_lr: Option<f32>,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub accum: usize,
+    /// Tokens per sequence; default: the model's context, at most 256.
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Global-norm gradient clipping; 0 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    #[arg(long, default_value = "fp32")]
+    pub precision: Precision,
+    #[arg(long, default_value = "runs/default/ckpt.bin")]
+    pub ckpt: PathBuf,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    pub ckpt_every: u64,
+    /// Continue from --ckpt (same run, bit-identically).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop cleanly after step K (checkpointed), without changing the schedule.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: u64,
+    #[arg(long, default_value_t = 4)]
+    pub eval_batches: usize,
+    /// JSON-lines telemetry to this file, or `-` for stdout.
+    #[arg(long)]
+    pub telemetry: Option<PathBuf>,
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Tokens of sample text printed at the end (0: none).
+    #[arg(long, default_value_t = 120)]
+    pub sample_steps: usize,
+    /// No progress bar (for logs and tests).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What the data step produced: the splits and the tokenizer to save beside the model.
+struct Data {
+    train: Dataset,
+    val: Option<Dataset>,
+    tokenizer: Option<Tokenizer>,
+}
+
+/// The built-in corpus, tokenized with `tokenizer` or with a BPE vocabulary trained on it.
+fn builtin_data(tokenizer: Option<Tokenizer>, vocab: usize, seq: usize, seed: u64) -> Result<Data> {
+    let stories = train::corpus::generate(BUILTIN_STORIES, seed);
+    let tokenizer = match tokenizer {
+        Some(t) => t,
+        None => {
+            let (pieces, scores) = train::bpe::train_bpe(&stories, BUILTIN_VOCAB)?;
+            Tokenizer::new(pieces, scores)?
+        }
+    };
+    tokenizer.check_vocab(vocab).context("the built-in corpus's tokenizer")?;
+    let mut tokens: Vec<u16> = Vec::new();
+    for story in &stories {
+        tokens.extend(tokenizer.encode(story, true, false).into_iter().map(|t| t as u16));
+    }
+    let splits = Dataset::split_tokens("built-in corpus", tokens, BUILTIN_VAL_FRACTION, vocab, seq)?;
+    Ok(Data { train: splits.train, val: splits.val, tokenizer: Some(tokenizer) })
+}
+
+fn load_data(args: &TrainArgs, config: &Config, seq: usize, tokenizer: Option<Tokenizer>) -> Result<Data> {
+    if args.data.is_empty() {
+        if args.val_data.is_some() {
+            bail!("--val-data needs --data: the built-in corpus makes its own validation split");
+        }
+        return builtin_data(tokenizer, config.vocab_size, seq, args.seed);
+    }
+    let hold_out = match &args.val_data {
+        Some(p) => HoldOut::Shard(p.clone()),
+        None => HoldOut::Fraction(0.05),
+    };
+    let splits = Dataset::open(&args.data, &hold_out, config.vocab_size, seq)?;
+    Ok(Data { train: splits.train, val: splits.val, tokenizer })
+}
+
+/// Model parameters to start from: a preset (random init), a model.bin or a checkpoint.
+fn initial_params(spec: &str, seed: u64, tokenizer_vocab: Option<usize>) -> Result<Params> {
+    if let Some(mut config) = Config::preset(spec) {
+        // A fresh model takes its vocabulary from its tokenizer.
+        if let Some(v) = tokenizer_vocab {
+            config.vocab_size = v;
+        }
+        return Ok(Params::init(&config, seed)?);
+    }
+    let path = Path::new(spec);
+    if !path.exists() {
+        bail!("--model `{spec}` is neither a preset ({}) nor a file", llama::config::PRESETS.join(", "));
+    }
+    crate::load_model(path)
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let device = open_device(args.device, args.precision)?;
+    let given_tokenizer = match &args.tokenizer {
+        Some(p) => Some(Tokenizer::read(p)?),
+        None if args.resume => {
+            let beside = args.ckpt.with_file_name("tokenizer.bin");
+            beside.exists().then(|| Tokenizer::read(&beside)).transpose()?
+        }
+        None => None,
+    };
+    let builtin = args.data.is_empty();
+    // The built-in corpus trains its own 512-token vocabulary for fresh models.
+    let tokenizer_vocab = match (&given_tokenizer, builtin) {
+        (Some(t), _) => Some(t.vocab_size()),
+        (None, true) => Some(BUILTIN_VOCAB),
+        (None, false) => None,
+    };
+
+    let resuming = args.resume && args.ckpt.exists();
+    if args.resume && !resuming {
+        eprintln!("note: --resume: no checkpoint at {} yet, starting a new run", args.ckpt.display());
+    }
+    let config = if resuming {
+        trainer::load_params(&args.ckpt)?.config().clone()
+    } else {
+        initial_params(&args.model, args.seed, tokenizer_vocab)?.config().clone()
+    };
+    let seq = args.seq.unwrap_or(config.seq_len.min(256));
+    if seq > config.seq_len {
+        bail!("--seq {seq} is larger than the model's context of {} tokens", config.seq_len);
+    }
+    let data = load_data(&args, &config, seq, given_tokenizer)?;
+
+    let mut trainer = if resuming {
+        Trainer::resume(device.as_ref(), &args.ckpt, Some(args.steps), data.train, data.val)?
+    } else {
+        let params = initial_params(&args.model, args.seed, tokenizer_vocab)?;
+        let settings = TrainConfig {
+            steps: args.steps,
+            lr: args.lr,
+            min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+            warmup: args.warmup,
+            batch: args.batch,
+            accum: args.accum,
+            seq,
+            clip: args.clip,
+            weight_decay: args.weight_decay,
+            beta1: args.beta1,
+            beta2: args.beta2,
+            eps: args.eps,
+            eval_every: args.eval_every,
+            eval_batches: args.eval_batches,
+            ckpt_every: args.ckpt_every,
+            seed: args.seed,
+            loss_scaling: args.precision == Precision::Fp16,
+        };
+        Trainer::new(device.as_ref(), params, settings, data.train, data.val)?
+    };
+    if let Some(t) = &data.tokenizer {
+        let path = args.ckpt.with_file_name("tokenizer.bin");
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        t.write(&path)?;
+    }
+
+    let mut telemetry = match &args.telemetry {
+        Some(p) => Telemetry::open(p).with_context(|| format!("--telemetry {}", p.display()))?,
+        None => Telemetry::none(),
+    };
+    telemetry.emit(&trainer.start_event(args.precision.name(), resuming))?;
+    let last = args.stop_after.map_or(trainer.train.steps, |k| k.min(trainer.train.steps));
+    let bar = progress_bar(args.quiet || args.telemetry.as_deref() == Some(Path::new("-")), trainer.step, last);
+    eprintln!(
+        "training {} ({:.2} M params) on {} ({}): {} steps of {}×{} tokens{}",
+        args.model,
+        trainer.params.len() as f64 / 1e6,
+        device.name(),
+        args.precision.name(),
+        trainer.train.steps,
+        trainer.train.batch * trainer.train.accum,
+        trainer.train.seq,
+        if resuming { format!(", resuming after step {}", trainer.step) } else { String::new() }
+    );
+    let session_start = std::time::Instant::now();
+    let cumulative_wall = trainer.cumulative.wall_seconds;
+    let mut last_val: Option<f32> = None;
+    while trainer.step < last {
+        let info = trainer.step(&mut telemetry)?;
+        let step = trainer.step;
+        if trainer.train.eval_every > 0 && (step % trainer.train.eval_every == 0 || step == trainer.train.steps) {
+            if let Some(v) = trainer.evaluate()? {
+                telemetry.emit(&Event::Eval { step, val_loss: v })?;
+                last_val = Some(v);
+            }
+        }
+        trainer.cumulative.wall_seconds = cumulative_wall + session_start.elapsed().as_secs_f64();
+        if trainer.train.ckpt_every > 0 && step % trainer.train.ckpt_every == 0 && step < last {
+            trainer.save(&args.ckpt)?;
+            telemetry.emit(&Event::Checkpoint { step, path: args.ckpt.display().to_string() })?;
+        }
+        bar.set_position(step);
+        bar.set_message(format!(
+            "loss {:.4}{}  {:.0} tok/s",
+            info.loss,
+            last_val.map_or(String::new(), |v| format!("  val {v:.4}")),
+            info.tokens_per_s
+        ));
+    }
+    bar.finish_and_clear();
+    trainer.cumulative.wall_seconds = cumulative_wall + session_start.elapsed().as_secs_f64();
+    trainer.save(&args.ckpt)?;
+    telemetry.emit(&Event::Checkpoint { step: trainer.step, path: args.ckpt.display().to_string() })?;
+    let report = trainer.report();
+    telemetry.emit(&Event::End { report })?;
+    eprintln!("{report}");
+    eprintln!(
+        "checkpoint: {} (step {}{})",
+        args.ckpt.display(),
+        trainer.step,
+        last_val.map_or(String::new(), |v| format!(", val loss {v:.4}"))
+    );
+    if trainer.step < trainer.train.steps {
+        eprintln!("stopped after step {}; continue with --resume", trainer.step);
+    }
+    if args.sample_steps > 0 {
+        if let Some(t) = &data.tokenizer {
+            print_sample(device.as_ref(), &trainer.params, t, args.sample_steps, args.seed)?;
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(hidden: bool, pos: u64, len: u64) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("step {pos:>5}/{len}  {wide_bar}  {msg}  ETA {eta}")
+            .expect("the template is valid")
+            .progress_chars("█▉▊▋▌▍▎▏ "),
+    );
+    bar.set_position(pos);
+    bar
+}
+
+/// A short sample from the trained model, so the user sees what it learned.
+fn print_sample(device: &dyn device::Device, params: &Params, tokenizer: &Tokenizer, steps: usize, seed: u64) -> Result<()> {
+    let mut decoder = Decoder::new(device, params)?;
+    let mut sampler = Sampler::new(0.8, 0.9, seed)?;
+    let mut text = Vec::new();
+    let steps = steps.min(params.config().seq_len);
+    generate(&mut decoder, &[llama::tokenizer::BOS], steps, |l| sampler.sample(l), |prev, next| {
+        text.extend_from_slice(llama::tokenizer::printable(tokenizer.decode(prev, next)));
+    })?;
+    println!("── sample ──\n{}", String::from_utf8_lossy(&text).trim_end());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// An anetrain checkpoint or a llama2.c model.bin.
+    pub model: PathBuf,
+    /// The llama2.c model.bin to write (tokenizer.bin is copied beside it).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// llama2.c format version: 0 (legacy) or 1.
+    #[arg(long, default_value_t = 0)]
+    pub version: u8,
+}
+
+pub fn export(args: ExportArgs) -> Result<()> {
+    let params = crate::load_model(&args.model)?;
+    let version = match args.version {
+        0 => llama::llama2c::Version::V0,
+        1 => llama::llama2c::Version::V1,
+        v => bail!("--version {v}: llama2.c formats are 0 and 1"),
+    };
+    llama::llama2c::write_model(&params, &args.to, version)?;
+    let tok = args.model.with_file_name("tokenizer.bin");
+    let dest = args.to.with_file_name("tokenizer.bin");
+    if tok.exists() && tok != dest {
+        std::fs::copy(&tok, &dest).with_context(|| format!("copying {} to {}", tok.display(), dest.display()))?;
+    }
+    eprintln!("wrote {} (llama2.c v{})", args.to.display(), args.version);
+    Ok(())
+}
