@@ -441,7 +441,9 @@ pub fn matmul_shape(x: &[usize], y: &[usize], tx: bool, ty: bool) -> Result<Vec<
 
 /// `reshape`: 0 copies the input's dimension at that index, one −1 takes what is left.
 pub fn reshape_shape(x: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
-    let numel: usize = x.iter().product();
+    // Checked products: shapes and `shape` come from text, and must not overflow.
+    let too_big = || mil_err!(ShapeMismatch, "cannot reshape {x:?} to {shape:?}: too many elements");
+    let numel = x.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(too_big)?;
     let mut out = Vec::with_capacity(shape.len());
     let mut infer_at = None;
     for (i, &d) in shape.iter().enumerate() {
@@ -458,7 +460,7 @@ pub fn reshape_shape(x: &[usize], shape: &[i64]) -> Result<Vec<usize>> {
             d => return Err(mil_err!(BadArgument, "reshape shape {shape:?} has dimension {d}")),
         }
     }
-    let known: usize = out.iter().product();
+    let known = out.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(too_big)?;
     if let Some(i) = infer_at {
         if known == 0 || numel % known != 0 {
             return Err(mil_err!(ShapeMismatch, "cannot reshape {x:?} ({numel} elements) to {shape:?}"));
@@ -556,8 +558,8 @@ impl SliceByIndex {
 
     pub fn resolve(&self, x: &[usize]) -> Result<ResolvedSlice> {
         let mut r = ResolvedSlice { start: vec![], step: vec![], extent: vec![], shape: vec![] };
-        for i in 0..x.len() {
-            let d = x[i] as i64;
+        for (i, &dim) in x.iter().enumerate() {
+            let d = dim as i64;
             let st = self.stride[i];
             if st == 0 {
                 return Err(mil_err!(BadArgument, "stride 0 on axis {i}"));
@@ -598,7 +600,9 @@ pub fn split_sizes(dim: usize, num_splits: Option<i64>, sizes: Option<Vec<i64>>)
             Ok(s.iter().map(|&v| v as usize).collect())
         }
         (Some(n), None) => {
-            if n <= 0 || dim % n as usize != 0 {
+            // n > dim is refused first: it cannot divide a non-empty axis, and splitting an
+            // empty one into (up to 2^31) parts would only exhaust memory.
+            if n <= 0 || n as usize > dim || !dim.is_multiple_of(n as usize) {
                 return Err(mil_err!(ShapeMismatch, "num_splits {n} does not divide dimension {dim}"));
             }
             Ok(vec![dim / n as usize; n as usize])
@@ -647,7 +651,12 @@ pub fn conv_geometry(op: &Operation, scope: &Scope, x: &[usize], w: &[usize]) ->
         "same" => {
             let total = |size: usize, k: usize, s: usize, d: usize| {
                 let out = size.div_ceil(s);
-                ((out - 1) * s + (k - 1) * d + 1).saturating_sub(size)
+                // An empty axis needs no padding (and `out - 1` would underflow).
+                if out == 0 {
+                    0
+                } else {
+                    ((out - 1) * s + k.saturating_sub(1) * d + 1).saturating_sub(size)
+                }
             };
             let th = total(x[2], kh, strides[0], dilations[0]);
             let tw = total(x[3], kw, strides[1], dilations[1]);
@@ -671,6 +680,9 @@ fn infer_conv(a: &Args<'_>) -> Result<Vec<TensorType>> {
     }
     if x.dtype != w.dtype {
         return Err(mil_err!(TypeMismatch, "x is {} but weight is {}", x.dtype, w.dtype));
+    }
+    if w.shape[2] == 0 || w.shape[3] == 0 {
+        return Err(mil_err!(ShapeMismatch, "conv weight {:?} has an empty kernel", w.shape));
     }
     let g = conv_geometry(a.op, a.scope, &x.shape, &w.shape)?;
     if x.shape[1] % g.groups != 0 || w.shape[0] % g.groups != 0 || w.shape[1] * g.groups != x.shape[1] {

@@ -1,0 +1,107 @@
+//! Inputs that once crashed the parser or the validator (found by the `fuzz/` target
+//! or while preparing it), each with the error it must give instead.
+
+use mil::text::{parse, parse_and_validate, print};
+use mil::ErrorKind;
+
+/// Parses and validates `text`, which must fail with `kind` at `line`, saying `says`.
+fn rejects(text: &str, kind: ErrorKind, line: u32, says: &str) {
+    let e = parse_and_validate(text).expect_err(says);
+    assert_eq!(e.kind, kind, "{e}");
+    assert_eq!(e.span.map(|s| s.line), Some(line), "{e}");
+    assert!(e.message.contains(says), "`{}` lacks `{says}`", e.message);
+}
+
+#[test]
+fn conv_with_an_empty_kernel() {
+    // `(k - 1) * dilation` underflowed for a kernel dimension of 0.
+    rejects(
+        r#"program(1.3)
+{
+    func main<ios18>(tensor<fp16, [1, 4, 1, 2]> x) {
+        tensor<fp16, [4, 4, 0, 1]> w = const()[name = string("w"), val = tensor<fp16, [4, 4, 0, 1]>([])];
+        tensor<fp16, [1, 4, 1, 2]> y = conv(weight = w, x = x)[name = string("y")];
+    } -> (y);
+}"#,
+        ErrorKind::ShapeMismatch,
+        5,
+        "has an empty kernel",
+    );
+}
+
+#[test]
+fn same_padding_of_an_empty_input() {
+    // `out - 1` underflowed for "same" padding when the input's height was 0.
+    rejects(
+        r#"program(1.3)
+{
+    func main<ios18>(tensor<fp16, [1, 4, 0, 2]> x) {
+        tensor<fp16, [4, 4, 1, 1]> w = const()[name = string("w"), val = tensor<fp16, [4, 4, 1, 1]>(BLOBFILE(path = string("@model_path/w.bin"), offset = uint64(64)))];
+        string same = const()[name = string("same"), val = string("same")];
+        tensor<fp16, [1, 4, 1, 2]> y = conv(weight = w, x = x, pad_type = same)[name = string("y")];
+    } -> (y);
+}"#,
+        ErrorKind::ShapeMismatch,
+        6,
+        "conv kernel span 1 is larger than the padded input 0",
+    );
+}
+
+#[test]
+fn reshape_to_more_elements_than_fit() {
+    // The product of the target shape overflowed.
+    rejects(
+        r#"program(1.3)
+{
+    func main<ios18>(tensor<fp16, [1, 4, 1, 2]> x) {
+        tensor<int32, [3]> s = const()[name = string("s"), val = tensor<int32, [3]>([2147483647, 2147483647, 2147483647])];
+        tensor<fp16, [1, 4, 1, 2]> y = reshape(shape = s, x = x)[name = string("y")];
+    } -> (y);
+}"#,
+        ErrorKind::ShapeMismatch,
+        5,
+        "too many elements",
+    );
+}
+
+#[test]
+fn split_of_an_empty_axis_into_two_billion_parts() {
+    // `vec![0; 2147483647]` of part sizes exhausted memory.
+    rejects(
+        r#"program(1.3)
+{
+    func main<ios18>(tensor<fp16, [1, 0, 1, 2]> x) {
+        int32 n = const()[name = string("n"), val = int32(2147483647)];
+        int32 ax = const()[name = string("ax"), val = int32(1)];
+        tensor<fp16, [1, 0, 1, 2]> y = split(num_splits = n, axis = ax, x = x)[name = string("y")];
+    } -> (y);
+}"#,
+        ErrorKind::ShapeMismatch,
+        6,
+        "num_splits 2147483647 does not divide dimension 0",
+    );
+}
+
+#[test]
+fn shapes_whose_element_count_overflows_are_refused_by_the_parser() {
+    let text = "program(1.3)\n{\n    func main<ios18>(tensor<fp16, [2147483647, 2147483647, 2147483647]> x) {\n    } -> (x);\n}";
+    let e = parse(text).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Syntax);
+    assert_eq!(e.span.map(|s| (s.line, s.col)), Some((3, 35)));
+}
+
+#[test]
+fn empty_literals_of_huge_shapes_print_briefly() {
+    // A [2^31 - 1, 0] literal holds no values; printing it nested would write 2^31
+    // empty rows, so the printer writes `[]`.
+    let text = r#"program(1.3)
+{
+    func main<ios18>(tensor<fp16, [1]> x) {
+        tensor<fp16, [2147483647, 0]> e = const()[name = string("e"), val = tensor<fp16, [2147483647, 0]>([])];
+    } -> (x);
+}"#;
+    let p = parse_and_validate(text).unwrap();
+    let printed = print(&p);
+    assert!(printed.contains("val = tensor<fp16, [2147483647, 0]>([])"), "{printed}");
+    assert_eq!(parse(&printed).unwrap(), p);
+}
