@@ -15,6 +15,26 @@ pub enum BenchCommand {
     /// CPU device matmul and 1×1 conv at transformer shapes against the best GEMM this
     /// machine runs (the GEMM crate called directly), and per-op dispatch overhead.
     Gemm,
+    /// Training speed of a random model on random tokens: ms/step, tokens/s, GFLOP/s
+    /// against this machine's GEMM peak, and peak memory against the theoretical minimum.
+    Train {
+        #[arg(long, default_value = "stories15m")]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceArg,
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
+        /// Print the figures as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prefill and decode speed of a random model, against the memory-bandwidth roofline.
     Sample {
         /// A preset (stories15m, stories110m, …) with random weights, or a model.bin.
@@ -39,6 +59,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let rows = device::cpu::bench::bench_gemm(&device::cpu::bench::GemmBenchConfig::default());
             print!("{}", device::cpu::bench::format_gemm_table(&rows));
             Ok(())
+        }
+        BenchCommand::Train { model, batch, seq, steps, device, precision, json } => {
+            bench_train(&model, batch, seq, steps, device, precision, json)
         }
         BenchCommand::Sample { model, prompt, decode, device, precision } => {
             bench_sample(&model, prompt, decode, device, precision)
@@ -114,5 +137,128 @@ fn bench_sample(spec: &str, prompt: usize, decode: usize, which: DeviceArg, prec
     println!("  weight bytes per token       {:>9.1} MB", bytes_per_token as f64 / 1e6);
     println!("  decode roofline              {roofline:>9.1} tokens/s");
     println!("  decode / roofline            {:>9.1} %", 100.0 * decode_rate / roofline);
+    Ok(())
+}
+
+/// Reference figures from another run on this kind of machine (2 cores, fp32, batch 8 ×
+/// seq 256 for stories15m, 4 × 256 for stories110m): PyTorch 2.x running llama2.c's
+/// model.py, tokens/s. Quoted from the issue that set the bar; not measured here.
+const PYTORCH_TOKENS_PER_S: &[(&str, &str, f64)] = &[
+    ("stories15m", "eager", 1051.0),
+    ("stories15m", "torch.compile", 1160.0),
+    ("stories110m", "eager", 207.0),
+];
+
+/// Peak resident memory of this process in bytes (Linux: VmHWM), if readable.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[allow(clippy::too_many_arguments)] // one flag each
+fn bench_train(
+    spec: &str,
+    batch: usize,
+    seq: usize,
+    steps: u64,
+    which: DeviceArg,
+    precision: Precision,
+    json: bool,
+) -> Result<()> {
+    use train::trainer::{TrainConfig, Trainer};
+    let params = model_or_preset(spec)?;
+    let config = params.config().clone();
+    if seq > config.seq_len {
+        bail!("--seq {seq} is larger than the model's context of {}", config.seq_len);
+    }
+    let device = open_device(which, precision)?;
+    // Random tokens: the speed of a step does not depend on what the tokens say.
+    let n_tokens = (batch * (seq + 1) * 4).max(4096);
+    let tokens: Vec<u16> = (0..n_tokens as u64)
+        .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
+        .collect();
+    let data = train::data::Dataset::from_tokens("random tokens", tokens, config.vocab_size, seq)?;
+    let settings = TrainConfig {
+        steps: steps + 1,
+        lr: 1e-4,
+        min_lr: 1e-5,
+        warmup: 0,
+        batch,
+        accum: 1,
+        seq,
+        clip: 1.0,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        eval_every: 0,
+        eval_batches: 1,
+        ckpt_every: 0,
+        seed: 1,
+        loss_scaling: precision == Precision::Fp16,
+    };
+    let mut trainer = Trainer::new(device.as_ref(), params, settings, data, None)?;
+    let mut telemetry = train::telemetry::Telemetry::none();
+    trainer.step(&mut telemetry)?; // warm-up: first-touch of every buffer
+    let warm = trainer.cumulative;
+    for _ in 0..steps {
+        trainer.step(&mut telemetry)?;
+    }
+    let c = trainer.cumulative;
+    let secs = c.train_seconds - warm.train_seconds;
+    let tokens = (c.tokens - warm.tokens) as f64;
+    let flops = c.total_flops - warm.total_flops;
+    let ms_per_step = secs * 1e3 / steps as f64;
+    let tokens_per_s = tokens / secs;
+    let gflops = flops / secs / 1e9;
+    let gemm_peak = device::cpu::bench::gemm_peak_gflops();
+
+    let n = config.n_params() as f64;
+    let t = (batch * seq) as f64;
+    let (d, kv, h, l) = (config.dim as f64, config.kv_dim() as f64, config.hidden_dim as f64, config.n_layers as f64);
+    // Parameters, gradients, AdamW's two moments; the activations the backward pass
+    // needs (per layer: x, its norm, q, k, v, attention output, mid-stream x and its
+    // norm, h1, h3), all fp32.
+    let min_bytes = 4.0 * (4.0 * n + l * t * (6.0 * d + 2.0 * kv + 2.0 * h));
+    let peak = peak_rss_bytes();
+    let reference: Vec<(&str, f64)> =
+        PYTORCH_TOKENS_PER_S.iter().filter(|(m, _, _)| *m == spec).map(|(_, how, v)| (*how, *v)).collect();
+    if json {
+        let v = serde_json::json!({
+            "model": spec, "params": config.n_params(), "batch": batch, "seq": seq, "steps": steps,
+            "device": device.name(), "precision": precision.name(),
+            "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s, "gflops": gflops,
+            "gemm_peak_gflops": gemm_peak, "ratio_to_gemm_peak": gflops / gemm_peak,
+            "peak_rss_bytes": peak, "theoretical_min_bytes": min_bytes,
+            "pytorch_reference_tokens_per_s": reference.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "bench train: {spec} ({:.1} M params), batch {batch} × seq {seq}, on {} ({}), {steps} timed steps",
+        n / 1e6,
+        device.name(),
+        precision.name()
+    );
+    println!("  ms/step                 {ms_per_step:>10.1}");
+    println!("  tokens/s                {tokens_per_s:>10.1}");
+    println!("  achieved GFLOP/s        {gflops:>10.1}");
+    println!("  GEMM peak GFLOP/s       {gemm_peak:>10.1}  (the gemm crate, measured now)");
+    println!("  ratio to GEMM peak      {:>10.1} %", 100.0 * gflops / gemm_peak);
+    match peak {
+        Some(p) => println!(
+            "  peak memory (RSS)       {:>10.1} MB  vs theoretical minimum {:.1} MB ({:.2}×)",
+            p as f64 / 1e6,
+            min_bytes / 1e6,
+            p as f64 / min_bytes
+        ),
+        None => println!("  peak memory             n/a (no /proc/self/status on this system)"),
+    }
+    for (how, v) in reference {
+        println!("  vs PyTorch {how:<14} {:>10.2}×  ({v} tokens/s, from another run)", tokens_per_s / v);
+    }
     Ok(())
 }
