@@ -90,7 +90,7 @@ pub(crate) fn compile(
     let outputs = f.output_vars();
     let mut output_storage = vec![None; outputs.len()];
     for (j, out) in outputs.iter().enumerate() {
-        let view = p.value(&out.name).ok_or_else(|| {
+        let view = p.value(&out.name)?.ok_or_else(|| {
             Error::new(ErrorKind::Program, format!("output `{}` is not a tensor value", out.name))
         })?;
         if out.ty.dtype == DType::Fp16 {
@@ -176,14 +176,17 @@ impl Planner<'_> {
     }
 
     /// The value named `name`: a computed one, or a constant made into a storage now.
-    fn value(&mut self, name: &str) -> Option<View> {
+    /// `None` if there is no tensor of that name.
+    fn value(&mut self, name: &str) -> Result<Option<View>> {
         if let Some(v) = self.values.get(name).or_else(|| self.const_views.get(name)) {
-            return Some(v.clone());
+            return Ok(Some(v.clone()));
         }
-        let value = self.scope.get(name)?.1?.clone();
-        let view = self.constant(&value).ok()?;
+        let Some(value) = self.scope.get(name).and_then(|(_, v)| v.cloned()) else {
+            return Ok(None);
+        };
+        let view = self.constant(&value)?;
         self.const_views.insert(name.to_string(), view.clone());
-        Some(view)
+        Ok(Some(view))
     }
 
     /// A constant's data as a storage. Values hold their declared type: fp16 literals and
@@ -226,6 +229,7 @@ impl Planner<'_> {
         match arg {
             Arg::Var(v) => self
                 .value(v)
+                .map_err(|e| program_error(op, e))?
                 .ok_or_else(|| program_error(op, format!("argument `{name}` uses `{v}`, which is not a tensor value"))),
             Arg::Value(v) => self.constant(v).map_err(|e| program_error(op, e)),
             Arg::List(_) => Err(program_error(op, format!("argument `{name}` takes one value, found a tuple"))),
