@@ -64,7 +64,12 @@ fn a_child_that_reports_nothing_fails_the_probe() {
 
 #[test]
 fn the_child_line_is_found_among_other_output() {
-    let report = ChildReport { compiles_ok: 119, failure_kind: Some("compile".into()), failure: Some("x".into()), max_compiles: 500 };
+    let report = ChildReport {
+        compiles_ok: 119,
+        failure_kind: Some("compile".into()),
+        failure: Some("x".into()),
+        max_compiles: 500,
+    };
     let stdout = format!("running 1 test\n{}\ntest ok\n", report.line());
     assert_eq!(ChildReport::parse(&stdout), Some(report));
     assert_eq!(ChildReport::parse("running 1 test\n"), None);

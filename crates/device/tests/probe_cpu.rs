@@ -141,8 +141,9 @@ impl Device for Corrupting {
 #[test]
 fn probes_fail_on_a_device_that_computes_wrongly() {
     let bad = Corrupting(CpuDevice::new(Precision::Fp32));
-    let results = probe::run(&names(&["dynamic-matmul", "weight-reload", "compile-eval-overlap", "peak"]), &bad, &quick())
-        .unwrap();
+    let results =
+        probe::run(&names(&["dynamic-matmul", "weight-reload", "compile-eval-overlap", "peak"]), &bad, &quick())
+            .unwrap();
     for r in &results {
         assert_eq!(r.status, ProbeStatus::Failed, "{r:#?}");
     }
@@ -158,7 +159,8 @@ fn reports_round_trip_through_json_and_print_as_a_table() {
     let report = ProbeReport::new(&cpu, results);
     let json = report.to_json();
     let back: ProbeReport = serde_json::from_str(&json).unwrap();
-    assert_eq!(back, report);
+    assert_eq!(back.to_json(), json);
+    assert_eq!(back.results[0].summary, report.results[0].summary);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["precision"], "fp32");
@@ -183,7 +185,7 @@ fn least_squares_recovers_a_line() {
 #[test]
 fn probe_programs_respect_the_lint() {
     for dialect in [Dialect::Ios18, Dialect::Ios16] {
-        let p = probe::dynamic_matmul_program(dialect, 64, 96, 128).unwrap();
+        let p = probe::dynamic_matmul_program(dialect, 128, 96, 256).unwrap();
         assert_eq!(mil::lint::lint(&p), vec![], "{dialect}");
         assert_eq!(p.main().unwrap().ops.iter().any(|o| o.op == "cast"), dialect == Dialect::Ios18);
         let (p, w, _) = probe::conv_stack_program(dialect, 512, 1024, 12).unwrap();

@@ -161,6 +161,13 @@ impl AneDevice {
         d
     }
 
+    /// The same device with another perf-stats mask (for the `perf-stats` probe).
+    pub fn with_perf_stats_mask(&self, mask: Option<u32>) -> AneDevice {
+        let mut d = self.clone();
+        d.config.perf_stats_mask = mask;
+        d
+    }
+
     /// The same device with other binding rules (for the `io-order` probe).
     pub fn with_binding(&self, binding: BindingRules) -> AneDevice {
         let mut d = self.clone();
