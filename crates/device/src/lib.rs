@@ -32,6 +32,8 @@
 
 pub mod ane;
 pub mod cpu;
+pub mod info;
+pub mod probe;
 mod surface;
 
 use std::fmt;
