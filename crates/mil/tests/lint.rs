@@ -367,3 +367,17 @@ fn has_errors_sees_errors_only() {
     assert!(!lint::has_errors(&lint::lint(&sdpa(false))));
     assert!(!lint::has_errors(&lint::lint(&concat())));
 }
+
+/// docs/ANE.md mirrors `RULES` row for row; this keeps the two from drifting apart.
+#[test]
+fn docs_ane_md_mirrors_the_rules() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/ANE.md");
+    let doc = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    for r in RULES {
+        let row = format!("| `{}` | {} | {} |", r.name, r.severity, r.reason);
+        assert!(doc.contains(&row), "docs/ANE.md lacks the row\n{row}");
+    }
+    let rows =
+        doc.lines().filter(|l| l.starts_with("| `") && (l.contains(" | error | ") || l.contains(" | warning | ")));
+    assert_eq!(rows.count(), RULES.len(), "docs/ANE.md lists rules that RULES does not have");
+}
