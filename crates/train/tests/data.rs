@@ -150,10 +150,13 @@ fn bad_data_gives_errors_naming_file_and_offset() {
     assert!(err.to_string().contains("short.bin"), "{err}");
 
     // 100 tokens, 5 % held out: the val split's 5 tokens cannot hold a window of 9.
-    let err = Dataset::open(&[good.clone()], &HoldOut::Fraction(0.05), 100, 8).unwrap_err();
+    let err = Dataset::open(std::slice::from_ref(&good), &HoldOut::Fraction(0.05), 100, 8).unwrap_err();
     assert!(matches!(err, DataError::TooShort { split: Split::Val, longest: 5, window: 9, .. }), "{err:?}");
 
-    assert!(matches!(Dataset::open(&[good.clone()], &HoldOut::Fraction(1.0), 100, 2), Err(DataError::BadFraction(_))));
+    assert!(matches!(
+        Dataset::open(std::slice::from_ref(&good), &HoldOut::Fraction(1.0), 100, 2),
+        Err(DataError::BadFraction(_))
+    ));
     assert!(matches!(Dataset::open(&[], &HoldOut::Fraction(0.0), 100, 2), Err(DataError::NoShards)));
     assert!(matches!(Dataset::from_tokens("mem", vec![], 100, 2), Err(DataError::Empty { .. })));
 }
