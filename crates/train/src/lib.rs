@@ -9,7 +9,9 @@
 //! ([`model`]: forward and decoding on a device) → pipelines (training steps) →
 //! checkpoints, telemetry and the efficiency report.
 
+pub mod bpe;
 pub mod checkpoint;
+pub mod corpus;
 pub mod cpu_ops;
 pub mod data;
 pub mod kernels;
