@@ -164,3 +164,18 @@ fn dialect_test_programs_are_lint_clean_and_check_exactly() {
 fn ane_is_a_device(d: AneDevice) -> Box<dyn Device> {
     Box::new(d)
 }
+
+#[test]
+fn the_dialect_test_programs_print_as_their_dialects() {
+    let ios18 = mil::text::print(&DialectTest::new(Dialect::Ios18).program);
+    assert!(ios18.starts_with("program(1.3)"), "{ios18}");
+    assert!(ios18.contains("func main<ios18>(tensor<fp32, [1, 64, 1, 192]> x)"), "{ios18}");
+    assert!(ios18.contains(" = cast("), "{ios18}");
+    let ios16 = mil::text::print(&DialectTest::new(Dialect::Ios16).program);
+    assert!(ios16.starts_with("program(1.0)"), "{ios16}");
+    assert!(ios16.contains("func main<ios16>(tensor<fp16, [1, 128, 1, 192]> x)"), "{ios16}");
+    assert!(!ios16.contains("cast"), "{ios16}");
+    for (text, dialect) in [(ios18, Dialect::Ios18), (ios16, Dialect::Ios16)] {
+        assert_eq!(mil::text::parse(&text).unwrap(), DialectTest::new(dialect).program);
+    }
+}
