@@ -206,6 +206,15 @@ pub fn norm_axis(axis: i64, rank: usize, what: &str) -> Result<usize> {
     Ok(a as usize)
 }
 
+/// [`norm_axis`] for ops that index the shape at the axis (split, concat, gather,
+/// squeeze): a scalar has no axis to take, where a softmax or reduction of one is fine.
+fn tensor_axis(axis: i64, rank: usize, what: &str) -> Result<usize> {
+    if rank == 0 {
+        return Err(mil_err!(BadArgument, "{what} {axis}: a scalar has no axes"));
+    }
+    norm_axis(axis, rank, what)
+}
+
 /// NumPy broadcasting of two shapes.
 pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
@@ -334,7 +343,7 @@ pub fn infer(op: &Operation, scope: &Scope) -> Result<Vec<TensorType>> {
         "concat" => infer_concat(&a),
         "split" => {
             let x = a.req("x")?.ty;
-            let axis = norm_axis(a.int("axis")?.unwrap_or(0), x.rank(), "axis")?;
+            let axis = tensor_axis(a.int("axis")?.unwrap_or(0), x.rank(), "axis")?;
             let sizes = split_sizes(x.shape[axis], a.int("num_splits")?, a.ints("split_sizes")?)?;
             if op.outputs.len() > 1 && op.outputs.len() != sizes.len() {
                 return Err(mil_err!(
@@ -362,7 +371,7 @@ pub fn infer(op: &Operation, scope: &Scope) -> Result<Vec<TensorType>> {
             if a.int("batch_dims")?.unwrap_or(0) != 0 {
                 return Err(mil_err!(BadArgument, "gather with batch_dims other than 0 is not supported"));
             }
-            let axis = norm_axis(a.int("axis")?.unwrap_or(0), x.rank(), "axis")?;
+            let axis = tensor_axis(a.int("axis")?.unwrap_or(0), x.rank(), "axis")?;
             let mut shape = x.shape[..axis].to_vec();
             shape.extend_from_slice(&idx.shape);
             shape.extend_from_slice(&x.shape[axis + 1..]);
@@ -384,7 +393,7 @@ pub fn infer(op: &Operation, scope: &Scope) -> Result<Vec<TensorType>> {
         "squeeze" => {
             let x = a.req("x")?.ty;
             let axes = match a.ints("axes")? {
-                Some(ax) => ax.iter().map(|&v| norm_axis(v, x.rank(), "axis")).collect::<Result<Vec<_>>>()?,
+                Some(ax) => ax.iter().map(|&v| tensor_axis(v, x.rank(), "axis")).collect::<Result<Vec<_>>>()?,
                 None => (0..x.rank()).filter(|&i| x.shape[i] == 1).collect(),
             };
             for &ax in &axes {
@@ -728,7 +737,7 @@ fn infer_concat(a: &Args<'_>) -> Result<Vec<TensorType>> {
     let types: Vec<TensorType> =
         items.iter().map(|i| resolve(i, a.scope, "values").map(|r| r.ty)).collect::<Result<_>>()?;
     let first = &types[0];
-    let axis = norm_axis(a.int("axis")?.unwrap_or(0), first.rank(), "axis")?;
+    let axis = tensor_axis(a.int("axis")?.unwrap_or(0), first.rank(), "axis")?;
     let interleave = a.bool("interleave", false)?;
     let mut total = 0;
     for (i, t) in types.iter().enumerate() {

@@ -105,3 +105,41 @@ fn empty_literals_of_huge_shapes_print_briefly() {
     assert!(printed.contains("val = tensor<fp16, [2147483647, 0]>([])"), "{printed}");
     assert_eq!(parse(&printed).unwrap(), p);
 }
+
+/// A program with scalar constants `a` (fp16), `ax`, `n` (int32), `f` (bool) and
+/// one-element lists `axs`, `idx` (int32), then `op_line` on line 10.
+fn scalar_program(op_line: &str) -> String {
+    format!(
+        r#"program(1.3)
+{{
+    func main<ios18>(tensor<fp16, [1, 4, 1, 2]> x) {{
+        fp16 a = const()[name = string("a"), val = fp16(1)];
+        int32 ax = const()[name = string("ax"), val = int32(0)];
+        int32 n = const()[name = string("n"), val = int32(1)];
+        bool f = const()[name = string("f"), val = bool(false)];
+        tensor<int32, [1]> axs = const()[name = string("axs"), val = tensor<int32, [1]>([0])];
+        tensor<int32, [1]> idx = const()[name = string("idx"), val = tensor<int32, [1]>([0])];
+        {op_line}
+    }} -> (x);
+}}"#
+    )
+}
+
+#[test]
+fn ops_that_index_an_axis_refuse_scalars() {
+    // Axis 0 of a rank-0 tensor passed `norm_axis`, then indexed an empty shape.
+    for op_line in [
+        r#"fp16 y = concat(values = (a, a), axis = ax, interleave = f)[name = string("y")];"#,
+        r#"fp16 y = split(x = a, axis = ax, num_splits = n)[name = string("y")];"#,
+        r#"fp16 y = gather(x = a, indices = idx, axis = ax)[name = string("y")];"#,
+        r#"fp16 y = squeeze(x = a, axes = axs)[name = string("y")];"#,
+    ] {
+        rejects(&scalar_program(op_line), ErrorKind::BadArgument, 10, "axis 0: a scalar has no axes");
+    }
+    // A softmax or a reduction of a scalar is still fine.
+    let fine = scalar_program(
+        r#"fp16 y = softmax(x = a, axis = ax)[name = string("y")];
+        fp16 z = reduce_sum(x = a, axes = axs)[name = string("z")];"#,
+    );
+    parse_and_validate(&fine).unwrap();
+}
