@@ -194,18 +194,22 @@ fn binding_mistakes_are_errors_not_panics() {
 
     let wrong_shape = Surface::activation(DType::Fp32, 4, 9);
     let wrong_dtype = Surface::activation(DType::Fp16, 4, 8);
-    let cases: Vec<(&str, Vec<&Surface>)> =
-        vec![("no input", vec![]), ("two inputs", vec![&good, &good]), ("shape", vec![&wrong_shape]), ("dtype", vec![&wrong_dtype])];
+    let cases: Vec<(&str, Vec<&Surface>)> = vec![
+        ("no input", vec![]),
+        ("two inputs", vec![&good, &good]),
+        ("shape", vec![&wrong_shape]),
+        ("dtype", vec![&wrong_dtype]),
+    ];
     for (what, inputs) in cases {
         let err = kernel.eval(&inputs, &mut [&mut out]).err().unwrap_or_else(|| panic!("{what}: accepted"));
         assert_eq!(err.kind, ErrorKind::Binding, "{what}");
         assert!(!err.message.is_empty());
     }
     let mut bad_out = Surface::activation(DType::Fp16, 4, 8);
-    let err = kernel.eval(&[&good], &mut [&mut bad_out]).err().expect("fp16 output for fp32");
+    let err = kernel.eval(&[&good], &mut [&mut bad_out]).expect_err("fp16 output for fp32");
     assert_eq!(err.kind, ErrorKind::Binding);
     assert!(err.message.contains("output `y`"), "{}", err.message);
-    let err = kernel.eval(&[&good], &mut []).err().expect("no output");
+    let err = kernel.eval(&[&good], &mut []).expect_err("no output");
     assert_eq!(err.kind, ErrorKind::Binding);
     // And the kernel still works afterwards.
     kernel.eval(&[&good], &mut [&mut out]).unwrap();
@@ -232,7 +236,7 @@ fn bad_gather_indices_are_eval_errors() {
         assert_eq!(out.to_f32(), vec![12.0, 13.0, 14.0, 0.0, 1.0, 2.0]);
         for bad in [[1.0, 5.0], [-6.0, 0.0], [1.5, 0.0]] {
             let idx = Surface::from_f32(dtype, &[2], &bad);
-            let err = kernel.eval(&[&table, &idx], &mut [&mut out]).err().expect("bad index");
+            let err = kernel.eval(&[&table, &idx], &mut [&mut out]).expect_err("bad index");
             assert_eq!(err.kind, ErrorKind::Eval, "{bad:?}");
             assert!(err.message.contains("op `y`") && err.message.contains("size 5"), "{}", err.message);
         }

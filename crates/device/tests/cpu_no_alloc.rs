@@ -70,7 +70,11 @@ fn steady_state_evals_allocate_nothing() {
         let program = Program::new(Dialect::Ios18, b.finish().unwrap());
         let mut kernel = CpuDevice::new(precision).with_threads(1).compile(&program, &Weights::new()).unwrap();
 
-        let x = Surface::from_f32(DType::Fp16, &[1, 16, 1, 24], &(0..384).map(|i| (i % 13) as f32 * 0.1).collect::<Vec<_>>());
+        let x = Surface::from_f32(
+            DType::Fp16,
+            &[1, 16, 1, 24],
+            &(0..384).map(|i| (i % 13) as f32 * 0.1).collect::<Vec<_>>(),
+        );
         let g = Surface::from_f32(DType::Fp32, &[16, 1], &(0..16).map(|i| 1.0 - i as f32 * 0.05).collect::<Vec<_>>());
         let mut out16 = Surface::zeros(DType::Fp16, &[3, 16]);
         let mut mean = Surface::zeros(DType::Fp32, &[1, 1, 1, 24]);

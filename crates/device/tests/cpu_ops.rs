@@ -26,10 +26,7 @@ fn boolean(v: bool) -> Arg {
 }
 
 fn bools(v: &[bool]) -> Arg {
-    Arg::Value(Value::Literal {
-        ty: mil::TensorType::new(DType::Bool, [v.len()]),
-        data: mil::Data::Bool(v.to_vec()),
-    })
+    Arg::Value(Value::Literal { ty: mil::TensorType::new(DType::Bool, [v.len()]), data: mil::Data::Bool(v.to_vec()) })
 }
 
 fn string(s: &str) -> Arg {
@@ -443,7 +440,8 @@ fn reduce_case(p: Precision, op: &str, shape: &[usize], axes: Option<&[i64]>, ke
     let mut want = want;
     let mut mag = mag;
     if !keep {
-        let shape: Vec<usize> = want.shape.iter().enumerate().filter(|(d, _)| !ax.contains(d)).map(|(_, &n)| n).collect();
+        let shape: Vec<usize> =
+            want.shape.iter().enumerate().filter(|(d, _)| !ax.contains(d)).map(|(_, &n)| n).collect();
         want.shape = shape.clone();
         if let Some(m) = mag.as_mut() {
             m.shape = shape;

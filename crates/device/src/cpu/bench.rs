@@ -81,18 +81,27 @@ pub struct GemmBenchRow {
     pub ratio: f64,
 }
 
-/// Median time of `f` over `budget` of wall time (at least 3 runs, after one warm-up).
-fn median_time(budget: Duration, mut f: impl FnMut()) -> f64 {
-    f();
+/// Median times of several functions over `budget` of wall time, run in turn (a, b, c,
+/// a, b, c, …) so that all see the same machine load (at least 3 runs each, after one
+/// warm-up each).
+fn median_times(budget: Duration, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    fs.iter_mut().for_each(|f| f());
     let start = Instant::now();
-    let mut times = Vec::new();
-    while times.len() < 3 || (start.elapsed() < budget && times.len() < 1_000_000) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed().as_secs_f64());
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); fs.len()];
+    while times[0].len() < 3 || (start.elapsed() < budget && times[0].len() < 1_000_000) {
+        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
+            let at = Instant::now();
+            f();
+            t.push(at.elapsed().as_secs_f64());
+        }
     }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
 }
 
 /// Deterministic values in [-1, 1) (no RNG dependency in the library).
@@ -131,7 +140,7 @@ fn conv_program(c_in: usize, c_out: usize, seq: usize, weights: &mut Weights) ->
     Program::new(Dialect::Ios18, b.finish().expect("the benchmark program is valid"))
 }
 
-/// Runs the benchmark. Takes roughly `time_per_case` × (3 per shape + 1).
+/// Runs the benchmark. Takes roughly `time_per_case` × (one per shape + 1).
 pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
     let device = CpuDevice::new(cfg.precision).with_threads(cfg.threads);
     let seq = cfg.seq;
@@ -143,7 +152,7 @@ pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
             let w = values(c_out * c_in, 1);
             let x = values(c_in * seq, 2);
             let mut out = vec![0f32; c_out * seq];
-            let direct = median_time(cfg.time_per_case, || unsafe {
+            let mut direct = || unsafe {
                 gemm_into(
                     c_out,
                     seq,
@@ -158,34 +167,42 @@ pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
                     1,
                     parallelism(cfg.threads),
                 )
-            });
+            };
 
             let program = matmul_program(c_in, c_out, seq);
-            let mut kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
-            let mut input = Surface::activation(DType::Fp32, c_in, seq + c_out);
-            input.write_block(0, 0, c_in, seq, &x);
-            input.write_block(0, seq, c_in, c_out, &values(c_in * c_out, 3));
-            let mut output = Surface::activation(DType::Fp32, c_out, seq);
-            let t = median_time(cfg.time_per_case, || {
-                kernel.eval(&[&input], &mut [&mut output]).expect("the benchmark kernel runs")
-            });
-            rows.push(row(GemmBenchOp::Matmul, c_in, c_out, seq, t, direct, flops));
+            let mut mm_kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
+            let mut mm_input = Surface::activation(DType::Fp32, c_in, seq + c_out);
+            mm_input.write_block(0, 0, c_in, seq, &x);
+            mm_input.write_block(0, seq, c_in, c_out, &values(c_in * c_out, 3));
+            let mut mm_output = Surface::activation(DType::Fp32, c_out, seq);
+            let mut matmul = || mm_kernel.eval(&[&mm_input], &mut [&mut mm_output]).expect("the benchmark kernel runs");
 
             let mut weights = Weights::new();
             let program = conv_program(c_in, c_out, seq, &mut weights);
-            let mut kernel = device.compile(&program, &weights).expect("the benchmark program compiles");
-            let input = Surface::from_f32(DType::Fp32, &[1, c_in, 1, seq], &x);
-            let t = median_time(cfg.time_per_case, || {
-                kernel.eval(&[&input], &mut [&mut output]).expect("the benchmark kernel runs")
-            });
-            rows.push(row(GemmBenchOp::Conv1x1, c_in, c_out, seq, t, direct, flops));
+            let mut conv_kernel = device.compile(&program, &weights).expect("the benchmark program compiles");
+            let conv_input = Surface::from_f32(DType::Fp32, &[1, c_in, 1, seq], &x);
+            let mut conv_output = Surface::activation(DType::Fp32, c_out, seq);
+            let mut conv =
+                || conv_kernel.eval(&[&conv_input], &mut [&mut conv_output]).expect("the benchmark kernel runs");
+
+            let t = median_times(cfg.time_per_case, &mut [&mut direct, &mut matmul, &mut conv]);
+            rows.push(row(GemmBenchOp::Matmul, c_in, c_out, seq, t[1], t[0], flops));
+            rows.push(row(GemmBenchOp::Conv1x1, c_in, c_out, seq, t[2], t[0], flops));
         }
     }
     rows.push(dispatch_row(&device, cfg.time_per_case));
     rows
 }
 
-fn row(op: GemmBenchOp, c_in: usize, c_out: usize, seq: usize, device_s: f64, direct_s: f64, flops: f64) -> GemmBenchRow {
+fn row(
+    op: GemmBenchOp,
+    c_in: usize,
+    c_out: usize,
+    seq: usize,
+    device_s: f64,
+    direct_s: f64,
+    flops: f64,
+) -> GemmBenchRow {
     let (device_gflops, direct_gflops) = (flops / device_s / 1e9, flops / direct_s / 1e9);
     GemmBenchRow {
         op,
@@ -211,11 +228,12 @@ fn dispatch_row(device: &CpuDevice, budget: Duration) -> GemmBenchRow {
     let mut output = Surface::zeros(DType::Fp32, &[1, 1, 1, 1]);
     // Many evals per sample: one is far below the clock's resolution.
     const EVALS: usize = 1000;
-    let t = median_time(budget, || {
+    let mut evals = || {
         for _ in 0..EVALS {
             kernel.eval(&[&input], &mut [&mut output]).expect("the benchmark kernel runs");
         }
-    }) / EVALS as f64;
+    };
+    let t = median_times(budget, &mut [&mut evals])[0] / EVALS as f64;
     GemmBenchRow {
         op: GemmBenchOp::Dispatch,
         c_in: 1,

@@ -135,7 +135,11 @@ impl<const N: usize> Map<N> {
         let c = coalesce(&dst.shape, &strides);
         let mut it = c.strides.into_iter();
         let dst_op = Operand { storage: dst.storage, offset: dst.offset, strides: it.next().unwrap() };
-        let src = std::array::from_fn(|i| Operand { storage: src[i].storage, offset: src[i].offset, strides: it.next().unwrap() });
+        let src = std::array::from_fn(|i| Operand {
+            storage: src[i].storage,
+            offset: src[i].offset,
+            strides: it.next().unwrap(),
+        });
         Map { shape: c.shape, dst: dst_op, src }
     }
 

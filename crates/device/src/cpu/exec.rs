@@ -47,9 +47,20 @@ pub(crate) struct Gather {
 #[derive(Clone, Debug)]
 pub(crate) enum Step {
     /// fp16 input surface `input` converted to f32 at `dst` (packed).
-    LoadF16 { input: usize, dst: (StorageId, usize) },
-    Unary { kind: Unary, round: bool, map: Map<1> },
-    Binary { kind: Binary, round: bool, map: Map<2> },
+    LoadF16 {
+        input: usize,
+        dst: (StorageId, usize),
+    },
+    Unary {
+        kind: Unary,
+        round: bool,
+        map: Map<1>,
+    },
+    Binary {
+        kind: Binary,
+        round: bool,
+        map: Map<2>,
+    },
     Softmax(Softmax),
     Reduce(Reduce),
     Matmul(Matmul),
@@ -57,7 +68,10 @@ pub(crate) enum Step {
     Gather(Gather),
     /// A value written to fp16 output surface `output`; `map.dst` describes the packed
     /// surface (its storage id is unused).
-    StoreF16 { output: usize, map: Map<1> },
+    StoreF16 {
+        output: usize,
+        map: Map<1>,
+    },
 }
 
 impl Step {
@@ -136,12 +150,7 @@ impl CpuKernel {
             let names: Vec<&str> = self.outputs.iter().map(|v| v.name.as_str()).collect();
             return Err(Error::new(
                 ErrorKind::Binding,
-                format!(
-                    "kernel takes {} outputs ({}), {} given",
-                    self.outputs.len(),
-                    names.join(", "),
-                    outputs.len()
-                ),
+                format!("kernel takes {} outputs ({}), {} given", self.outputs.len(), names.join(", "), outputs.len()),
             ));
         }
         for (var, s) in self.outputs.iter().zip(outputs.iter()) {
@@ -174,7 +183,9 @@ impl CpuKernel {
                     let out = std::slice::from_raw_parts_mut(p(dst.0).0.add(dst.1), src.len());
                     src.convert_to_f32_slice(out);
                 }
-                Step::Unary { kind, round, map } => unary(*kind, *round, map, p(map.dst.storage), p(map.src[0].storage), t),
+                Step::Unary { kind, round, map } => {
+                    unary(*kind, *round, map, p(map.dst.storage), p(map.src[0].storage), t)
+                }
                 Step::Binary { kind, round, map } => {
                     binary(*kind, *round, map, p(map.dst.storage), p(map.src[0].storage), p(map.src[1].storage), t)
                 }

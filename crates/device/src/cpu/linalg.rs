@@ -80,7 +80,10 @@ pub(crate) unsafe fn gemm_into(
         }
         return;
     }
-    gemm(m, n, k, dst, 1, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false, false, false, par);
+    gemm(
+        m, n, k, dst, 1, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false, false, false,
+        par,
+    );
 }
 
 impl Matmul {
@@ -181,7 +184,8 @@ impl Conv {
                         for c in 0..cg {
                             for i in 0..kh {
                                 for j in 0..kw {
-                                    let row = std::slice::from_raw_parts_mut(col.add(((c * kh + i) * kw + j) * cols), cols);
+                                    let row =
+                                        std::slice::from_raw_parts_mut(col.add(((c * kh + i) * kw + j) * cols), cols);
                                     for oh in 0..ho {
                                         let ih = (oh * self.strides[0] + i * self.dilations[0]) as isize
                                             - self.pad[0] as isize;
@@ -190,7 +194,8 @@ impl Conv {
                                                 - self.pad[1] as isize;
                                             row[oh * wo + ow] =
                                                 if ih >= 0 && iw >= 0 && (ih as usize) < h && (iw as usize) < wd {
-                                                    *x.get().offset(x_base + c as isize * xs[1] + ih * xs[2] + iw * xs[3])
+                                                    *x.get()
+                                                        .offset(x_base + c as isize * xs[1] + ih * xs[2] + iw * xs[3])
                                                 } else {
                                                     0.0
                                                 };
@@ -203,7 +208,20 @@ impl Conv {
                     }
                     (None, None) => unreachable!("a non-pointwise conv is planned with scratch"),
                 };
-                gemm_into(og, cols, kdim, out, cols as isize, lhs, self.w.row_stride, self.w.col_stride, rhs, rhs_rs, rhs_cs, par);
+                gemm_into(
+                    og,
+                    cols,
+                    kdim,
+                    out,
+                    cols as isize,
+                    lhs,
+                    self.w.row_stride,
+                    self.w.col_stride,
+                    rhs,
+                    rhs_rs,
+                    rhs_cs,
+                    par,
+                );
                 let rows = std::slice::from_raw_parts_mut(out, og * cols);
                 if let (Some((_, boff, bstride)), Some(bp)) = (self.bias, bias) {
                     for (o, row) in rows.chunks_exact_mut(cols.max(1)).enumerate() {

@@ -56,7 +56,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2ⁿ in two halves so that neither exponent leaves the normal range.
     let ni = n as i32;
@@ -118,7 +118,7 @@ mod tests {
         let random: Vec<f32> = (0..2_000_000).map(|_| f32::from_bits(splitmix(&mut state) as u32)).collect();
         // Values spread over the fp16 range, where rounding decisions happen.
         let ranged = (0..2_000_000).map(|i| {
-            let e = (i % 40) as i32 - 28;
+            let e = (i % 40) - 28;
             (1.0 + (splitmix(&mut state) % 8_388_608) as f32 / 8_388_608.0) * 2f32.powi(e)
         });
         let ranged: Vec<f32> = ranged.collect();

@@ -153,9 +153,8 @@ impl Device for CpuDevice {
     /// Validates first (an invalid program costs no budget), then takes a compile from
     /// the budget, then plans.
     fn compile(&self, program: &Program, weights: &Weights) -> Result<Box<dyn Kernel>> {
-        let main = program
-            .main()
-            .ok_or_else(|| Error::new(ErrorKind::Program, "the program has no function to run"))?;
+        let main =
+            program.main().ok_or_else(|| Error::new(ErrorKind::Program, "the program has no function to run"))?;
         let scope = mil::ops::validate_function(main)?;
         self.take_compile()?;
         if !self.sim_compile.is_zero() {

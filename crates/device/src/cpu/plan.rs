@@ -18,7 +18,7 @@ use mil::ops::{self, Scope, SliceByIndex};
 use mil::{Arg, DType, Data, Function, Operation, Value};
 
 use super::elementwise::{Binary, Map, Unary};
-use super::exec::{CpuKernel, Gather, StorageKind, Step};
+use super::exec::{CpuKernel, Gather, Step, StorageKind};
 use super::linalg::{Conv, Mat, Matmul};
 use super::reduce::{Reduce, ReduceKind, Softmax};
 use super::view::{StorageId, View};
@@ -90,9 +90,9 @@ pub(crate) fn compile(
     let outputs = f.output_vars();
     let mut output_storage = vec![None; outputs.len()];
     for (j, out) in outputs.iter().enumerate() {
-        let view = p.value(&out.name)?.ok_or_else(|| {
-            Error::new(ErrorKind::Program, format!("output `{}` is not a tensor value", out.name))
-        })?;
+        let view = p
+            .value(&out.name)?
+            .ok_or_else(|| Error::new(ErrorKind::Program, format!("output `{}` is not a tensor value", out.name)))?;
         if out.ty.dtype == DType::Fp16 {
             let surface = View::packed(SURFACE, 0, &out.ty.shape);
             p.steps.push(Step::StoreF16 { output: j, map: Map::new(&surface, [&view]) });
@@ -253,9 +253,10 @@ impl Planner<'_> {
     fn ints(&self, op: &Operation, name: &str) -> Result<Option<Vec<i64>>> {
         match self.param(op, name)? {
             None => Ok(None),
-            Some(v) => {
-                v.as_ints().map(|i| Some(i.to_vec())).ok_or_else(|| program_error(op, format!("`{name}` must be int32")))
-            }
+            Some(v) => v
+                .as_ints()
+                .map(|i| Some(i.to_vec()))
+                .ok_or_else(|| program_error(op, format!("`{name}` must be int32"))),
         }
     }
 
@@ -408,8 +409,8 @@ impl Planner<'_> {
             "concat" => self.plan_concat(op, &out.ty.shape)?,
             "split" => {
                 let x = self.arg(op, "x")?;
-                let axis = ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), x.shape.len(), "axis")
-                    .map_err(mil_error(op))?;
+                let axis =
+                    ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), x.shape.len(), "axis").map_err(mil_error(op))?;
                 let sizes = ops::split_sizes(x.shape[axis], self.int(op, "num_splits")?, self.ints(op, "split_sizes")?)
                     .map_err(mil_error(op))?;
                 let mut at = 0;
@@ -428,8 +429,8 @@ impl Planner<'_> {
                 let x = self.packed(x);
                 let indices = self.arg(op, "indices")?;
                 let indices = self.packed(indices);
-                let axis = ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), x.shape.len(), "axis")
-                    .map_err(mil_error(op))?;
+                let axis =
+                    ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), x.shape.len(), "axis").map_err(mil_error(op))?;
                 let dst = self.new_packed(&out.ty.shape);
                 self.steps.push(Step::Gather(Gather {
                     op: op.name.clone(),
@@ -460,10 +461,7 @@ impl Planner<'_> {
             _ => return Ok(0.0),
         };
         let (value, dtype) = match given {
-            Some(v) => (
-                v.as_f64().ok_or_else(|| program_error(op, "`epsilon` must be a number"))?,
-                v.ty().dtype,
-            ),
+            Some(v) => (v.as_f64().ok_or_else(|| program_error(op, "`epsilon` must be a number"))?, v.ty().dtype),
             None => (default, dtype),
         };
         Ok(if dtype == DType::Fp16 { f16::from_f64(value).to_f32() } else { value as f32 })
@@ -534,7 +532,11 @@ impl Planner<'_> {
             ((x3.storage, x3.offset, strides), Some(x3.strides[2]), None)
         } else {
             let s = self.new_packed(&[cg * kh * kw * out_hw[0] * out_hw[1]]);
-            ((x.storage, x.offset, [x.strides[0], x.strides[1], x.strides[2], x.strides[3]]), None, Some((s.storage, 0)))
+            (
+                (x.storage, x.offset, [x.strides[0], x.strides[1], x.strides[2], x.strides[3]]),
+                None,
+                Some((s.storage, 0)),
+            )
         };
         let dst = self.new_packed(out_shape);
         self.steps.push(Step::Conv(Conv {
@@ -603,8 +605,9 @@ impl Planner<'_> {
                 }
             });
         }
-        let mut order: Vec<StorageId> =
-            (0..n).filter(|&st| matches!(self.kinds[st], StorageKind::Temp { .. }) && first[st] != usize::MAX).collect();
+        let mut order: Vec<StorageId> = (0..n)
+            .filter(|&st| matches!(self.kinds[st], StorageKind::Temp { .. }) && first[st] != usize::MAX)
+            .collect();
         order.sort_by_key(|&st| first[st]);
         let mut offsets = vec![0usize; n];
         // Live allocations: (offset, len, storage), kept sorted by offset.

@@ -274,4 +274,3 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, mag: Option<&Tensor
         );
     }
 }
-
