@@ -143,3 +143,23 @@ fn ops_that_index_an_axis_refuse_scalars() {
     );
     parse_and_validate(&fine).unwrap();
 }
+
+#[test]
+fn literals_of_very_high_rank_print_flat() {
+    // A rank-70 literal parses in flat form; printed nested it would nest deeper than
+    // the parser follows, so it must be printed flat.
+    let shape = vec!["1"; 70].join(", ");
+    let text = format!(
+        "program(1.3)\n{{\n    func main<ios18>(tensor<fp16, [1]> x) {{\n        tensor<fp16, [{shape}]> e = const()[name = string(\"e\"), val = tensor<fp16, [{shape}]>([0.5])];\n    }} -> (x);\n}}"
+    );
+    let p = parse_and_validate(&text).unwrap();
+    let printed = print(&p);
+    assert!(printed.contains(&format!("val = tensor<fp16, [{shape}]>([0.5])")), "{printed}");
+    assert_eq!(parse(&printed).unwrap(), p);
+    // Rank 64, the deepest nesting the parser follows, still prints nested.
+    let shape = vec!["1"; 64].join(", ");
+    let text = text.replace(&vec!["1"; 70].join(", "), &shape);
+    let printed = print(&parse(&text).unwrap());
+    assert!(printed.contains(&format!("{}0.5{}", "[".repeat(64), "]".repeat(64))), "{printed}");
+    parse(&printed).unwrap();
+}

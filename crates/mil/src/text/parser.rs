@@ -10,9 +10,11 @@ use super::lexer::{tokenize, Tok, Token};
 use crate::ir::{Arg, DType, Data, Dialect, Function, Operation, Program, Span, TensorType, Value, Var};
 use crate::{mil_err, Error, ErrorKind, Result};
 
-/// Deepest nesting of tuples, literal lists and BLOBFILE values the parser follows: far
-/// beyond any real program, and shallow enough that recursion cannot exhaust the stack.
-const MAX_DEPTH: usize = 64;
+/// Deepest nesting the parser follows, counted separately for tuples, for the lists of
+/// one literal, and for BLOBFILE values: far beyond any real program, and shallow
+/// enough that recursion cannot exhaust the stack. The printer writes literals of
+/// higher rank flat, so that whatever parses also prints into something that parses.
+pub(super) const MAX_DEPTH: usize = 64;
 
 /// Largest dimension a tensor type may declare. The ANE's reported limit is 65536; this
 /// bound is looser (it is the parser's job to read, the lint's to judge) but keeps the
@@ -479,7 +481,7 @@ impl Parser {
                 let found = self.peek().describe();
                 return Err(self.error(kind, format!("a {ty} literal takes its values in `[…]`, found {found}")));
             }
-            let tree = self.tree(depth)?;
+            let tree = self.tree(0)?;
             let mut data = empty_data(ty.dtype);
             fill(&tree, &ty, span, &mut data)?;
             Value::Literal { ty, data }

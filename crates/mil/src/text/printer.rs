@@ -6,6 +6,7 @@
 
 use std::fmt::Write;
 
+use super::parser::MAX_DEPTH;
 use crate::ir::{Arg, DType, Data, Dialect, Function, Operation, Program, TensorType, Value};
 
 /// Indentation of a function header and of an op line.
@@ -114,11 +115,15 @@ fn value(out: &mut String, v: &Value, d: Dialect) {
             out.push('(');
             if ty.is_scalar() && data.len() == 1 {
                 element(out, data, 0, ty.dtype);
-            } else if ty.rank() >= 2 && checked_numel(&ty.shape) == Some(data.len()) && !data.is_empty() {
+            } else if (2..=MAX_DEPTH).contains(&ty.rank())
+                && checked_numel(&ty.shape) == Some(data.len())
+                && !data.is_empty()
+            {
                 nested(out, data, &ty.shape, &mut 0, ty.dtype);
             } else {
                 // Rank 1, an empty literal (`[]`, however many zero-sized rows its shape
-                // has), or an ill-formed one (whose count the parser will report).
+                // has), one of a rank deeper than the parser nests, or an ill-formed one
+                // (whose count the parser will report).
                 flat(out, data, ty.dtype);
             }
             out.push(')');
