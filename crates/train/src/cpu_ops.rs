@@ -28,9 +28,10 @@ use crate::linalg::{matmul, matmul_acc, MatMut, MatRef};
 /// live in a stack array of this many lanes. 64 f32 = 4 cache lines.
 const COLUMN_TILE: usize = 64;
 
-/// Embedding rows (channels) copied together: 16 f32 = one 64-byte cache line of a
-/// table row, so each token's row is read a line at a time.
-const EMBED_CHANNEL_BLOCK: usize = 16;
+/// Channels of the embedding handled by one task: a 512-byte stretch of each table
+/// row, read sequentially (the prefetcher follows), and 128 rows of `x` whose current
+/// cache lines (8 KB) stay in L1 while consecutive tokens fill them.
+const EMBED_CHANNEL_BLOCK: usize = 128;
 
 /// Elements per rayon task in elementwise ops: large enough that task overhead (a few
 /// microseconds) is noise, small enough to split a 768×256 tensor over 2+ cores.
@@ -126,23 +127,20 @@ fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
 pub fn embedding_forward(x: &mut [f32], table: &[f32], tokens: &[u32], dim: usize) {
     let t_len = tokens.len();
     assert_eq!(x.len(), dim * t_len, "x must be [dim={dim}, T={t_len}]");
-    assert_eq!(table.len() % dim, 0, "table length is not a multiple of dim={dim}");
-    let vocab = table.len() / dim;
-    if let Some((t, &token)) = tokens.iter().enumerate().find(|(_, &token)| token as usize >= vocab) {
-        panic!("token {token} at position {t} is outside the vocabulary of {vocab}");
-    }
+    check_tokens(table.len(), tokens, dim);
     if t_len == 0 {
         return;
     }
-    // Each task owns a block of channel rows of x; for every token it copies one cache
-    // line of the token's table row into one column of the block.
+    // Each task owns a block of channel rows of x and copies, token by token, that
+    // stretch of the token's table row into one column. Consecutive tokens write
+    // neighbouring elements, so each row's current cache line stays hot.
     x.par_chunks_mut(EMBED_CHANNEL_BLOCK * t_len).enumerate().for_each(|(block, x_block)| {
         let d0 = block * EMBED_CHANNEL_BLOCK;
         let rows = x_block.len() / t_len;
         for (t, &token) in tokens.iter().enumerate() {
             let src = &table[token as usize * dim + d0..][..rows];
-            for (j, &value) in src.iter().enumerate() {
-                x_block[j * t_len + t] = value;
+            for (r, &value) in src.iter().enumerate() {
+                x_block[r * t_len + t] = value;
             }
         }
     });
@@ -150,25 +148,41 @@ pub fn embedding_forward(x: &mut [f32], table: &[f32], tokens: &[u32], dim: usiz
 
 /// Scatter-adds the gradient of the looked-up rows into the table's gradient.
 ///
-/// `dtable: [V, D]` += `dx: [D, T]` column `t` into row `tokens[t]`. Serial on purpose:
-/// repeated tokens make rows collide, and this is ~D·T additions, noise next to the GEMMs.
+/// `dtable: [V, D]` += `dx: [D, T]` column `t` into row `tokens[t]`. Tasks own disjoint
+/// ranges of vocabulary rows (repeated tokens add into the same row, so rows cannot be
+/// split by position); each walks all positions and takes the tokens in its range.
 pub fn embedding_backward(dtable: &mut [f32], dx: &[f32], tokens: &[u32], dim: usize) {
     let t_len = tokens.len();
     assert_eq!(dx.len(), dim * t_len, "dx must be [dim={dim}, T={t_len}]");
-    assert_eq!(dtable.len() % dim, 0, "dtable length is not a multiple of dim={dim}");
-    let vocab = dtable.len() / dim;
+    let vocab = check_tokens(dtable.len(), tokens, dim);
+    if t_len == 0 || vocab == 0 {
+        return;
+    }
+    let tasks = 4 * rayon::current_num_threads();
+    let rows_per_task = vocab.div_ceil(tasks);
+    dtable.par_chunks_mut(rows_per_task * dim).enumerate().for_each(|(task, rows)| {
+        let first = task * rows_per_task;
+        let owned = first..first + rows.len() / dim;
+        for (t, &token) in tokens.iter().enumerate() {
+            if !owned.contains(&(token as usize)) {
+                continue;
+            }
+            let dst = &mut rows[(token as usize - first) * dim..][..dim];
+            for (d, value) in dst.iter_mut().enumerate() {
+                *value += dx[d * t_len + t];
+            }
+        }
+    });
+}
+
+/// Checks a `[V, dim]` table's length and the tokens against `V`; returns `V`.
+fn check_tokens(table_len: usize, tokens: &[u32], dim: usize) -> usize {
+    assert!(dim > 0 && table_len.is_multiple_of(dim), "table length {table_len} is not a multiple of dim={dim}");
+    let vocab = table_len / dim;
     if let Some((t, &token)) = tokens.iter().enumerate().find(|(_, &token)| token as usize >= vocab) {
         panic!("token {token} at position {t} is outside the vocabulary of {vocab}");
     }
-    for d0 in (0..dim).step_by(EMBED_CHANNEL_BLOCK) {
-        let rows = EMBED_CHANNEL_BLOCK.min(dim - d0);
-        for (t, &token) in tokens.iter().enumerate() {
-            let dst = &mut dtable[token as usize * dim + d0..][..rows];
-            for (j, value) in dst.iter_mut().enumerate() {
-                *value += dx[(d0 + j) * t_len + t];
-            }
-        }
-    }
+    vocab
 }
 
 // ---------------------------------------------------------------------------------------

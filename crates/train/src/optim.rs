@@ -216,7 +216,18 @@ fn update_range(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], keep: f3
 pub fn grad_norm(grads: &[f32]) -> f32 {
     let sum_sq: f64 = grads
         .par_chunks(OPTIM_CHUNK)
-        .map(|chunk| chunk.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>())
+        .map(|chunk| {
+            // Independent f64 lanes so the loop vectorises (one running sum would not).
+            let mut lanes = [0.0f64; 8];
+            let mut exact = chunk.chunks_exact(lanes.len());
+            for group in &mut exact {
+                for (lane, &g) in lanes.iter_mut().zip(group) {
+                    *lane += f64::from(g) * f64::from(g);
+                }
+            }
+            let tail: f64 = exact.remainder().iter().map(|&g| f64::from(g) * f64::from(g)).sum();
+            lanes.iter().sum::<f64>() + tail
+        })
         .sum();
     sum_sq.sqrt() as f32
 }

@@ -63,23 +63,26 @@ fn embedding_reference(table: &[f64], tokens: &[u32], dim: usize) -> Vec<f64> {
 #[test]
 fn embedding_forward_and_backward() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let (vocab, dim) = (11, 37); // dim spans three channel blocks of 16
-    let tokens = [3u32, 0, 10, 3, 7, 3, 1];
-    let table = random(&mut rng, vocab * dim, 1.0);
-    let mut x = vec![f32::NAN; dim * tokens.len()];
-    embedding_forward(&mut x, &table, &tokens, dim);
-    assert_close("x", &x, &embedding_reference(&to_f64(&table), &tokens, dim), 1e-7);
+    // dim 300 spans three channel blocks of 128; vocab 11 splits into several row ranges.
+    for dim in [37, 300] {
+        let vocab = 11;
+        let tokens = [3u32, 0, 10, 3, 7, 3, 1];
+        let table = random(&mut rng, vocab * dim, 1.0);
+        let mut x = vec![f32::NAN; dim * tokens.len()];
+        embedding_forward(&mut x, &table, &tokens, dim);
+        assert_close("x", &x, &embedding_reference(&to_f64(&table), &tokens, dim), 1e-7);
 
-    let r = random(&mut rng, x.len(), 1.0);
-    let prior = random(&mut rng, table.len(), 1.0);
-    let mut dtable = prior.clone();
-    embedding_backward(&mut dtable, &r, &tokens, dim);
-    let numeric = finite_difference(
-        |table| weighted_sum(&embedding_reference(table, &tokens, dim), &to_f64(&r)),
-        &to_f64(&table),
-    );
-    let want: Vec<f64> = numeric.iter().zip(&prior).map(|(n, &p)| n + f64::from(p)).collect();
-    assert_close("dtable (accumulated)", &dtable, &want, 1e-6);
+        let r = random(&mut rng, x.len(), 1.0);
+        let prior = random(&mut rng, table.len(), 1.0);
+        let mut dtable = prior.clone();
+        embedding_backward(&mut dtable, &r, &tokens, dim);
+        let numeric = finite_difference(
+            |table| weighted_sum(&embedding_reference(table, &tokens, dim), &to_f64(&r)),
+            &to_f64(&table),
+        );
+        let want: Vec<f64> = numeric.iter().zip(&prior).map(|(n, &p)| n + f64::from(p)).collect();
+        assert_close("dtable (accumulated)", &dtable, &want, 1e-6);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
