@@ -413,13 +413,17 @@ impl Parser {
                 }
                 Ok(TensorType::new(dtype, shape))
             }
-            Tok::Ident(t) if DType::from_mil_name(&t).is_some() => {
-                self.bump();
-                Ok(TensorType::scalar(DType::from_mil_name(&t).unwrap_or(DType::Fp32)))
-            }
-            Tok::Ident(t) if t.starts_with("int") || t.starts_with("uint") || t.starts_with("fp") => {
-                Err(self.error(ErrorKind::Syntax, format!("unknown element type `{t}`; known: {}", dtype_names())))
-            }
+            Tok::Ident(t) => match DType::from_mil_name(&t) {
+                Some(dtype) => {
+                    self.bump();
+                    Ok(TensorType::scalar(dtype))
+                }
+                // `int8 q`, `fp64 v`: a type this crate does not know, not a stray name.
+                None if ["int", "uint", "fp"].iter().any(|p| t.starts_with(p)) => {
+                    Err(self.error(ErrorKind::Syntax, format!("unknown element type `{t}`; known: {}", dtype_names())))
+                }
+                None => Err(self.expected(&format!("{what} (`tensor<…>` or a scalar type like `fp16`)"))),
+            },
             _ => Err(self.expected(&format!("{what} (`tensor<…>` or a scalar type like `fp16`)"))),
         }
     }
