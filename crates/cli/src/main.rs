@@ -13,6 +13,7 @@ mod bench;
 mod devices;
 mod mil_cmd;
 mod npy;
+mod probe_cmd;
 mod sample;
 mod train_cmd;
 
@@ -36,6 +37,13 @@ enum Command {
     /// MIL programs: check, format, run.
     #[command(subcommand)]
     Mil(mil_cmd::MilCommand),
+    /// List the devices of this machine and their properties.
+    Devices,
+    /// Characterise a device: the ANE probe suite (JSON with --json).
+    Probe(probe_cmd::ProbeArgs),
+    /// (internal) the child process of the compile-limit probe.
+    #[command(name = "__probe-child", hide = true)]
+    ProbeChild(probe_cmd::ProbeChildArgs),
     /// Benchmarks that print figures measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -92,6 +100,12 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Devices => probe_cmd::devices(),
+        Command::Probe(args) => match probe_cmd::probe(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
+        Command::ProbeChild(args) => probe_cmd::probe_child(args),
         Command::Train(args) => train_cmd::run(*args),
         Command::Export(args) => train_cmd::export(args),
         Command::Sample(args) => sample::run(args),

@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use half::f16;
 use mil::DType;
+use npyz::WriterBuilder;
 
 /// A dense array read from a `.npy` file, as f32 whatever its stored dtype.
 pub struct Array {
@@ -41,12 +42,12 @@ pub fn write(path: &Path, dtype: DType, shape: &[usize], data: &[f32]) -> Result
     let mut w = std::io::BufWriter::new(file);
     match dtype {
         DType::Fp16 => {
-            let mut out = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut w).begin_nd()?;
+            let mut out = npyz::WriteOptions::<f16>::new().default_dtype().shape(&shape).writer(&mut w).begin_nd()?;
             out.extend(data.iter().map(|&x| f16::from_f32(x)))?;
             out.finish()?;
         }
         _ => {
-            let mut out = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(&mut w).begin_nd()?;
+            let mut out = npyz::WriteOptions::<f32>::new().default_dtype().shape(&shape).writer(&mut w).begin_nd()?;
             out.extend(data.iter().copied())?;
             out.finish()?;
         }
