@@ -154,19 +154,49 @@ pub(crate) fn par_ranges(n: usize, threads: usize, f: impl Fn(usize, usize) + Sy
     par_split(n, n, threads, f)
 }
 
-/// As [`par_ranges`] for `n` items that together cost `work` element-operations.
+/// As [`par_ranges`] for `n` items that together cost `work` element-operations. Each
+/// range runs under [`simd`].
 pub(crate) fn par_split(n: usize, work: usize, threads: usize, f: impl Fn(usize, usize) + Sync) {
     let tasks = if threads > 1 && work >= PAR_MIN_ELEMS { threads.min(work / PAR_MIN_CHUNK).min(n).max(1) } else { 1 };
     if tasks == 1 {
-        f(0, n);
+        simd(
+            #[inline(always)]
+            || f(0, n),
+        );
     } else {
-        (0..tasks).into_par_iter().for_each(|t| f(n * t / tasks, n * (t + 1) / tasks));
+        (0..tasks).into_par_iter().for_each(|t| {
+            simd(
+                #[inline(always)]
+                || f(n * t / tasks, n * (t + 1) / tasks),
+            )
+        });
     }
+}
+
+/// Runs `f` compiled for AVX2 and FMA when the CPU has them (checked once, then a
+/// cached load), else as built. The element loops are plain Rust that the compiler
+/// vectorises; the default x86-64 target allows only SSE2, which halves their speed
+/// (and more for `exp`, whose selects SSE2 cannot blend). The `gemm` crate does its own
+/// dispatch.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected on this CPU.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
 }
 
 /// Walks flat output positions `lo..hi` of an iteration `shape` row by row, calling
 /// `row(offsets, len)` with each operand's address for the row's first element.
-#[inline]
+#[inline(always)]
 pub(crate) fn for_rows<const K: usize>(
     shape: &[usize],
     strides: [&[isize]; K],
@@ -206,24 +236,37 @@ pub(crate) fn for_rows<const K: usize>(
 pub(crate) unsafe fn run_unary(m: &Map<1>, dst: Ptr, src: Ptr, threads: usize, f: impl Fn(f32) -> f32 + Sync) {
     let rank = m.shape.len();
     let (ds, ss) = (m.dst.strides[rank - 1], m.src[0].strides[rank - 1]);
-    par_ranges(m.numel(), threads, |lo, hi| {
-        for_rows(&m.shape, [&m.dst.strides, &m.src[0].strides], [m.dst.offset, m.src[0].offset], lo, hi, |o, n| {
-            let d = dst.get().offset(o[0]);
-            let s = src.get().offset(o[1]) as *const f32;
-            if ds == 1 && ss == 1 {
-                let (d, s) = (std::slice::from_raw_parts_mut(d, n), std::slice::from_raw_parts(s, n));
-                for (y, &x) in d.iter_mut().zip(s) {
-                    *y = f(x);
-                }
-            } else if ds == 1 && ss == 0 {
-                std::slice::from_raw_parts_mut(d, n).fill(f(*s));
-            } else {
-                for i in 0..n as isize {
-                    *d.offset(i * ds) = f(*s.offset(i * ss));
-                }
-            }
-        });
-    });
+    par_ranges(
+        m.numel(),
+        threads,
+        #[inline(always)]
+        |lo, hi| {
+            for_rows(
+                &m.shape,
+                [&m.dst.strides, &m.src[0].strides],
+                [m.dst.offset, m.src[0].offset],
+                lo,
+                hi,
+                #[inline(always)]
+                |o, n| {
+                    let d = dst.get().offset(o[0]);
+                    let s = src.get().offset(o[1]) as *const f32;
+                    if ds == 1 && ss == 1 {
+                        let (d, s) = (std::slice::from_raw_parts_mut(d, n), std::slice::from_raw_parts(s, n));
+                        for (y, &x) in d.iter_mut().zip(s) {
+                            *y = f(x);
+                        }
+                    } else if ds == 1 && ss == 0 {
+                        std::slice::from_raw_parts_mut(d, n).fill(f(*s));
+                    } else {
+                        for i in 0..n as isize {
+                            *d.offset(i * ds) = f(*s.offset(i * ss));
+                        }
+                    }
+                },
+            );
+        },
+    );
 }
 
 /// Runs a binary map with `f` on each pair.
@@ -241,43 +284,56 @@ pub(crate) unsafe fn run_binary(
     let rank = m.shape.len();
     let (ds, sa, sb) = (m.dst.strides[rank - 1], m.src[0].strides[rank - 1], m.src[1].strides[rank - 1]);
     let strides = [m.dst.strides.as_slice(), &m.src[0].strides, &m.src[1].strides];
-    par_ranges(m.numel(), threads, |lo, hi| {
-        for_rows(&m.shape, strides, [m.dst.offset, m.src[0].offset, m.src[1].offset], lo, hi, |o, n| {
-            let d = dst.get().offset(o[0]);
-            let pa = a.get().offset(o[1]) as *const f32;
-            let pb = b.get().offset(o[2]) as *const f32;
-            if ds == 1 {
-                let d = std::slice::from_raw_parts_mut(d, n);
-                match (sa, sb) {
-                    (1, 1) => {
-                        let (x, y) = (std::slice::from_raw_parts(pa, n), std::slice::from_raw_parts(pb, n));
-                        for ((z, &x), &y) in d.iter_mut().zip(x).zip(y) {
-                            *z = f(x, y);
+    par_ranges(
+        m.numel(),
+        threads,
+        #[inline(always)]
+        |lo, hi| {
+            for_rows(
+                &m.shape,
+                strides,
+                [m.dst.offset, m.src[0].offset, m.src[1].offset],
+                lo,
+                hi,
+                #[inline(always)]
+                |o, n| {
+                    let d = dst.get().offset(o[0]);
+                    let pa = a.get().offset(o[1]) as *const f32;
+                    let pb = b.get().offset(o[2]) as *const f32;
+                    if ds == 1 {
+                        let d = std::slice::from_raw_parts_mut(d, n);
+                        match (sa, sb) {
+                            (1, 1) => {
+                                let (x, y) = (std::slice::from_raw_parts(pa, n), std::slice::from_raw_parts(pb, n));
+                                for ((z, &x), &y) in d.iter_mut().zip(x).zip(y) {
+                                    *z = f(x, y);
+                                }
+                                return;
+                            }
+                            (1, 0) => {
+                                let (x, y) = (std::slice::from_raw_parts(pa, n), *pb);
+                                for (z, &x) in d.iter_mut().zip(x) {
+                                    *z = f(x, y);
+                                }
+                                return;
+                            }
+                            (0, 1) => {
+                                let (x, y) = (*pa, std::slice::from_raw_parts(pb, n));
+                                for (z, &y) in d.iter_mut().zip(y) {
+                                    *z = f(x, y);
+                                }
+                                return;
+                            }
+                            _ => {}
                         }
-                        return;
                     }
-                    (1, 0) => {
-                        let (x, y) = (std::slice::from_raw_parts(pa, n), *pb);
-                        for (z, &x) in d.iter_mut().zip(x) {
-                            *z = f(x, y);
-                        }
-                        return;
+                    for i in 0..n as isize {
+                        *d.offset(i * ds) = f(*pa.offset(i * sa), *pb.offset(i * sb));
                     }
-                    (0, 1) => {
-                        let (x, y) = (*pa, std::slice::from_raw_parts(pb, n));
-                        for (z, &y) in d.iter_mut().zip(y) {
-                            *z = f(x, y);
-                        }
-                        return;
-                    }
-                    _ => {}
-                }
-            }
-            for i in 0..n as isize {
-                *d.offset(i * ds) = f(*pa.offset(i * sa), *pb.offset(i * sb));
-            }
-        });
-    });
+                },
+            );
+        },
+    );
 }
 
 /// Runs `kind` on a unary map, rounding each result to fp16 when `round`.

@@ -24,6 +24,7 @@ pub(crate) struct Softmax {
 /// walked contiguously.
 const COLUMN_BLOCK: usize = 64;
 
+#[inline(always)]
 fn max8(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -40,6 +41,7 @@ fn max8(x: &[f32]) -> f32 {
     m
 }
 
+#[inline(always)]
 fn sum8(x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -52,6 +54,7 @@ fn sum8(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+#[inline(always)]
 fn softmax_row(x: &[f32], y: &mut [f32], round: bool) {
     let m = max8(x);
     for (o, &v) in y.iter_mut().zip(x) {
@@ -77,49 +80,68 @@ impl Softmax {
         let total = outer * len * inner;
         let (x, y) = (Ptr(src.get().add(self.src.1)), Ptr(dst.get().add(self.dst.1)));
         if inner == 1 {
-            par_split(outer, total * 8, threads, |lo, hi| {
-                for r in lo..hi {
-                    let xs = std::slice::from_raw_parts(x.get().add(r * len), len);
-                    let ys = std::slice::from_raw_parts_mut(y.get().add(r * len), len);
-                    softmax_row(xs, ys, self.round);
-                }
-            });
+            par_split(
+                outer,
+                total * 8,
+                threads,
+                #[inline(always)]
+                |lo, hi| {
+                    for r in lo..hi {
+                        let xs = std::slice::from_raw_parts(x.get().add(r * len), len);
+                        let ys = std::slice::from_raw_parts_mut(y.get().add(r * len), len);
+                        softmax_row(xs, ys, self.round);
+                    }
+                },
+            );
             return;
         }
         let blocks = inner.div_ceil(COLUMN_BLOCK);
-        par_split(outer * blocks, total * 8, threads, |lo, hi| {
-            for task in lo..hi {
-                let (o, b) = (task / blocks, task % blocks);
-                let c0 = b * COLUMN_BLOCK;
-                let w = COLUMN_BLOCK.min(inner - c0);
-                let base = o * len * inner + c0;
-                let mut m = [f32::NEG_INFINITY; COLUMN_BLOCK];
-                let mut s = [0f32; COLUMN_BLOCK];
-                for k in 0..len {
-                    let xs = std::slice::from_raw_parts(x.get().add(base + k * inner), w);
-                    for (mj, &v) in m.iter_mut().zip(xs) {
-                        *mj = if v > *mj || v.is_nan() { v } else { *mj };
+        par_split(
+            outer * blocks,
+            total * 8,
+            threads,
+            #[inline(always)]
+            |lo, hi| {
+                for task in lo..hi {
+                    let (o, b) = (task / blocks, task % blocks);
+                    let c0 = b * COLUMN_BLOCK;
+                    let w = COLUMN_BLOCK.min(inner - c0);
+                    let base = o * len * inner + c0;
+                    let mut m = [f32::NEG_INFINITY; COLUMN_BLOCK];
+                    let mut s = [0f32; COLUMN_BLOCK];
+                    let (m, s) = (&mut m[..w], &mut s[..w]);
+                    for k in 0..len {
+                        let xs = std::slice::from_raw_parts(x.get().add(base + k * inner), w);
+                        for (mj, &v) in m.iter_mut().zip(xs) {
+                            *mj = if v > *mj || v.is_nan() { v } else { *mj };
+                        }
+                    }
+                    for k in 0..len {
+                        let xs = std::slice::from_raw_parts(x.get().add(base + k * inner), w);
+                        let ys = std::slice::from_raw_parts_mut(y.get().add(base + k * inner), w);
+                        for (((yj, &xj), &mj), sj) in ys.iter_mut().zip(xs).zip(m.iter()).zip(s.iter_mut()) {
+                            *yj = exp(xj - mj);
+                            *sj += *yj;
+                        }
+                    }
+                    for sj in s.iter_mut() {
+                        *sj = 1.0 / *sj;
+                    }
+                    for k in 0..len {
+                        let ys = std::slice::from_raw_parts_mut(y.get().add(base + k * inner), w);
+                        if self.round {
+                            for (yj, &sj) in ys.iter_mut().zip(s.iter()) {
+                                *yj = round_f16(*yj * sj);
+                            }
+                        } else {
+                            for (yj, &sj) in ys.iter_mut().zip(s.iter()) {
+                                *yj *= sj;
+                            }
+                        }
                     }
                 }
-                for k in 0..len {
-                    let xs = std::slice::from_raw_parts(x.get().add(base + k * inner), w);
-                    let ys = std::slice::from_raw_parts_mut(y.get().add(base + k * inner), w);
-                    for j in 0..w {
-                        ys[j] = exp(xs[j] - m[j]);
-                        s[j] += ys[j];
-                    }
-                }
-                for sj in s.iter_mut() {
-                    *sj = 1.0 / *sj;
-                }
-                for k in 0..len {
-                    let ys = std::slice::from_raw_parts_mut(y.get().add(base + k * inner), w);
-                    for j in 0..w {
-                        ys[j] = if self.round { round_f16(ys[j] * s[j]) } else { ys[j] * s[j] };
-                    }
-                }
-            }
-        });
+            },
+        );
     }
 }
 
@@ -237,80 +259,124 @@ impl Reduce {
             off
         };
         if self.reduced_inner {
-            par_split(n_out, work, threads, |lo, hi| {
-                let strides = [self.kept_dst.as_slice(), &self.kept_src];
-                for_rows(&self.kept_shape, strides, [self.dst.1, self.src.1], lo, hi, |o, n| {
-                    let k_inner_d = self.kept_dst[self.kept_dst.len() - 1];
-                    let k_inner_s = self.kept_src[self.kept_src.len() - 1];
-                    for j in 0..n as isize {
-                        let at = o[1] + j * k_inner_s;
-                        let mut acc = kind.init();
-                        for r in 0..red_rows {
-                            let p = src.get().offset(at + red_row_offset(r)) as *const f32;
-                            let v = if red_inner_stride == 1 {
-                                let row = std::slice::from_raw_parts(p, red_inner);
-                                match kind {
-                                    ReduceKind::Max => max8(row),
-                                    _ => sum8(row),
+            par_split(
+                n_out,
+                work,
+                threads,
+                #[inline(always)]
+                |lo, hi| {
+                    let strides = [self.kept_dst.as_slice(), &self.kept_src];
+                    for_rows(
+                        &self.kept_shape,
+                        strides,
+                        [self.dst.1, self.src.1],
+                        lo,
+                        hi,
+                        #[inline(always)]
+                        |o, n| {
+                            let k_inner_d = self.kept_dst[self.kept_dst.len() - 1];
+                            let k_inner_s = self.kept_src[self.kept_src.len() - 1];
+                            for j in 0..n as isize {
+                                let at = o[1] + j * k_inner_s;
+                                let mut acc = kind.init();
+                                for r in 0..red_rows {
+                                    let p = src.get().offset(at + red_row_offset(r)) as *const f32;
+                                    let v = if red_inner_stride == 1 {
+                                        let row = std::slice::from_raw_parts(p, red_inner);
+                                        match kind {
+                                            ReduceKind::Max => max8(row),
+                                            _ => sum8(row),
+                                        }
+                                    } else {
+                                        let mut a = kind.init();
+                                        for i in 0..red_inner as isize {
+                                            let x = *p.offset(i * red_inner_stride);
+                                            a = combine(kind, a, x);
+                                        }
+                                        a
+                                    };
+                                    acc = combine(kind, acc, v);
                                 }
-                            } else {
-                                let mut a = kind.init();
-                                for i in 0..red_inner as isize {
-                                    let x = *p.offset(i * red_inner_stride);
-                                    a = combine(kind, a, x);
-                                }
-                                a
-                            };
-                            acc = combine(kind, acc, v);
-                        }
-                        *dst.get().offset(o[0] + j * k_inner_d) = finish(acc);
-                    }
-                });
-            });
+                                *dst.get().offset(o[0] + j * k_inner_d) = finish(acc);
+                            }
+                        },
+                    );
+                },
+            );
             return;
         }
         // Kept axis innermost: accumulate whole result rows per reduced element.
-        par_split(n_out, work, threads, |lo, hi| {
-            let strides = [self.kept_dst.as_slice(), &self.kept_src];
-            let base = [self.dst.1, self.src.1];
-            for_rows(&self.kept_shape, strides, base, lo, hi, |o, n| {
-                let d = std::slice::from_raw_parts_mut(dst.get().offset(o[0]), n);
-                d.fill(kind.init());
-            });
-            for r in 0..red_rows {
-                let row_off = red_row_offset(r);
-                for i in 0..red_inner as isize {
-                    let shift = row_off + i * red_inner_stride;
-                    for_rows(&self.kept_shape, strides, base, lo, hi, |o, n| {
+        par_split(
+            n_out,
+            work,
+            threads,
+            #[inline(always)]
+            |lo, hi| {
+                let strides = [self.kept_dst.as_slice(), &self.kept_src];
+                let base = [self.dst.1, self.src.1];
+                for_rows(
+                    &self.kept_shape,
+                    strides,
+                    base,
+                    lo,
+                    hi,
+                    #[inline(always)]
+                    |o, n| {
                         let d = std::slice::from_raw_parts_mut(dst.get().offset(o[0]), n);
-                        let s = std::slice::from_raw_parts(src.get().offset(o[1] + shift) as *const f32, n);
-                        match kind {
-                            ReduceKind::Max => {
-                                for (a, &x) in d.iter_mut().zip(s) {
-                                    *a = combine(ReduceKind::Max, *a, x);
+                        d.fill(kind.init());
+                    },
+                );
+                for r in 0..red_rows {
+                    let row_off = red_row_offset(r);
+                    for i in 0..red_inner as isize {
+                        let shift = row_off + i * red_inner_stride;
+                        for_rows(
+                            &self.kept_shape,
+                            strides,
+                            base,
+                            lo,
+                            hi,
+                            #[inline(always)]
+                            |o, n| {
+                                let d = std::slice::from_raw_parts_mut(dst.get().offset(o[0]), n);
+                                let s = std::slice::from_raw_parts(src.get().offset(o[1] + shift) as *const f32, n);
+                                match kind {
+                                    ReduceKind::Max => {
+                                        for (a, &x) in d.iter_mut().zip(s) {
+                                            *a = combine(ReduceKind::Max, *a, x);
+                                        }
+                                    }
+                                    _ => {
+                                        for (a, &x) in d.iter_mut().zip(s) {
+                                            *a += x;
+                                        }
+                                    }
                                 }
-                            }
-                            _ => {
-                                for (a, &x) in d.iter_mut().zip(s) {
-                                    *a += x;
-                                }
-                            }
-                        }
-                    });
-                }
-            }
-            for_rows(&self.kept_shape, strides, base, lo, hi, |o, n| {
-                let d = std::slice::from_raw_parts_mut(dst.get().offset(o[0]), n);
-                if kind == ReduceKind::Mean {
-                    for a in d.iter_mut() {
-                        *a *= scale;
+                            },
+                        );
                     }
                 }
-                if self.round {
-                    round_f16_slice(d);
-                }
-            });
-        });
+                for_rows(
+                    &self.kept_shape,
+                    strides,
+                    base,
+                    lo,
+                    hi,
+                    #[inline(always)]
+                    |o, n| {
+                        let d = std::slice::from_raw_parts_mut(dst.get().offset(o[0]), n);
+                        if kind == ReduceKind::Mean {
+                            for a in d.iter_mut() {
+                                *a *= scale;
+                            }
+                        }
+                        if self.round {
+                            round_f16_slice(d);
+                        }
+                    },
+                );
+            },
+        );
     }
 }
 
