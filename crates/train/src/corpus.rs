@@ -10,8 +10,10 @@
 //! has its own stream, so a longer corpus extends a shorter one.
 //!
 //! The vocabulary is small (a few hundred words) and the structure regular, which is
-//! the point: a model of a few million parameters visibly learns it in minutes — the loss
-//! falls well below that of a unigram model and samples read like stories.
+//! the point: a tiny model visibly learns it in minutes. (When this was written, a
+//! 0.23 M-parameter model with the 512-piece tokenizer of [`crate::bpe`] went from
+//! ln 512 ≈ 6.2 to a validation loss of 1.6 nats per token in 300 CPU steps, and its
+//! samples began "Once there was a …".)
 //!
 //! ```
 //! let stories = train::corpus::generate(3, 7);

@@ -6,7 +6,7 @@
 //! training: a chunk of positions `t0..t0+n` of `x: [C, T]` is the `[C, n]` view starting
 //! at `x[t0]` with leading dimension `T`.
 //!
-//! The one primitive is [`gemm`]: `C = alpha·C + beta·op(A)·op(B)` (the `gemm` crate's
+//! The one primitive is [`gemm()`]: `C = alpha·C + beta·op(A)·op(B)` (the `gemm` crate's
 //! convention: `alpha` scales the old `C`, `beta` the product), where `op` is the identity
 //! or a transpose chosen per operand with [`MatRef::t`]. [`matmul`] (`C = A·B`) and
 //! [`matmul_acc`] (`C += A·B`) cover the common cases.
