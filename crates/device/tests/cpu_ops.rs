@@ -685,3 +685,43 @@ both_precisions! {
         assert_eq!(got[1], ref_take(&xt, &[(0..6).collect(), vec![3, 0, 3], (0..3).collect()]), "gather axis 1");
     };
 }
+
+/// Compute ops reading strided, reversed and broadcast views (no copy in between) agree
+/// with the reference on the same data materialised.
+fn views_feed_compute(p: Precision) {
+    let mut c = Case::new(p, 88);
+    let (x, xt) = c.input("x", &[6, 8], -2.0, 2.0);
+    // r = x[::-1, 1::2]: reversed rows, every other column: [6, 4].
+    let r = c.b.op1(
+        "slice_by_index",
+        "r",
+        vec![
+            ("x", (&x).into()),
+            ("begin", ints(&[0, 1])),
+            ("end", ints(&[0, 8])),
+            ("stride", ints(&[-1, 2])),
+            ("begin_mask", bools(&[true, false])),
+            ("end_mask", bools(&[true, false])),
+        ],
+    );
+    let t = c.b.transpose("t", &r, &[1, 0]); // [4, 6]
+    let sm = c.b.softmax("sm", &t, -1);
+    let rs = c.b.reduce_sum("rs", &t, &[0], false);
+    let mm = c.b.matmul("mm", &t, &r, false, false); // [4, 6]·[6, 4]
+    let ex = c.b.exp("ex", &t);
+    let got = c.run(&[&sm, &rs, &mm, &ex]);
+    let rt = ref_take(&xt, &[py_slice(6, None, None, -1), py_slice(8, Some(1), Some(8), 2)]);
+    let tt = ref_transpose(&rt, &[1, 0]);
+    assert_close("softmax of a view", &got[0], &ref_softmax(&tt, 1), None, Tol::one_op(p, 20.0));
+    let sum = ref_reduce(&tt, &[0], 0.0, |a, b| a + b);
+    let mag = ref_reduce(&tt.abs(), &[0], 0.0, |a, b| a + b);
+    assert_close("reduce of a view", &got[1], &reshaped(&sum, &[6]), Some(&reshaped(&mag, &[6])), Tol::dot(p, 4));
+    let mm_want = ref_matmul(&tt, &rt, false, false);
+    let mm_mag = ref_matmul(&tt.abs(), &rt.abs(), false, false);
+    assert_close("matmul of views", &got[2], &mm_want, Some(&mm_mag), Tol::dot(p, 6));
+    assert_close("exp of a view", &got[3], &tt.map(f64::exp), None, Tol::one_op(p, 3.0));
+}
+
+both_precisions! {
+    views_feed_compute_ops => views_feed_compute;
+}
