@@ -115,7 +115,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn matmul_program(c_in: usize, c_out: usize, seq: usize) -> Program {
+pub(crate) fn matmul_program(c_in: usize, c_out: usize, seq: usize) -> Program {
     let mut b = FunctionBuilder::new("main", Dialect::Ios18);
     let xw = b.input("xw", TensorType::surface(DType::Fp32, c_in, seq + c_out));
     let (ci, co, s) = (c_in as i64, c_out as i64, seq as i64);
@@ -129,7 +129,7 @@ fn matmul_program(c_in: usize, c_out: usize, seq: usize) -> Program {
     Program::new(Dialect::Ios18, b.finish().expect("the benchmark program is valid"))
 }
 
-fn conv_program(c_in: usize, c_out: usize, seq: usize, weights: &mut Weights) -> Program {
+pub(crate) fn conv_program(c_in: usize, c_out: usize, seq: usize, weights: &mut Weights) -> Program {
     let mut b = FunctionBuilder::new("main", Dialect::Ios18);
     let x = b.input("x", TensorType::surface(DType::Fp32, c_in, seq));
     let w = weights.add_tensor("w", &[c_out, c_in, 1, 1], &values(c_out * c_in, 7));

@@ -632,3 +632,65 @@ impl Planner<'_> {
         (arena, offsets)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::bench::{conv_program, matmul_program};
+
+    fn plan(program: &mil::Program, weights: &Weights, precision: Precision) -> CpuKernel {
+        let main = program.main().unwrap();
+        let scope = ops::validate_function(main).unwrap();
+        compile(main, scope, weights, precision, 1).unwrap()
+    }
+
+    /// The dynamic-weight layer (slice → reshape → transpose-flag → matmul → reshape)
+    /// is one GEMM reading the input surface in place and writing the output surface in
+    /// place: no copy anywhere, no temporary.
+    #[test]
+    fn packed_weight_matmul_is_one_gemm_on_the_surfaces() {
+        let kernel = plan(&matmul_program(48, 40, 16), &Weights::new(), Precision::Fp32);
+        assert_eq!(kernel.steps.len(), 1, "{:?}", kernel.steps);
+        let Step::Matmul(m) = &kernel.steps[0] else { panic!("{:?}", kernel.steps[0]) };
+        let input = kernel.input_storage[0].unwrap();
+        assert_eq!((m.x.storage, m.y.storage), (input, input));
+        // Wᵀ: rows are weight columns (stride 1), columns step over positions (S + OC).
+        assert_eq!((m.x.offset, m.x.row_stride, m.x.col_stride), (16, 1, 56));
+        assert_eq!((m.y.offset, m.y.row_stride, m.y.col_stride), (0, 56, 1));
+        assert_eq!(Some(m.dst.0), kernel.output_storage[0]);
+        assert!(kernel.arena.len() <= ALIGN, "no temporaries");
+    }
+
+    /// A 1×1 conv on baked weights is one GEMM too, in either precision (the cast of
+    /// fp16 weights to fp32 is free: they are fp16 numbers already).
+    #[test]
+    fn pointwise_conv_is_one_gemm() {
+        for precision in [Precision::Fp32, Precision::Fp16] {
+            let mut weights = Weights::new();
+            let kernel = plan(&conv_program(32, 24, 16, &mut weights), &weights, precision);
+            assert_eq!(kernel.steps.len(), 1, "{precision:?}: {:?}", kernel.steps);
+            let Step::Conv(c) = &kernel.steps[0] else { panic!("{:?}", kernel.steps[0]) };
+            assert_eq!(c.pointwise_col_stride, Some(1));
+            assert_eq!(Some(c.x.0), kernel.input_storage[0]);
+        }
+    }
+
+    /// Temporaries whose lifetimes do not overlap share arena space.
+    #[test]
+    fn arena_reuses_dead_temporaries() {
+        use mil::builder::FunctionBuilder;
+        use mil::{DType, Dialect, TensorType};
+        let mut b = FunctionBuilder::new("main", Dialect::Ios18);
+        let x = b.input("x", TensorType::surface(DType::Fp32, 64, 64));
+        let mut v = x;
+        for i in 0..6 {
+            v = b.exp(&format!("e{i}"), &v);
+        }
+        let s = b.reduce_sum("s", &v, &[1], true);
+        b.output(&s);
+        let program = mil::Program::new(Dialect::Ios18, b.finish().unwrap());
+        let kernel = plan(&program, &Weights::new(), Precision::Fp32);
+        // Six 4096-element results, at most two alive at once.
+        assert!(kernel.arena.len() <= 2 * 4096 + 2 * ALIGN, "arena of {} elements", kernel.arena.len());
+    }
+}
