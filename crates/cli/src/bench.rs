@@ -130,7 +130,12 @@ fn bench_sample(spec: &str, prompt: usize, decode: usize, which: DeviceArg, prec
     let bytes_per_token = (n_params - if config.shared_classifier { 0 } else { embedding }) * io_bytes;
     let roofline = bandwidth * 1e9 / bytes_per_token as f64;
     let decode_rate = decode as f64 / decode_s;
-    println!("bench sample: {spec} ({:.1} M params) on {} ({})", n_params as f64 / 1e6, device.name(), precision.name());
+    println!(
+        "bench sample: {spec} ({:.1} M params) on {} ({})",
+        n_params as f64 / 1e6,
+        device.name(),
+        precision.name()
+    );
     println!("  prefill   {prompt:>5} tokens  {:>9.1} tokens/s", prompt as f64 / prefill_s);
     println!("  decode    {decode:>5} tokens  {:>9.1} tokens/s", decode_rate);
     println!("  memory read bandwidth        {bandwidth:>9.1} GB/s (measured now)");
@@ -143,19 +148,14 @@ fn bench_sample(spec: &str, prompt: usize, decode: usize, which: DeviceArg, prec
 /// Reference figures from another run on this kind of machine (2 cores, fp32, batch 8 ×
 /// seq 256 for stories15m, 4 × 256 for stories110m): PyTorch 2.x running llama2.c's
 /// model.py, tokens/s. Quoted from the issue that set the bar; not measured here.
-const PYTORCH_TOKENS_PER_S: &[(&str, &str, f64)] = &[
-    ("stories15m", "eager", 1051.0),
-    ("stories15m", "torch.compile", 1160.0),
-    ("stories110m", "eager", 207.0),
-];
+const PYTORCH_TOKENS_PER_S: &[(&str, &str, f64)] =
+    &[("stories15m", "eager", 1051.0), ("stories15m", "torch.compile", 1160.0), ("stories110m", "eager", 207.0)];
 
 /// The best GFLOP/s the GEMM crate reaches on this machine at the shapes of
 /// `anetrain bench gemm` (measured now, briefly).
 fn gemm_peak_gflops() -> f64 {
-    let cfg = device::cpu::GemmBenchConfig {
-        time_per_case: std::time::Duration::from_millis(200),
-        ..Default::default()
-    };
+    let cfg =
+        device::cpu::GemmBenchConfig { time_per_case: std::time::Duration::from_millis(200), ..Default::default() };
     device::cpu::bench_gemm(&cfg).iter().map(|r| r.direct_gflops).fold(0.0, f64::max)
 }
 

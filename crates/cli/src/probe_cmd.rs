@@ -55,11 +55,17 @@ pub fn probe(args: ProbeArgs) -> Result<std::process::ExitCode> {
         DeviceArg::Auto => AneDevice::open().ok(),
     };
     let on_ane = ane.is_some();
-    let mut child_args: Vec<String> = vec!["__probe-child".into(), "--max-compiles".into(), CHILD_MAX_COMPILES.to_string()];
+    let mut child_args: Vec<String> =
+        vec!["__probe-child".into(), "--max-compiles".into(), CHILD_MAX_COMPILES.to_string()];
     if on_ane {
         child_args.extend(["--device".into(), "ane".into()]);
     } else {
-        child_args.extend(["--device".into(), "cpu".into(), "--sim-compile-limit".into(), args.sim_compile_limit.to_string()]);
+        child_args.extend([
+            "--device".into(),
+            "cpu".into(),
+            "--sim-compile-limit".into(),
+            args.sim_compile_limit.to_string(),
+        ]);
     }
     let options = ProbeOptions {
         iterations: args.iterations.max(1),
@@ -86,7 +92,9 @@ pub fn probe(args: ProbeArgs) -> Result<std::process::ExitCode> {
 
 pub fn probe_child(args: ProbeChildArgs) -> Result<()> {
     let device: Box<dyn Device> = match args.device {
-        DeviceArg::Ane => Box::new(AneDevice::open_with(AneConfig { compile_limit: usize::MAX, ..Default::default() })?),
+        DeviceArg::Ane => {
+            Box::new(AneDevice::open_with(AneConfig { compile_limit: usize::MAX, ..Default::default() })?)
+        }
         _ => {
             let mut cpu = CpuDevice::new(Precision::Fp32);
             if let Some(n) = args.sim_compile_limit {

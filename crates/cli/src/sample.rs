@@ -55,7 +55,7 @@ pub fn find_tokenizer(model: &Path, given: Option<&Path>) -> Result<Tokenizer> {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
-    if !(args.temperature >= 0.0) {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         bail!("--temperature {} must be 0 (greedy) or positive", args.temperature);
     }
     if !(0.0..=1.0).contains(&args.top_p) {

@@ -111,16 +111,10 @@ fn builtin_data(tokenizer: Option<Tokenizer>, vocab: usize, seq: usize, seed: u6
     let stories = train::corpus::generate(BUILTIN_STORIES, seed);
     let tokenizer = match tokenizer {
         Some(t) => t,
-        None => {
-            let (pieces, scores) = train::bpe::train_bpe(&stories, BUILTIN_VOCAB)?;
-            Tokenizer::new(pieces, scores)?
-        }
+        None => train::bpe::train_tokenizer(&stories, BUILTIN_VOCAB)?,
     };
     tokenizer.check_vocab(vocab).context("the built-in corpus's tokenizer")?;
-    let mut tokens: Vec<u16> = Vec::new();
-    for story in &stories {
-        tokens.extend(tokenizer.encode(story, true, false).into_iter().map(|t| t as u16));
-    }
+    let tokens = train::bpe::encode_texts(&tokenizer, &stories)?;
     let splits = Dataset::split_tokens("built-in corpus", tokens, BUILTIN_VAL_FRACTION, vocab, seq)?;
     Ok(Data { train: splits.train, val: splits.val, tokenizer: Some(tokenizer) })
 }
@@ -304,14 +298,26 @@ fn progress_bar(hidden: bool, pos: u64, len: u64) -> ProgressBar {
 }
 
 /// A short sample from the trained model, so the user sees what it learned.
-fn print_sample(device: &dyn device::Device, params: &Params, tokenizer: &Tokenizer, steps: usize, seed: u64) -> Result<()> {
+fn print_sample(
+    device: &dyn device::Device,
+    params: &Params,
+    tokenizer: &Tokenizer,
+    steps: usize,
+    seed: u64,
+) -> Result<()> {
     let mut decoder = Decoder::new(device, params)?;
     let mut sampler = Sampler::new(0.8, 0.9, seed)?;
     let mut text = Vec::new();
     let steps = steps.min(params.config().seq_len);
-    generate(&mut decoder, &[llama::tokenizer::BOS], steps, |l| sampler.sample(l), |prev, next| {
-        text.extend_from_slice(llama::tokenizer::printable(tokenizer.decode(prev, next)));
-    })?;
+    generate(
+        &mut decoder,
+        &[llama::tokenizer::BOS],
+        steps,
+        |l| sampler.sample(l),
+        |prev, next| {
+            text.extend_from_slice(llama::tokenizer::printable(tokenizer.decode(prev, next)));
+        },
+    )?;
     println!("── sample ──\n{}", String::from_utf8_lossy(&text).trim_end());
     Ok(())
 }
@@ -323,24 +329,27 @@ pub struct ExportArgs {
     /// The llama2.c model.bin to write (tokenizer.bin is copied beside it).
     #[arg(long)]
     pub to: PathBuf,
-    /// llama2.c format version: 0 (legacy) or 1.
-    #[arg(long, default_value_t = 0)]
-    pub version: u8,
+    /// llama2.c format version: 0 (legacy, what llama2.c's run reads) or 1.
+    #[arg(long = "format-version", default_value_t = 0)]
+    pub format_version: u8,
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
     let params = crate::load_model(&args.model)?;
-    let version = match args.version {
+    let version = match args.format_version {
         0 => llama::llama2c::Version::V0,
         1 => llama::llama2c::Version::V1,
-        v => bail!("--version {v}: llama2.c formats are 0 and 1"),
+        v => bail!("--format-version {v}: llama2.c formats are 0 and 1"),
     };
+    if let Some(dir) = args.to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     llama::llama2c::write_model(&params, &args.to, version)?;
     let tok = args.model.with_file_name("tokenizer.bin");
     let dest = args.to.with_file_name("tokenizer.bin");
     if tok.exists() && tok != dest {
         std::fs::copy(&tok, &dest).with_context(|| format!("copying {} to {}", tok.display(), dest.display()))?;
     }
-    eprintln!("wrote {} (llama2.c v{})", args.to.display(), args.version);
+    eprintln!("wrote {} (llama2.c v{})", args.to.display(), args.format_version);
     Ok(())
 }

@@ -68,10 +68,10 @@ fn the_built_in_run_learns() {
     assert_eq!(l.len(), 80);
     let first = l[0];
     let last: f64 = l[l.len() - 10..].iter().sum::<f64>() / 10.0;
-    // A fresh 512-token model starts near ln(512) ≈ 6.2; the built-in stories are
-    // repetitive enough that 80 steps take it below 4.5.
+    // A fresh 512-token model starts near ln(512) ≈ 6.2 (chance); 80 small steps (20 of
+    // them warm-up) take it below 4.7, 1.5 nats better than chance.
     assert!((first - 512f64.ln()).abs() < 0.5, "first loss {first}");
-    assert!(last < first - 1.7, "loss fell only from {first} to {last}");
+    assert!(last < first - 1.5, "loss fell only from {first} to {last}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Efficiency Report"), "{stderr}");
     assert!(dir.path().join("runs/default/tokenizer.bin").exists());
@@ -116,8 +116,10 @@ fn a_crash_while_checkpointing_keeps_the_previous_checkpoint() {
     let c = Checkpoint::read(&dir.path().join("c/ckpt.bin")).unwrap();
     assert_eq!(c.meta["step"], 4);
     assert_eq!(c.array("params").unwrap(), &before[..]);
-    let names: Vec<String> =
-        std::fs::read_dir(dir.path().join("c")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("c"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(names.iter().any(|n| n.contains(".tmp-")), "{names:?}");
     // And training goes on from it.
     ok(&anetrain(dir.path(), &train_args(&["--steps", "8", "--ckpt", "c/ckpt.bin", "--resume"])));
@@ -141,7 +143,10 @@ fn an_exported_model_samples_like_its_checkpoint() {
     assert_eq!(sample("out/model.bin"), from_ckpt);
     // model.bin write → read → write is byte-identical.
     ok(&anetrain(dir.path(), &["export", "out/model.bin", "--to", "again/model.bin"]));
-    assert_eq!(std::fs::read(dir.path().join("out/model.bin")).unwrap(), std::fs::read(dir.path().join("again/model.bin")).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path().join("out/model.bin")).unwrap(),
+        std::fs::read(dir.path().join("again/model.bin")).unwrap()
+    );
 }
 
 fn write_shard(path: &Path, tokens: &[u16]) {
@@ -200,11 +205,27 @@ fn a_diverging_run_stops_and_names_the_step() {
     let dir = tempfile::tempdir().unwrap();
     let out = anetrain(
         dir.path(),
-        &train_args(&["--steps", "40", "--lr", "1e30", "--min-lr", "1e30", "--warmup", "0", "--clip", "0", "--ckpt-every", "1", "--ckpt", "n/ckpt.bin"]),
+        &train_args(&[
+            "--steps",
+            "40",
+            "--lr",
+            "1e30",
+            "--min-lr",
+            "1e30",
+            "--warmup",
+            "0",
+            "--clip",
+            "0",
+            "--ckpt-every",
+            "1",
+            "--ckpt",
+            "n/ckpt.bin",
+        ]),
     );
     failed_with(&out, 1, &["at step"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let step: u64 = stderr.split("at step ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    let step: u64 =
+        stderr.split("at step ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
     // The last good checkpoint is the one before the bad step, and it loads.
     let c = Checkpoint::read(&dir.path().join("n/ckpt.bin")).unwrap();
     assert_eq!(c.meta["step"].as_u64().unwrap(), step - 1);

@@ -61,7 +61,7 @@ impl TrainConfig {
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad("min-lr", format!("{} must be between 0 and --lr {}", self.min_lr, self.lr));
         }
-        if !(self.clip >= 0.0) {
+        if self.clip.is_nan() || self.clip < 0.0 {
             return bad("clip", format!("{} must be 0 (off) or positive", self.clip));
         }
         if !(0.0..1.0).contains(&self.beta1) {
@@ -70,10 +70,10 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.beta2) {
             return bad("beta2", format!("{} must be in [0, 1)", self.beta2));
         }
-        if !(self.eps > 0.0) {
+        if self.eps.is_nan() || self.eps <= 0.0 {
             return bad("eps", format!("{} must be positive", self.eps));
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad("weight-decay", format!("{} must be 0 or positive", self.weight_decay));
         }
         Ok(())
@@ -94,8 +94,8 @@ pub enum TrainError {
     Model(#[from] llama::Error),
     #[error("{path}: {message}")]
     Resume { path: PathBuf, message: String },
-    #[error("the loss became {loss} at step {step}: training stopped (the last good checkpoint is kept)")]
-    NonFinite { step: u64, loss: f32 },
+    #[error("the {what} became {value} at step {step}: training stopped (the last good checkpoint is kept)")]
+    NonFinite { step: u64, what: &'static str, value: f32 },
     #[error("telemetry: {0}")]
     Telemetry(std::io::Error),
 }
@@ -137,8 +137,10 @@ pub fn load_params(path: &Path) -> Result<Params, TrainError> {
     let data = ckpt
         .take_array("params")
         .ok_or_else(|| TrainError::Resume { path: path.into(), message: "has no `params` array".into() })?;
-    Params::from_vec(&meta.config, data)
-        .map_err(|e| TrainError::Resume { path: path.into(), message: format!("parameters do not fit its config: {e}") })
+    Params::from_vec(&meta.config, data).map_err(|e| TrainError::Resume {
+        path: path.into(),
+        message: format!("parameters do not fit its config: {e}"),
+    })
 }
 
 /// True when the file starts like an anetrain checkpoint.
@@ -255,8 +257,8 @@ impl<'d> Trainer<'d> {
         if m.len() != params.len() || v.len() != params.len() {
             return Err(resume_err("optimizer state does not match the parameters".into()));
         }
-        let mut adam = AdamW::new(meta.adam, params.len(), decayed_ranges(&params))
-            .map_err(|e| resume_err(e.to_string()))?;
+        let mut adam =
+            AdamW::new(meta.adam, params.len(), decayed_ranges(&params)).map_err(|e| resume_err(e.to_string()))?;
         adam.m = m;
         adam.v = v;
         adam.step = meta.adam_step;
@@ -265,7 +267,18 @@ impl<'d> Trainer<'d> {
             train.steps = s;
         }
         let sampler = data::Sampler::restore(meta.sampler);
-        Trainer::assemble(device, params, train, adam, meta.scaler, sampler, train_data, val_data, meta.step, meta.cumulative)
+        Trainer::assemble(
+            device,
+            params,
+            train,
+            adam,
+            meta.scaler,
+            sampler,
+            train_data,
+            val_data,
+            meta.step,
+            meta.cumulative,
+        )
     }
 
     /// Writes a checkpoint of the whole state (atomically).
@@ -318,10 +331,15 @@ impl<'d> Trainer<'d> {
         let mut loss_sum = 0.0f64;
         for _ in 0..accum {
             self.train_data.sample_batch(&mut self.sampler, &mut self.inputs, &mut self.targets);
-            let loss =
-                self.pipeline.forward_backward(&self.params, &mut self.grads, &self.inputs, &self.targets, grad_scale)?;
+            let loss = self.pipeline.forward_backward(
+                &self.params,
+                &mut self.grads,
+                &self.inputs,
+                &self.targets,
+                grad_scale,
+            )?;
             if !loss.is_finite() {
-                return Err(TrainError::NonFinite { step: step + 1, loss });
+                return Err(TrainError::NonFinite { step: step + 1, what: "loss", value: loss });
             }
             loss_sum += loss as f64;
         }
@@ -336,6 +354,11 @@ impl<'d> Trainer<'d> {
             self.train.clip,
         );
         let optimizer_ms = opt_start.elapsed().as_secs_f64() * 1e3;
+        // In fp32 there is no loss scale to back off: a non-finite gradient means the
+        // run diverged, and skipping steps forever would hide it.
+        if !outcome.applied && !self.train.loss_scaling {
+            return Err(TrainError::NonFinite { step: step + 1, what: "gradient norm", value: outcome.grad_norm });
+        }
         let phases = self.pipeline.times.take();
         let secs = start.elapsed().as_secs_f64();
         self.step += 1;
@@ -379,7 +402,7 @@ impl<'d> Trainer<'d> {
     /// same batches at every evaluation), or `None` without a validation split.
     pub fn evaluate(&mut self) -> Result<Option<f32>, TrainError> {
         let Some(val) = &self.val_data else { return Ok(None) };
-        let mut sampler = data::Sampler::new(self.train.seed ^ 0x5eed_0f_5a11);
+        let mut sampler = data::Sampler::new(self.train.seed ^ 0x5EED_0F5A_11E5);
         let mut sum = 0.0f64;
         let n = self.train.eval_batches.max(1);
         for _ in 0..n {

@@ -33,7 +33,7 @@ fn params(config: &Config, seed: u64) -> Params {
     }
     for (spec, values) in p.tensors_mut() {
         if spec.name.contains("rms") {
-            values.iter_mut().for_each(|v| *v = 1.0 + *v);
+            values.iter_mut().for_each(|v| *v += 1.0);
         }
     }
     p
