@@ -163,7 +163,10 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], CheckpointError> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            format_err(self.path, format!("truncated: needs {n} bytes at offset {}, file body is {}", self.at, self.bytes.len()))
+            format_err(
+                self.path,
+                format!("truncated: needs {n} bytes at offset {}, file body is {}", self.at, self.bytes.len()),
+            )
         })?;
         let s = &self.bytes[self.at..end];
         self.at = end;

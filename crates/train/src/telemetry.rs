@@ -22,7 +22,8 @@ impl StepFlops {
     /// Counts multiply-adds as 2 FLOPs, attention over the full `S×S` square (the
     /// kernels compute masked scores too). Elementwise work is not counted.
     pub fn for_step(config: &llama::Config, batch: usize, seq: usize) -> StepFlops {
-        let (d, h, kv, v) = (config.dim as f64, config.hidden_dim as f64, config.kv_dim() as f64, config.vocab_size as f64);
+        let (d, h, kv, v) =
+            (config.dim as f64, config.hidden_dim as f64, config.kv_dim() as f64, config.vocab_size as f64);
         let (l, b, s) = (config.n_layers as f64, batch as f64, seq as f64);
         let t = b * s;
         let layer_matmul_params = d * d * 2.0 + 2.0 * d * kv + 3.0 * d * h;
@@ -30,7 +31,8 @@ impl StepFlops {
         // the scores and does dV, dP, dQ, dK (10·S²·D).
         let attention_fwd = 4.0 * s * s * d * b;
         let attention_bwd = 10.0 * s * s * d * b;
-        let device = l * (2.0 * layer_matmul_params * t + attention_fwd + 2.0 * layer_matmul_params * t + attention_bwd);
+        let device =
+            l * (2.0 * layer_matmul_params * t + attention_fwd + 2.0 * layer_matmul_params * t + attention_bwd);
         let dw = l * 2.0 * layer_matmul_params * t;
         let classifier = 2.0 * v * d * t * 3.0;
         StepFlops { device, cpu: dw + classifier }
