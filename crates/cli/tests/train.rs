@@ -135,7 +135,19 @@ fn an_exported_model_samples_like_its_checkpoint() {
     let sample = |model: &str| {
         ok(&anetrain(
             dir.path(),
-            &["sample", "--model", model, "--temperature", "0", "--steps", "60", "--device", "cpu"],
+            &[
+                "sample",
+                "--model",
+                model,
+                "--prompt",
+                "Once upon a time",
+                "--temperature",
+                "0",
+                "--steps",
+                "60",
+                "--device",
+                "cpu",
+            ],
         ))
     };
     let from_ckpt = sample("run/ckpt.bin");

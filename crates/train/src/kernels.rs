@@ -486,6 +486,44 @@ pub fn qkv_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<Ke
 mod tests {
     use super::*;
 
+    /// Every kernel a Stories-shaped layer needs, at the shapes the pipelines use.
+    fn all_kernels(d: &LayerDims, batch: usize, seq: usize, dialect: Dialect) -> Vec<KernelDef> {
+        let t = batch * seq;
+        vec![
+            qkv_forward(d, t, dialect).unwrap(),
+            attention_forward(d, batch, seq, dialect).unwrap(),
+            attention_decode(d, 16, seq, dialect).unwrap(),
+            ffn_forward(d, t, dialect).unwrap(),
+            ffn_backward(d, t, dialect).unwrap(),
+            attention_backward(d, batch, seq, dialect).unwrap(),
+            qkv_backward(d, t, dialect).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn the_ane_lint_finds_no_error_in_any_kernel() {
+        // Stories15M and Stories110M layers at the training shapes (seq 256), and
+        // Stories260K (grouped-query attention).
+        let shapes = [
+            (LayerDims { dim: 288, hidden: 768, n_heads: 6, n_kv_heads: 6 }, 2, 256),
+            (LayerDims { dim: 768, hidden: 2048, n_heads: 12, n_kv_heads: 12 }, 1, 256),
+            (LayerDims { dim: 64, hidden: 192, n_heads: 4, n_kv_heads: 2 }, 2, 128),
+        ];
+        for (d, batch, seq) in shapes {
+            for dialect in [Dialect::Ios18, Dialect::Ios16] {
+                for k in all_kernels(&d, batch, seq, dialect) {
+                    let findings = mil::lint::lint(&k.program);
+                    let errors: Vec<String> = findings
+                        .iter()
+                        .filter(|f| f.severity == mil::lint::Severity::Error)
+                        .map(|f| f.to_string())
+                        .collect();
+                    assert!(errors.is_empty(), "{} ({dialect}, dim {}): {errors:#?}", k.name, d.dim);
+                }
+            }
+        }
+    }
+
     fn dims() -> LayerDims {
         LayerDims { dim: 64, hidden: 172, n_heads: 8, n_kv_heads: 4 }
     }
@@ -505,6 +543,8 @@ mod tests {
             ];
             for k in &ks {
                 mil::validate(&k.program).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+                let text = mil::text::print(&k.program);
+                assert_eq!(mil::text::parse(&text).unwrap(), k.program, "{} does not print and parse back", k.name);
             }
         }
     }
