@@ -8,7 +8,7 @@
 
 use gemm::{gemm, Parallelism};
 
-use super::elementwise::{par_split, Ptr};
+use super::elementwise::{par_split, simd, Ptr};
 use super::math::round_f16_slice;
 use super::view::StorageId;
 
@@ -117,7 +117,7 @@ impl Matmul {
                 par,
             );
             if self.round {
-                round_f16_slice(std::slice::from_raw_parts_mut(out, m * n));
+                simd(|| round_f16_slice(std::slice::from_raw_parts_mut(out, m * n)));
             }
         };
         if batches > 1 && threads > 1 && m * n * k < SMALL_GEMM {
@@ -232,7 +232,7 @@ impl Conv {
                     }
                 }
                 if self.round {
-                    round_f16_slice(rows);
+                    simd(|| round_f16_slice(rows));
                 }
             }
         }

@@ -33,6 +33,7 @@ pub(crate) fn round_f16(x: f32) -> f32 {
 }
 
 /// Rounds every value of a slice to fp16.
+#[inline(always)]
 pub(crate) fn round_f16_slice(v: &mut [f32]) {
     for x in v.iter_mut() {
         *x = round_f16(*x);
