@@ -12,7 +12,7 @@ use mil::Var;
 use super::elementwise::{binary, for_rows, unary, Binary, Map, Ptr, Unary};
 use super::linalg::{Conv, Matmul};
 use super::reduce::{Reduce, Softmax};
-use super::view::StorageId;
+use super::view::{span, StorageId};
 use crate::{check_binding, Error, ErrorKind, Kernel, Result, Surface};
 
 /// Where a storage lives.
@@ -75,6 +75,71 @@ pub(crate) enum Step {
 }
 
 impl Step {
+    /// Every window the step touches: `(storage, lo..hi)` address ranges, for the
+    /// planner's bounds check.
+    pub fn visit_spans(&self, f: &mut dyn FnMut(StorageId, (isize, isize))) {
+        let packed = |st: StorageId, offset: usize, len: usize| (st, (offset as isize, (offset + len) as isize));
+        let map =
+            |m_shape: &[usize], op: &super::elementwise::Operand| (op.storage, span(op.offset, m_shape, &op.strides));
+        match self {
+            Step::LoadF16 { .. } => {} // checked with its input's size when planned
+            Step::Unary { map: m, .. } => {
+                let (a, b) = (map(&m.shape, &m.dst), map(&m.shape, &m.src[0]));
+                f(a.0, a.1);
+                f(b.0, b.1);
+            }
+            Step::Binary { map: m, .. } => {
+                for op in [&m.dst, &m.src[0], &m.src[1]] {
+                    let (st, r) = map(&m.shape, op);
+                    f(st, r);
+                }
+            }
+            Step::Softmax(s) => {
+                let n = s.outer * s.len * s.inner;
+                let (a, b) = (packed(s.src.0, s.src.1, n), packed(s.dst.0, s.dst.1, n));
+                f(a.0, a.1);
+                f(b.0, b.1);
+            }
+            Step::Reduce(r) => {
+                let (src, dst) = r.spans();
+                f(r.src.0, src);
+                f(r.dst.0, dst);
+            }
+            Step::Matmul(m) => {
+                let mut shape = m.batch_shape.clone();
+                shape.extend([m.m, m.k]);
+                let mut strides = m.x_batch.clone();
+                strides.extend([m.x.row_stride, m.x.col_stride]);
+                f(m.x.storage, span(m.x.offset, &shape, &strides));
+                let r = shape.len();
+                shape[r - 2..].copy_from_slice(&[m.k, m.n]);
+                strides = m.y_batch.clone();
+                strides.extend([m.y.row_stride, m.y.col_stride]);
+                f(m.y.storage, span(m.y.offset, &shape, &strides));
+                let n: usize = m.batch_shape.iter().product::<usize>() * m.m * m.n;
+                let d = packed(m.dst.0, m.dst.1, n);
+                f(d.0, d.1);
+            }
+            Step::Conv(c) => {
+                for (st, r) in c.spans() {
+                    f(st, r);
+                }
+            }
+            Step::Gather(g) => {
+                let x = packed(g.x.0, g.x.1, g.outer * g.dim * g.inner);
+                let i = packed(g.indices.0, g.indices.1, g.n_indices);
+                let d = packed(g.dst.0, g.dst.1, g.outer * g.n_indices * g.inner);
+                for (st, r) in [x, i, d] {
+                    f(st, r);
+                }
+            }
+            Step::StoreF16 { map: m, .. } => {
+                let (st, r) = map(&m.shape, &m.src[0]);
+                f(st, r);
+            }
+        }
+    }
+
     /// Every storage the step reads or writes.
     pub fn visit_storages(&self, f: &mut dyn FnMut(StorageId)) {
         match self {

@@ -10,7 +10,7 @@ use gemm::{gemm, Parallelism};
 
 use super::elementwise::{par_split, simd, Ptr};
 use super::math::round_f16_slice;
-use super::view::StorageId;
+use super::view::{span, StorageId};
 
 /// A matrix window: base address and strides, in elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +160,30 @@ pub(crate) struct Conv {
 }
 
 impl Conv {
+    /// Every window the conv touches: `(storage, lo..hi)`.
+    pub fn spans(&self) -> Vec<(StorageId, (isize, isize))> {
+        let [n, c, h, w] = self.x_shape;
+        let xs = self.x.2;
+        let x = match self.pointwise_col_stride {
+            Some(cs) => span(self.x.1, &[n, c, h * w], &[xs[0], xs[1], cs]),
+            None => span(self.x.1, &self.x_shape, &xs),
+        };
+        let kdim = c / self.groups * self.kernel[0] * self.kernel[1];
+        let cols = self.out_hw[0] * self.out_hw[1];
+        let mut v = vec![
+            (self.x.0, x),
+            (self.w.storage, span(self.w.offset, &[self.out_channels, kdim], &[self.w.row_stride, self.w.col_stride])),
+            (self.dst.0, (self.dst.1 as isize, (self.dst.1 + n * self.out_channels * cols) as isize)),
+        ];
+        if let Some((st, off, stride)) = self.bias {
+            v.push((st, span(off, &[self.out_channels], &[stride])));
+        }
+        if let Some((st, off)) = self.scratch {
+            v.push((st, (off as isize, (off + kdim * cols) as isize)));
+        }
+        v
+    }
+
     /// # Safety
     /// Pointers are the storages named by the plan; `dst` and `scratch` overlap nothing.
     pub unsafe fn run(&self, x: Ptr, w: Ptr, bias: Option<Ptr>, scratch: Option<Ptr>, dst: Ptr, threads: usize) {

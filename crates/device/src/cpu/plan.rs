@@ -2,8 +2,8 @@
 //! storages.
 //!
 //! Every value is a [`View`]. Ops that only re-index (`reshape`, `transpose`, the
-//! slices, `split`, `expand_dims`, `squeeze`, `identity`, and in fp32 mode `cast`) make a
-//! new view and no step. Ops that compute get a fresh packed temporary. Temporaries
+//! slices, `split`, `expand_dims`, `squeeze`, `identity`, and `cast` between float types
+//! unless it must round an fp32 input in fp16 mode) make a new view and no step. Ops that compute get a fresh packed temporary. Temporaries
 //! whose lifetimes do not overlap share arena space; a result that is exactly an fp32
 //! output is computed straight into the output surface.
 //!
@@ -111,6 +111,7 @@ pub(crate) fn compile(
             p.copy(&view, &View::packed(st, 0, &out.ty.shape));
         }
     }
+    p.check_bounds(f, &outputs)?;
     let (arena_len, temp_offsets) = p.layout_arena();
     // One spare line so the arena's start can be aligned to 64 bytes.
     let mut arena = vec![0f32; arena_len + ALIGN];
@@ -589,6 +590,38 @@ impl Planner<'_> {
         Ok(())
     }
 
+    /// Checks that every window of every step lies inside its storage. The executor
+    /// trusts the plan with raw pointers; this turns a planner bug into an error instead
+    /// of memory corruption.
+    fn check_bounds(&self, f: &Function, outputs: &[mil::Var]) -> Result<()> {
+        let len = |st: StorageId| match self.kinds[st] {
+            StorageKind::Input(i) => f.inputs[i].ty.numel(),
+            StorageKind::Output(j) => outputs[j].ty.numel(),
+            StorageKind::Const(k) => self.consts[k].len(),
+            StorageKind::Temp { len } => len,
+        };
+        let mut bad = None;
+        for (i, step) in self.steps.iter().enumerate() {
+            step.visit_spans(&mut |st, (lo, hi)| {
+                if st != SURFACE && lo < hi && (lo < 0 || hi > len(st) as isize) && bad.is_none() {
+                    bad = Some((i, st, lo, hi));
+                }
+            });
+        }
+        match bad {
+            None => Ok(()),
+            Some((i, st, lo, hi)) => Err(Error::new(
+                ErrorKind::Compile,
+                format!(
+                    "internal error in the CPU device's planner: step {i} ({:?}) reaches {lo}..{hi} of a \
+                     storage of {} elements; please report this with the program",
+                    self.steps[i],
+                    len(st)
+                ),
+            )),
+        }
+    }
+
     /// Places the temporaries in one arena: each lives from the first to the last step
     /// that touches it, and two share space only if those ranges are disjoint. Greedy
     /// first fit in order of first use. Returns the arena length and each storage's
@@ -673,6 +706,38 @@ mod tests {
             assert_eq!(c.pointwise_col_stride, Some(1));
             assert_eq!(Some(c.x.0), kernel.input_storage[0]);
         }
+    }
+
+    /// A step reaching outside its storage is refused at compile time.
+    #[test]
+    fn bounds_check_catches_a_bad_plan() {
+        let weights = Weights::new();
+        let mut p = Planner {
+            precision: Precision::Fp32,
+            weights: &weights,
+            scope: Scope::new(),
+            kinds: Vec::new(),
+            consts: Vec::new(),
+            const_views: HashMap::new(),
+            values: HashMap::new(),
+            steps: Vec::new(),
+        };
+        let small = p.new_packed(&[4]);
+        let big = p.new_packed(&[8]);
+        let f = mil::Function {
+            name: "main".into(),
+            opset: "ios18".into(),
+            inputs: vec![],
+            ops: vec![],
+            outputs: vec![],
+            span: mil::Span::default(),
+        };
+        p.copy(&View::packed(small.storage, 0, &[4]), &View::packed(big.storage, 4, &[4]));
+        assert!(p.check_bounds(&f, &[]).is_ok());
+        p.copy(&View::packed(big.storage, 0, &[8]), &View::packed(small.storage, 0, &[8]));
+        let err = p.check_bounds(&f, &[]).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Compile);
+        assert!(err.message.contains("step 1"), "{}", err.message);
     }
 
     /// Temporaries whose lifetimes do not overlap share arena space.

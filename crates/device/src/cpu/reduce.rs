@@ -6,7 +6,7 @@
 
 use super::elementwise::{for_rows, par_split, Ptr};
 use super::math::{exp, round_f16, round_f16_slice};
-use super::view::{coalesce, packed_strides, StorageId, View};
+use super::view::{coalesce, packed_strides, span, StorageId, View};
 
 /// Softmax over the middle axis of a packed `[outer, len, inner]` block.
 #[derive(Clone, Debug)]
@@ -228,6 +228,16 @@ impl Reduce {
             count,
             reduced_inner,
         }
+    }
+
+    /// Address ranges of the source window and of the packed result.
+    pub fn spans(&self) -> ((isize, isize), (isize, isize)) {
+        let mut shape = self.kept_shape.clone();
+        shape.extend_from_slice(&self.red_shape);
+        let mut strides = self.kept_src.clone();
+        strides.extend_from_slice(&self.red_src);
+        let n_out: usize = self.kept_shape.iter().product();
+        (span(self.src.1, &shape, &strides), (self.dst.1 as isize, (self.dst.1 + n_out) as isize))
     }
 
     /// # Safety

@@ -168,6 +168,24 @@ impl View {
     }
 }
 
+/// The addresses a window touches, as `lo..hi` (empty for an empty shape): the planner
+/// checks every step's windows against their storages before a kernel exists.
+pub(crate) fn span(offset: usize, shape: &[usize], strides: &[isize]) -> (isize, isize) {
+    if shape.contains(&0) {
+        return (offset as isize, offset as isize);
+    }
+    let (mut lo, mut hi) = (offset as isize, offset as isize);
+    for (&d, &s) in shape.iter().zip(strides) {
+        let reach = (d as isize - 1) * s;
+        if reach < 0 {
+            lo += reach;
+        } else {
+            hi += reach;
+        }
+    }
+    (lo, hi + 1)
+}
+
 /// Several windows walked together over one shape, with the shape simplified: size-1
 /// axes dropped and neighbouring axes merged wherever every operand is contiguous across
 /// them. `[1, C, 1, S] + [1, C, 1, 1]` becomes shape `[C, S]`, strides `[S, 1]` and
