@@ -10,7 +10,10 @@
 //! - [`tokenizer`]: `tokenizer.bin` and llama2.c's BPE encode/decode ([`Tokenizer`]);
 //! - [`sampler`]: greedy, temperature and top-p sampling with llama2.c's RNG ([`Sampler`]);
 //! - [`reference`](mod@reference): a plain fp32 forward pass, the yardstick for the device pipelines;
-//! - [`generate`](generate::generate): llama2.c's generation loop over any forward pass.
+//! - [`generate`](generate::generate): llama2.c's generation loop over any forward pass;
+//! - [`hf`]: Hugging Face folders (config.json + safetensors, Llama and Qwen2), with the
+//!   RoPE permutation between llama2.c's and Hugging Face's conventions;
+//! - [`tokenizers`](mod@tokenizers): llama2.c, SentencePiece and Hugging Face tokenizers behind one type.
 //!
 //! The `train` crate builds MIL kernels and training on top of these types; the `cli`
 //! crate wires them to files and flags.
@@ -56,11 +59,13 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod hf;
 pub mod llama2c;
 pub mod params;
 pub mod reference;
 pub mod sampler;
 pub mod tokenizer;
+pub mod tokenizers;
 
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};
