@@ -143,6 +143,8 @@ impl LayerActs {
 /// Gradient scratch buffers for the backward pass (one set, reused per layer).
 struct Scratch {
     dx: Vec<f32>,
+    /// The gradient at the FFN's output, kept while its dW GEMMs overlap later work.
+    dy_ffn: Vec<f32>,
     dxn: Vec<f32>,
     dh1: Vec<f32>,
     dh3: Vec<f32>,
@@ -177,6 +179,10 @@ pub struct DynamicPipeline {
     pub times: PhaseTimes,
     /// Seconds spent compiling the kernels.
     pub compile_seconds: f64,
+    /// Run weight-gradient GEMMs concurrently with the next device kernel (FFN dW with
+    /// the attention backward, Wo's dW with the QKV backward). `bench train` measures
+    /// whether it pays on this machine.
+    pub overlap_dw: bool,
 }
 
 /// Positions of the classifier processed at once (bounds its logits buffer to
@@ -217,6 +223,7 @@ impl DynamicPipeline {
             acts: (0..config.n_layers).map(|_| LayerActs::new(&dims, t)).collect(),
             scratch: Scratch {
                 dx: vec![0.0; dim * t],
+                dy_ffn: vec![0.0; dim * t],
                 dxn: vec![0.0; dim * t],
                 dh1: vec![0.0; hid * t],
                 dh3: vec![0.0; hid * t],
@@ -234,6 +241,7 @@ impl DynamicPipeline {
             classifier: ClassifierLoss::new(config.vocab_size, dim, CLASSIFIER_CHUNK.min(t)),
             times: PhaseTimes::default(),
             compile_seconds,
+            overlap_dw: false,
         })
     }
 
@@ -420,16 +428,19 @@ impl DynamicPipeline {
             k.read(2, &mut s.dh3);
             k.read(3, &mut s.gate);
             lap(&mut t, &mut times.surface_io);
-            // dW2 [D, H] += dy [D, T] · gateᵀ ; dW1, dW3 [H, D] += dh [H, T] · xn2ᵀ
-            matmul_acc(
-                MatMut::new(g.w2_mut(), dim, hid),
-                MatRef::new(&s.dx, dim, t_len),
-                MatRef::new(&s.gate, hid, t_len).t(),
-            );
-            let xn2 = MatRef::new(&a.xn2, dim, t_len).t();
-            matmul_acc(MatMut::new(g.w1_mut(), hid, dim), MatRef::new(&s.dh1, hid, t_len), xn2);
-            matmul_acc(MatMut::new(g.w3_mut(), hid, dim), MatRef::new(&s.dh3, hid, t_len), xn2);
-            lap(&mut t, &mut times.dw);
+            s.dy_ffn.copy_from_slice(&s.dx);
+            let ffn_dw = |g: &mut llama::LayerMut<'_>, dy: &[f32], gate: &[f32], dh1: &[f32], dh3: &[f32]| {
+                // dW2 [D, H] += dy [D, T] · gateᵀ ; dW1, dW3 [H, D] += dh [H, T] · xn2ᵀ
+                let gate_t = MatRef::new(gate, hid, t_len).t();
+                matmul_acc(MatMut::new(g.w2_mut(), dim, hid), MatRef::new(dy, dim, t_len), gate_t);
+                let xn2 = MatRef::new(&a.xn2, dim, t_len).t();
+                matmul_acc(MatMut::new(g.w1_mut(), hid, dim), MatRef::new(dh1, hid, t_len), xn2);
+                matmul_acc(MatMut::new(g.w3_mut(), hid, dim), MatRef::new(dh3, hid, t_len), xn2);
+            };
+            if !self.overlap_dw {
+                ffn_dw(&mut g, &s.dy_ffn, &s.gate, &s.dh1, &s.dh3);
+                lap(&mut t, &mut times.dw);
+            }
             // The residual carries s.dx through; the FFN branch adds its part.
             cpu_ops::rmsnorm_backward(
                 &mut s.dx,
@@ -450,19 +461,28 @@ impl DynamicPipeline {
             k.write(1, "k", &a.k);
             k.write(1, "v", &a.v);
             lap(&mut t, &mut times.surface_io);
-            k.eval()?;
+            if self.overlap_dw {
+                let (dy, gate, dh1, dh3) = (&s.dy_ffn, &s.gate, &s.dh1, &s.dh3);
+                let (done, ()) = rayon::join(|| k.eval(), || ffn_dw(&mut g, dy, gate, dh1, dh3));
+                done?;
+            } else {
+                k.eval()?;
+            }
             lap(&mut t, &mut times.device_backward);
             k.read(0, &mut s.dq);
             k.read(1, &mut s.dk);
             k.read(2, &mut s.dv);
             lap(&mut t, &mut times.surface_io);
-            // dWo [D, D] += dy [D, T] · oᵀ
-            matmul_acc(
-                MatMut::new(g.wo_mut(), dim, dim),
-                MatRef::new(&s.dx, dim, t_len),
-                MatRef::new(&a.o, dim, t_len).t(),
-            );
-            lap(&mut t, &mut times.dw);
+            // dWo [D, D] += dy [D, T] · oᵀ (s.dx stays the gradient at x_mid until the
+            // attention branch's RMSNorm backward below).
+            let wo_dw = |g: &mut llama::LayerMut<'_>, dy: &[f32]| {
+                let o_t = MatRef::new(&a.o, dim, t_len).t();
+                matmul_acc(MatMut::new(g.wo_mut(), dim, dim), MatRef::new(dy, dim, t_len), o_t);
+            };
+            if !self.overlap_dw {
+                wo_dw(&mut g, &s.dx);
+                lap(&mut t, &mut times.dw);
+            }
             cpu_ops::rope_backward(&mut s.dq, t_len, &self.rope);
             cpu_ops::rope_backward(&mut s.dk, t_len, &self.rope);
             bias_grads(&mut g, &s.dq, &s.dk, &s.dv, t_len);
@@ -477,7 +497,13 @@ impl DynamicPipeline {
             k.write(1, "wk", w.wk());
             k.write(1, "wv", w.wv());
             lap(&mut t, &mut times.surface_io);
-            k.eval()?;
+            if self.overlap_dw {
+                let dy = &s.dx;
+                let (done, ()) = rayon::join(|| k.eval(), || wo_dw(&mut g, dy));
+                done?;
+            } else {
+                k.eval()?;
+            }
             lap(&mut t, &mut times.device_backward);
             k.read(0, &mut s.dxn);
             lap(&mut t, &mut times.surface_io);

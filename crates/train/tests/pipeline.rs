@@ -121,3 +121,24 @@ fn gradients_match_finite_differences_with_and_without_gqa() {
         assert!(checked >= 3 * specs.len());
     }
 }
+
+#[test]
+fn overlapping_dw_with_device_work_changes_nothing() {
+    let config = tiny(2);
+    let p = params(&config, 21);
+    let (b, s) = (2, 8);
+    let (inputs, targets) = batch(&config, b, s, 9);
+    let device = CpuDevice::new(Precision::Fp32);
+    let mut grads = Vec::new();
+    for overlap in [false, true] {
+        let mut pipe = DynamicPipeline::new(&device, &config, b, s).unwrap();
+        pipe.overlap_dw = overlap;
+        let mut g = Params::zeros(&config).unwrap();
+        pipe.forward_backward(&p, &mut g, &inputs, &targets, 1.0).unwrap();
+        grads.push(g.into_vec());
+    }
+    // The same GEMMs on the same operands, only scheduled differently.
+    for (i, (x, y)) in grads[0].iter().zip(&grads[1]).enumerate() {
+        assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "gradient {i}: {x} vs {y}");
+    }
+}
