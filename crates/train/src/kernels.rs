@@ -113,18 +113,18 @@ pub struct KernelDef {
 }
 
 /// A builder that knows the I/O variant: inputs are cast to fp16 on entry and outputs
-/// back on exit when the surfaces are fp32.
-struct Gen {
-    b: FunctionBuilder,
+/// back on exit when the surfaces are fp32. (Also used by `static_kernels`.)
+pub(crate) struct Gen {
+    pub(crate) b: FunctionBuilder,
     io: Io,
     dialect: Dialect,
     inputs: Vec<SurfaceLayout>,
     outputs: Vec<(String, usize, usize)>,
-    weights: Weights,
+    pub(crate) weights: Weights,
 }
 
 impl Gen {
-    fn new(dialect: Dialect) -> Gen {
+    pub(crate) fn new(dialect: Dialect) -> Gen {
         Gen {
             b: FunctionBuilder::new("main", dialect),
             io: Io::for_dialect(dialect),
@@ -137,7 +137,7 @@ impl Gen {
 
     /// Declares a surface made of `blocks` laid side by side (each `rows` ≤ channels),
     /// and returns it as an fp16 `[1, C, 1, W]` value.
-    fn surface(&mut self, name: &str, channels: usize, blocks: &[(&'static str, usize, usize)]) -> Var {
+    pub(crate) fn surface(&mut self, name: &str, channels: usize, blocks: &[(&'static str, usize, usize)]) -> Var {
         let mut s0 = 0;
         let mut layout = SurfaceLayout { name: name.to_string(), channels, width: 0, blocks: Vec::new() };
         for &(bname, rows, width) in blocks {
@@ -156,7 +156,7 @@ impl Gen {
 
     /// A block of an input surface as a `[rows, width]` matrix (slice + reshape: views on
     /// the CPU device, no copy).
-    fn block(&mut self, surf: &Var, input: usize, block: &str) -> Var {
+    pub(crate) fn block(&mut self, surf: &Var, input: usize, block: &str) -> Var {
         let bl = self.inputs[input].block(block).clone();
         let name = format!("{}_{}", self.inputs[input].name, bl.name);
         let s = self.b.slice_by_size(
@@ -169,12 +169,12 @@ impl Gen {
     }
 
     /// `W^T · x` for `w: [IC, OC]`, `x: [IC, T]` → `[OC, T]`.
-    fn linear_t(&mut self, name: &str, w: &Var, x: &Var) -> Var {
+    pub(crate) fn linear_t(&mut self, name: &str, w: &Var, x: &Var) -> Var {
         self.b.matmul(name, w, x, true, false)
     }
 
     /// Marks a `[C, T]` value as an output surface `[1, C, 1, T]` named `name`.
-    fn output(&mut self, name: &str, v: &Var) {
+    pub(crate) fn output(&mut self, name: &str, v: &Var) {
         let (c, t) = (v.ty.shape[0], v.ty.shape[1]);
         let out = match self.io {
             Io::Fp32Cast => {
@@ -187,7 +187,7 @@ impl Gen {
         self.outputs.push((name.to_string(), c, t));
     }
 
-    fn finish(self, name: &'static str) -> mil::Result<KernelDef> {
+    pub(crate) fn finish(self, name: &'static str) -> mil::Result<KernelDef> {
         let f = self.b.finish()?;
         Ok(KernelDef {
             name,
@@ -254,7 +254,7 @@ pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, dialect: Diale
 
 /// The additive causal mask `[S, S]` (0 on and below the diagonal, [`MASK_NEG`] above),
 /// as a constant weight file.
-fn causal_mask(g: &mut Gen, seq: usize) -> Var {
+pub(crate) fn causal_mask(g: &mut Gen, seq: usize) -> Var {
     let mut m = vec![0.0f32; seq * seq];
     for i in 0..seq {
         for j in i + 1..seq {
@@ -327,7 +327,7 @@ pub fn ffn_forward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<Ker
 
 /// Reshapes a channel-major `[heads·hd, B·S]` value to `[B, heads, S, hd]`-like 5-D
 /// layouts and back: the attention kernels' bookkeeping, in one place.
-struct Heads {
+pub(crate) struct Heads {
     b: i64,
     s: i64,
     hd: i64,
@@ -336,31 +336,31 @@ struct Heads {
 }
 
 impl Heads {
-    fn new(d: &LayerDims, batch: usize, seq: usize) -> Heads {
+    pub(crate) fn new(d: &LayerDims, batch: usize, seq: usize) -> Heads {
         Heads { b: batch as i64, s: seq as i64, hd: d.head_dim() as i64, nkv: d.n_kv_heads as i64, g: d.group() as i64 }
     }
 
     /// Queries `[D, T]` → `[B, nkv, g, S, hd]` (head h = kv_head·g + i, as llama2.c).
-    fn queries(&self, g: &mut Gen, name: &str, q: &Var) -> Var {
+    pub(crate) fn queries(&self, g: &mut Gen, name: &str, q: &Var) -> Var {
         let q5 = g.b.reshape(&format!("{name}_5"), q, &[self.nkv, self.g, self.hd, self.b, self.s]);
         g.b.transpose(name, &q5, &[3, 0, 1, 4, 2])
     }
 
     /// Keys or values `[KV, T]` → `[B, nkv, 1, S, hd]`.
-    fn kv_rows(&self, g: &mut Gen, name: &str, k: &Var) -> Var {
+    pub(crate) fn kv_rows(&self, g: &mut Gen, name: &str, k: &Var) -> Var {
         let k4 = g.b.reshape(&format!("{name}_4"), k, &[self.nkv, self.hd, self.b, self.s]);
         let kt = g.b.transpose(&format!("{name}_t"), &k4, &[2, 0, 3, 1]);
         g.b.reshape(name, &kt, &[self.b, self.nkv, 1, self.s, self.hd])
     }
 
     /// `[B, nkv, g, S, hd]` → channel-major `[D, T]`.
-    fn merge_queries(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
+    pub(crate) fn merge_queries(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
         let t = g.b.transpose(&format!("{name}_t"), x, &[1, 2, 4, 0, 3]);
         g.b.reshape(name, &t, &[self.nkv * self.g * self.hd, self.b * self.s])
     }
 
     /// `[B, nkv, S, hd]` → channel-major `[KV, T]`.
-    fn merge_kv(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
+    pub(crate) fn merge_kv(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
         let t = g.b.transpose(&format!("{name}_t"), x, &[1, 3, 0, 2]);
         g.b.reshape(name, &t, &[self.nkv * self.hd, self.b * self.s])
     }

@@ -6,7 +6,9 @@
 //! same code drives the CPU device on any machine and the ANE on a Mac.
 //!
 //! Layers, bottom up: kernel generators ([`kernels`]) → the device model
-//! ([`model`]: forward and decoding on a device) → pipelines (training steps) →
+//! ([`model`]: forward and decoding on a device) → pipelines (training steps: dynamic
+//! [`pipeline`], [`static_pipeline`] with [`static_kernels`], [`double_buffer`], one
+//! [`pipelines::Pipeline`] for all three) →
 //! checkpoints, telemetry and the efficiency report.
 
 pub mod bpe;
@@ -14,10 +16,14 @@ pub mod checkpoint;
 pub mod corpus;
 pub mod cpu_ops;
 pub mod data;
+pub mod double_buffer;
 pub mod kernels;
 pub mod linalg;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
+pub mod pipelines;
+pub mod static_kernels;
+pub mod static_pipeline;
 pub mod telemetry;
 pub mod trainer;

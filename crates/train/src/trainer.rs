@@ -1,5 +1,9 @@
 //! The training loop: batches from the data, a pipeline's loss and gradients, the
 //! optimizer, evaluation, checkpoints that resume bit-identically, and telemetry.
+//!
+//! Any of the three pipelines ([`crate::pipelines`]) trains; the trainer also knows how
+//! many compiles its next step needs, so the caller can checkpoint and restart the
+//! process before the device's compile budget runs out ([`Trainer::needs_restart`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -11,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::{self, Dataset, SamplerState};
 use crate::optim::{self, AdamW, AdamWConfig, LossScaler, LrSchedule};
-use crate::pipeline::DynamicPipeline;
+use crate::pipelines::{CompileCost, Pipeline, PipelineConfig};
 use crate::telemetry::{Cumulative, Event, PhasesMs, Report, StepFlops, Telemetry};
 
 /// Everything that shapes a run, saved in checkpoints so a resume continues the same
@@ -110,6 +114,8 @@ pub struct StepInfo {
     pub ms: f64,
     pub tokens_per_s: f64,
     pub val_loss: Option<f32>,
+    /// Time the step waited for a background compile (double-buffered pipeline).
+    pub compile_stall_ms: Option<f64>,
 }
 
 /// Metadata stored in a training checkpoint.
@@ -125,9 +131,15 @@ struct Meta {
     scaler: LossScaler,
     sampler: SamplerState,
     cumulative: Cumulative,
+    /// The pipeline of the run (absent in checkpoints older than the static pipeline:
+    /// those were dynamic).
+    #[serde(default)]
+    pipeline: PipelineConfig,
 }
 
 const CHECKPOINT_KIND: &str = "anetrain-train";
+/// The checkpoint array holding the double-buffered pipeline's one-step-old weights.
+const STALE_PARAMS: &str = "pipeline.stale_params";
 
 /// Reads the parameters (and config) of a training checkpoint, for sampling or export.
 pub fn load_params(path: &Path) -> Result<Params, TrainError> {
@@ -159,7 +171,8 @@ pub struct Trainer<'d> {
     adam: AdamW,
     scaler: LossScaler,
     schedule: LrSchedule,
-    pipeline: DynamicPipeline,
+    pipeline: Pipeline,
+    pipeline_config: PipelineConfig,
     sampler: data::Sampler,
     train_data: Dataset,
     val_data: Option<Dataset>,
@@ -173,11 +186,24 @@ pub struct Trainer<'d> {
 }
 
 impl<'d> Trainer<'d> {
-    /// A fresh run from `params` (random or loaded from a llama2.c model).
+    /// A fresh run from `params` (random or loaded from a llama2.c model), with the
+    /// dynamic pipeline.
     pub fn new(
         device: &'d dyn Device,
         params: Params,
         train: TrainConfig,
+        train_data: Dataset,
+        val_data: Option<Dataset>,
+    ) -> Result<Trainer<'d>, TrainError> {
+        Trainer::with_pipeline(device, params, train, PipelineConfig::default(), train_data, val_data)
+    }
+
+    /// A fresh run from `params` with the pipeline `pipeline`.
+    pub fn with_pipeline(
+        device: &'d dyn Device,
+        params: Params,
+        train: TrainConfig,
+        pipeline: PipelineConfig,
         train_data: Dataset,
         val_data: Option<Dataset>,
     ) -> Result<Trainer<'d>, TrainError> {
@@ -189,26 +215,25 @@ impl<'d> Trainer<'d> {
         let adam = AdamW::new(adam_config, params.len(), decayed).map_err(|e| TrainError::Config(e.to_string()))?;
         let scaler = if train.loss_scaling { LossScaler::fp16() } else { LossScaler::disabled() };
         let sampler = data::Sampler::new(train.seed);
-        Trainer::assemble(device, params, train, adam, scaler, sampler, train_data, val_data, 0, Cumulative::default())
+        let state = RunState { adam, scaler, sampler, step: 0, cumulative: Cumulative::default(), stale: None };
+        Trainer::assemble(device, params, train, pipeline, state, train_data, val_data)
     }
 
-    #[allow(clippy::too_many_arguments)] // the whole state of a run, in one place
     fn assemble(
         device: &'d dyn Device,
         params: Params,
         train: TrainConfig,
-        adam: AdamW,
-        scaler: LossScaler,
-        sampler: data::Sampler,
+        pipeline_config: PipelineConfig,
+        state: RunState,
         train_data: Dataset,
         val_data: Option<Dataset>,
-        step: u64,
-        mut cumulative: Cumulative,
     ) -> Result<Trainer<'d>, TrainError> {
+        let RunState { adam, scaler, sampler, step, mut cumulative, stale } = state;
+        pipeline_config.validate().map_err(TrainError::Config)?;
         let config = params.config().clone();
-        let pipeline = DynamicPipeline::new(device, &config, train.batch, train.seq)?;
-        cumulative.compile_seconds += pipeline.compile_seconds;
-        cumulative.compiles += DynamicPipeline::KERNELS as u64;
+        let (pipeline, cost) = Pipeline::new(device, pipeline_config, &params, step, stale, train.batch, train.seq)?;
+        cumulative.compile_seconds += cost.foreground_seconds;
+        cumulative.compiles += cost.kernels as u64;
         let grads = Params::zeros(&config)?;
         let schedule =
             LrSchedule { max_lr: train.lr, min_lr: train.min_lr, warmup_steps: train.warmup, total_steps: train.steps };
@@ -222,6 +247,7 @@ impl<'d> Trainer<'d> {
             scaler,
             schedule,
             pipeline,
+            pipeline_config,
             sampler,
             train_data,
             val_data,
@@ -234,12 +260,27 @@ impl<'d> Trainer<'d> {
         })
     }
 
-    /// Continues a run from its checkpoint. `train` must describe the same run
-    /// (the schedule and batch shape are taken from the checkpoint; `steps` may grow).
+    /// Continues a run from its checkpoint, with the checkpoint's pipeline. The
+    /// schedule and batch shape are taken from the checkpoint; `steps` may grow.
     pub fn resume(
         device: &'d dyn Device,
         path: &Path,
         steps: Option<u64>,
+        train_data: Dataset,
+        val_data: Option<Dataset>,
+    ) -> Result<Trainer<'d>, TrainError> {
+        Trainer::resume_with(device, path, steps, None, train_data, val_data)
+    }
+
+    /// [`Trainer::resume`], optionally switching to another pipeline. Resuming the
+    /// double-buffered pipeline from its own checkpoint restores its one-step-old
+    /// weights, so the run continues exactly as if it had not stopped; from another
+    /// pipeline's checkpoint its first step is not stale.
+    pub fn resume_with(
+        device: &'d dyn Device,
+        path: &Path,
+        steps: Option<u64>,
+        pipeline: Option<PipelineConfig>,
         train_data: Dataset,
         val_data: Option<Dataset>,
     ) -> Result<Trainer<'d>, TrainError> {
@@ -267,18 +308,17 @@ impl<'d> Trainer<'d> {
             train.steps = s;
         }
         let sampler = data::Sampler::restore(meta.sampler);
-        Trainer::assemble(
-            device,
-            params,
-            train,
-            adam,
-            meta.scaler,
-            sampler,
-            train_data,
-            val_data,
-            meta.step,
-            meta.cumulative,
-        )
+        let stale = match ckpt.take_array(STALE_PARAMS) {
+            Some(v) => Some(
+                Params::from_vec(&meta.config, v)
+                    .map_err(|e| resume_err(format!("`{STALE_PARAMS}` does not fit its config: {e}")))?,
+            ),
+            None => None,
+        };
+        let pipeline = pipeline.unwrap_or(meta.pipeline);
+        let state =
+            RunState { adam, scaler: meta.scaler, sampler, step: meta.step, cumulative: meta.cumulative, stale };
+        Trainer::assemble(device, params, train, pipeline, state, train_data, val_data)
     }
 
     /// Writes a checkpoint of the whole state (atomically).
@@ -293,15 +333,17 @@ impl<'d> Trainer<'d> {
             scaler: self.scaler.clone(),
             sampler: self.sampler.state(),
             cumulative: self.cumulative,
+            pipeline: self.pipeline_config,
         };
-        let ckpt = Checkpoint {
-            meta: serde_json::to_value(&meta).expect("checkpoint metadata serialises"),
-            arrays: vec![
-                ("params".into(), self.params.as_slice().to_vec()),
-                ("adam.m".into(), self.adam.m.clone()),
-                ("adam.v".into(), self.adam.v.clone()),
-            ],
-        };
+        let mut arrays = vec![
+            ("params".into(), self.params.as_slice().to_vec()),
+            ("adam.m".into(), self.adam.m.clone()),
+            ("adam.v".into(), self.adam.v.clone()),
+        ];
+        if let Some(stale) = self.pipeline.stale_params() {
+            arrays.push((STALE_PARAMS.into(), stale.as_slice().to_vec()));
+        }
+        let ckpt = Checkpoint { meta: serde_json::to_value(&meta).expect("checkpoint metadata serialises"), arrays };
         Ok(ckpt.write_atomic(path)?)
     }
 
@@ -314,8 +356,8 @@ impl<'d> Trainer<'d> {
             flops_per_step: self.flops.total() * self.train.accum as f64,
             device: self.device.name().to_string(),
             precision: precision.to_string(),
-            pipeline: "dynamic".into(),
-            settings: serde_json::to_value(&self.train).expect("settings serialise"),
+            pipeline: self.pipeline_config.kind.name().into(),
+            settings: self.settings_json(),
             resumed_from_step: resumed.then_some(self.step),
         }
     }
@@ -328,22 +370,21 @@ impl<'d> Trainer<'d> {
         self.grads.as_mut_slice().fill(0.0);
         let accum = self.train.accum;
         let grad_scale = self.scaler.scale / accum as f32;
-        let mut loss_sum = 0.0f64;
-        for _ in 0..accum {
-            self.train_data.sample_batch(&mut self.sampler, &mut self.inputs, &mut self.targets);
-            let loss = self.pipeline.forward_backward(
-                &self.params,
-                &mut self.grads,
-                &self.inputs,
-                &self.targets,
-                grad_scale,
-            )?;
-            if !loss.is_finite() {
-                return Err(TrainError::NonFinite { step: step + 1, what: "loss", value: loss });
+        // The `accum` micro-batches share one version of the kernels: one compile.
+        let Trainer { pipeline, params, grads, train_data, sampler, inputs, targets, device, .. } = self;
+        let (passes, cost) = pipeline.step(*device, params, step, |passes, weights| {
+            let mut loss_sum = 0.0f64;
+            for _ in 0..accum {
+                train_data.sample_batch(sampler, inputs, targets);
+                let loss = passes.forward_backward(weights, grads, inputs, targets, grad_scale)?;
+                if !loss.is_finite() {
+                    return Err(TrainError::NonFinite { step: step + 1, what: "loss", value: loss });
+                }
+                loss_sum += loss as f64;
             }
-            loss_sum += loss as f64;
-        }
-        let loss = (loss_sum / accum as f64) as f32;
+            Ok(loss_sum)
+        })?;
+        let loss = (passes? / accum as f64) as f32;
         let opt_start = Instant::now();
         let outcome = optim::step_with_scaling(
             &mut self.adam,
@@ -359,19 +400,23 @@ impl<'d> Trainer<'d> {
         if !outcome.applied && !self.train.loss_scaling {
             return Err(TrainError::NonFinite { step: step + 1, what: "gradient norm", value: outcome.grad_norm });
         }
-        let phases = self.pipeline.times.take();
+        let phases = self.pipeline.take_times();
         let secs = start.elapsed().as_secs_f64();
         self.step += 1;
 
         let tokens = (self.train.batch * self.train.seq * accum) as u64;
+        self.count_compile(&cost);
         let c = &mut self.cumulative;
         c.steps += 1;
         c.tokens += tokens;
-        c.train_seconds += secs;
+        // Train time excludes the compiles the step waited for (they are compile time).
+        c.train_seconds += secs - cost.foreground_seconds - cost.stall_seconds;
         c.device_seconds += (phases.device_forward + phases.device_backward) / 1e3;
         c.device_flops += self.flops.device * accum as f64;
         c.total_flops += self.flops.total() * accum as f64;
 
+        let stall_ms =
+            (self.pipeline.kind() == crate::pipelines::PipelineKind::DoubleBuffer).then_some(cost.stall_seconds * 1e3);
         let info = StepInfo {
             step: self.step,
             loss,
@@ -380,6 +425,7 @@ impl<'d> Trainer<'d> {
             ms: secs * 1e3,
             tokens_per_s: tokens as f64 / secs,
             val_loss: None,
+            compile_stall_ms: stall_ms,
         };
         telemetry
             .emit(&Event::Step {
@@ -392,7 +438,7 @@ impl<'d> Trainer<'d> {
                 ms: info.ms,
                 phases_ms: PhasesMs::from_times(&phases, optimizer_ms),
                 loss_scale: self.train.loss_scaling.then_some(self.scaler.scale),
-                compile_stall_ms: None,
+                compile_stall_ms: stall_ms,
             })
             .map_err(TrainError::Telemetry)?;
         Ok(info)
@@ -405,17 +451,81 @@ impl<'d> Trainer<'d> {
         let mut sampler = data::Sampler::new(self.train.seed ^ 0x5EED_0F5A_11E5);
         let mut sum = 0.0f64;
         let n = self.train.eval_batches.max(1);
+        let mut cost = CompileCost::default();
         for _ in 0..n {
             val.sample_batch(&mut sampler, &mut self.inputs, &mut self.targets);
-            sum += self.pipeline.loss(&self.params, &self.inputs, &self.targets)? as f64;
+            let (loss, c) = self.pipeline.loss(self.device, &self.params, self.step, &self.inputs, &self.targets)?;
+            cost += c;
+            sum += loss as f64;
         }
-        self.pipeline.times.take();
+        self.count_compile(&cost);
+        self.pipeline.take_times();
         Ok(Some((sum / n as f64) as f32))
+    }
+
+    /// Adds a compile's cost to the cumulative statistics. Compile time is the time the
+    /// training thread spent compiling or waiting for a compile (so compile and train
+    /// time do not overlap); the double-buffered pipeline's background compiles overlap
+    /// training and count only where they made it wait (the stall).
+    fn count_compile(&mut self, cost: &CompileCost) {
+        let c = &mut self.cumulative;
+        c.compile_seconds += cost.foreground_seconds + cost.stall_seconds;
+        c.compile_stall_seconds += cost.stall_seconds;
+        c.compiles += cost.kernels as u64;
+    }
+
+    /// The pipeline this run trains with.
+    pub fn pipeline_config(&self) -> PipelineConfig {
+        self.pipeline_config
+    }
+
+    /// Kernels one recompile compiles (0 for the dynamic pipeline).
+    pub fn kernels_per_compile(&self) -> usize {
+        self.pipeline.kernels_per_compile()
+    }
+
+    /// True when the validation loss is due after completing step `step` (1-based).
+    pub fn eval_due(&self, step: u64) -> bool {
+        self.val_data.is_some()
+            && self.train.eval_every > 0
+            && (step.is_multiple_of(self.train.eval_every) || step == self.train.steps)
+    }
+
+    /// Compiles the next step (and the evaluation after it, if due) will do.
+    pub fn compiles_ahead(&self) -> usize {
+        self.pipeline.compiles_ahead(self.step, self.eval_due(self.step + 1))
+    }
+
+    /// True when the next step would exceed the device's compile budget: the caller
+    /// should checkpoint and restart the process (`exec()` itself with `--resume`).
+    pub fn needs_restart(&self) -> bool {
+        self.device.compiles_left().is_some_and(|left| left < self.compiles_ahead())
+    }
+
+    /// The settings for the start event: the training config, plus the pipeline.
+    fn settings_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.train).expect("settings serialise");
+        if let Some(map) = v.as_object_mut() {
+            map.insert("pipeline".into(), self.pipeline_config.kind.name().into());
+            map.insert("ane_extras".into(), self.pipeline_config.ane_extras.into());
+        }
+        v
     }
 
     pub fn report(&self) -> Report {
         Report::from_cumulative(&self.cumulative)
     }
+}
+
+/// The optimizer, sampler, position and statistics of a run: what a resume restores.
+struct RunState {
+    adam: AdamW,
+    scaler: LossScaler,
+    sampler: data::Sampler,
+    step: u64,
+    cumulative: Cumulative,
+    /// The double-buffered pipeline's one-step-old weights, when resuming one.
+    stale: Option<Params>,
 }
 
 /// Index ranges of the weight-decayed tensors: the matrices (not norms or biases).
