@@ -1,15 +1,22 @@
 //! `anetrain train`: train a model, by default the built-in tiny config on the built-in
 //! story corpus (no downloads), and `anetrain export`.
+//!
+//! Training with a pipeline that recompiles (`--pipeline static`, `double-buffer`) meets
+//! the ANE's per-process compile budget; before a step would exceed it, the command
+//! checkpoints and `exec()`s itself with the same arguments plus `--resume`, and the run
+//! continues in a fresh process ([`restart`]). `--sim-compile-limit` gives the CPU device
+//! such a budget, so this is exercised anywhere.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use device::Precision;
+use clap::{Args, ValueEnum};
+use device::{cpu::CpuDevice, Device, Precision};
 use indicatif::{ProgressBar, ProgressStyle};
 use llama::{Config, Params, Sampler, Tokenizer};
 use train::data::{Dataset, HoldOut};
 use train::model::{generate, Decoder};
+use train::pipelines::{PipelineConfig, PipelineKind};
 use train::telemetry::{Event, Telemetry};
 use train::trainer::{self, TrainConfig, Trainer};
 
@@ -97,6 +104,63 @@ pub struct TrainArgs {
     /// No progress bar (for logs and tests).
     #[arg(long)]
     pub quiet: bool,
+    /// How the kernels get their weights: `dynamic` (in their input surfaces, compiled
+    /// once), `static` (baked in, recompiled after every step) or `double-buffer` (baked
+    /// in, recompiled in the background while training goes on, one step stale). With
+    /// --resume: the checkpoint's pipeline unless given.
+    #[arg(long, value_enum)]
+    pub pipeline: Option<PipelineArg>,
+    /// Also run the final RMSNorm, the classifier with its softmax and the RMSNorm
+    /// backward as device kernels (static and double-buffer pipelines).
+    #[arg(long)]
+    pub ane_extras: bool,
+    /// CPU device: refuse compiles after N per process, as the ANE does after ≈119;
+    /// training then checkpoints and restarts itself to continue.
+    #[arg(long, value_name = "N")]
+    pub sim_compile_limit: Option<usize>,
+    /// CPU device: make every compile take at least MS milliseconds, as the ANE's do
+    /// (tens to hundreds), to see what double-buffered compilation hides.
+    #[arg(long, value_name = "MS")]
+    pub sim_compile_ms: Option<u64>,
+}
+
+/// `--pipeline`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PipelineArg {
+    Dynamic,
+    Static,
+    DoubleBuffer,
+}
+
+impl From<PipelineArg> for PipelineKind {
+    fn from(p: PipelineArg) -> PipelineKind {
+        match p {
+            PipelineArg::Dynamic => PipelineKind::Dynamic,
+            PipelineArg::Static => PipelineKind::Static,
+            PipelineArg::DoubleBuffer => PipelineKind::DoubleBuffer,
+        }
+    }
+}
+
+/// The device, with the CPU device's emulated compile budget and latency when asked for.
+fn training_device(args: &TrainArgs) -> Result<Box<dyn Device>> {
+    if args.sim_compile_limit.is_none() && args.sim_compile_ms.is_none() {
+        return open_device(args.device, args.precision);
+    }
+    if args.device == DeviceArg::Ane {
+        bail!("--sim-compile-limit and --sim-compile-ms emulate the ANE on the CPU device; they need --device cpu");
+    }
+    let mut cpu = CpuDevice::new(args.precision);
+    if let Some(n) = args.sim_compile_limit {
+        if n == 0 {
+            bail!("--sim-compile-limit 0 allows no compile at all; give at least the compiles of one step");
+        }
+        cpu = cpu.with_compile_limit(n);
+    }
+    if let Some(ms) = args.sim_compile_ms {
+        cpu = cpu.with_sim_compile_ms(ms);
+    }
+    Ok(Box::new(cpu))
 }
 
 /// What the data step produced: the splits and the tokenizer to save beside the model.
@@ -151,7 +215,8 @@ fn initial_params(spec: &str, seed: u64, tokenizer_vocab: Option<usize>) -> Resu
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let device = open_device(args.device, args.precision)?;
+    let process_start = std::time::Instant::now();
+    let device = training_device(&args)?;
     let given_tokenizer = match &args.tokenizer {
         Some(p) => Some(Tokenizer::read(p)?),
         None if args.resume => {
@@ -183,8 +248,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let data = load_data(&args, &config, seq, given_tokenizer)?;
 
+    let pipeline = match args.pipeline {
+        Some(kind) => Some(PipelineConfig::new(kind.into(), args.ane_extras)),
+        None if args.ane_extras && resuming => {
+            bail!("--ane-extras with --resume needs --pipeline too (without it the checkpoint's pipeline continues)")
+        }
+        None => None,
+    };
+    if let Some(p) = pipeline {
+        p.validate().map_err(anyhow::Error::msg)?;
+    }
     let mut trainer = if resuming {
-        Trainer::resume(device.as_ref(), &args.ckpt, Some(args.steps), data.train, data.val)?
+        Trainer::resume_with(device.as_ref(), &args.ckpt, Some(args.steps), pipeline, data.train, data.val)?
     } else {
         let params = initial_params(&args.model, args.seed, tokenizer_vocab)?;
         let settings = TrainConfig {
@@ -206,7 +281,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             seed: args.seed,
             loss_scaling: args.precision == Precision::Fp16,
         };
-        Trainer::new(device.as_ref(), params, settings, data.train, data.val)?
+        let pipeline = pipeline.unwrap_or_default();
+        Trainer::with_pipeline(device.as_ref(), params, settings, pipeline, data.train, data.val)?
     };
     if let Some(t) = &data.tokenizer {
         let path = args.ckpt.with_file_name("tokenizer.bin");
@@ -224,23 +300,41 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let last = args.stop_after.map_or(trainer.train.steps, |k| k.min(trainer.train.steps));
     let bar = progress_bar(args.quiet || args.telemetry.as_deref() == Some(Path::new("-")), trainer.step, last);
     eprintln!(
-        "training {} ({:.2} M params) on {} ({}): {} steps of {}×{} tokens{}",
+        "training {} ({:.2} M params) on {} ({}, {} pipeline): {} steps of {}×{} tokens{}",
         args.model,
         trainer.params.len() as f64 / 1e6,
         device.name(),
         args.precision.name(),
+        trainer.pipeline_config().label(),
         trainer.train.steps,
         trainer.train.batch * trainer.train.accum,
         trainer.train.seq,
         if resuming { format!(", resuming after step {}", trainer.step) } else { String::new() }
     );
-    let session_start = std::time::Instant::now();
+    // Wall time counts this process from its start (setup and the first compile
+    // included), on top of what earlier processes of the run counted.
+    let session_start = process_start;
     let cumulative_wall = trainer.cumulative.wall_seconds;
+    let first_step = trainer.step;
     let mut last_val: Option<f32> = None;
     while trainer.step < last {
+        if trainer.needs_restart() {
+            bar.finish_and_clear();
+            if trainer.step == first_step {
+                bail!(
+                    "the device's compile budget ({} compiles left) cannot fit one step of the {} pipeline, which \
+                     needs {}: raise --sim-compile-limit, or train with --pipeline dynamic (compiles once)",
+                    device.compiles_left().unwrap_or(0),
+                    trainer.pipeline_config().label(),
+                    trainer.compiles_ahead()
+                );
+            }
+            trainer.cumulative.wall_seconds = cumulative_wall + session_start.elapsed().as_secs_f64();
+            return restart(&mut trainer, &args, device.as_ref(), &mut telemetry);
+        }
         let info = trainer.step(&mut telemetry)?;
         let step = trainer.step;
-        if trainer.train.eval_every > 0 && (step % trainer.train.eval_every == 0 || step == trainer.train.steps) {
+        if trainer.eval_due(step) {
             if let Some(v) = trainer.evaluate()? {
                 telemetry.emit(&Event::Eval { step, val_loss: v })?;
                 last_val = Some(v);
@@ -253,10 +347,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         bar.set_position(step);
         bar.set_message(format!(
-            "loss {:.4}{}  {:.0} tok/s",
+            "loss {:.4}{}  {:.0} tok/s{}",
             info.loss,
             last_val.map_or(String::new(), |v| format!("  val {v:.4}")),
-            info.tokens_per_s
+            info.tokens_per_s,
+            info.compile_stall_ms.map_or(String::new(), |ms| format!("  stall {ms:.0} ms"))
         ));
     }
     bar.finish_and_clear();
@@ -281,6 +376,43 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checkpoints, emits the `restart` event and replaces this process with a fresh one
+/// running the same command plus `--resume` (a fresh process has a fresh compile budget).
+/// Returns only if `exec()` fails.
+fn restart(trainer: &mut Trainer<'_>, args: &TrainArgs, device: &dyn Device, telemetry: &mut Telemetry) -> Result<()> {
+    let step = trainer.step;
+    // Counted before saving: the next process reads it from the checkpoint.
+    trainer.cumulative.restarts += 1;
+    trainer.save(&args.ckpt)?;
+    telemetry.emit(&Event::Checkpoint { step, path: args.ckpt.display().to_string() })?;
+    telemetry.emit(&Event::Restart { step, compiles_done: device.compiles_done() })?;
+    eprintln!(
+        "compile budget: {} compiles done, {} left, the next step needs {}: checkpointed after step {step}, \
+         restarting the process",
+        device.compiles_done(),
+        device.compiles_left().unwrap_or(0),
+        trainer.compiles_ahead()
+    );
+    let exe = std::env::current_exe().context("restart: cannot find this program's path")?;
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if !argv.iter().any(|a| a == "--resume") {
+        argv.push("--resume".into());
+    }
+    exec(&exe, &argv)
+}
+
+#[cfg(unix)]
+fn exec(exe: &Path, argv: &[std::ffi::OsString]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe).args(argv).exec();
+    Err(err).with_context(|| format!("restart: exec {} failed", exe.display()))
+}
+
+#[cfg(not(unix))]
+fn exec(_exe: &Path, _argv: &[std::ffi::OsString]) -> Result<()> {
+    bail!("restarting needs exec(), which this system lacks: continue with --resume")
 }
 
 fn progress_bar(hidden: bool, pos: u64, len: u64) -> ProgressBar {
