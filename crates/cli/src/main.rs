@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod dashboard_cmd;
+mod data_cmd;
 mod devices;
+mod hf_cmd;
 mod mil_cmd;
 mod npy;
 mod probe_cmd;
@@ -45,6 +47,16 @@ enum Command {
     /// (internal) the child process of the compile-limit probe.
     #[command(name = "__probe-child", hide = true)]
     ProbeChild(probe_cmd::ProbeChildArgs),
+    /// Datasets: download TinyStories, pretokenize text into shards.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+    /// Tokenizers: train a BPE vocabulary.
+    #[command(subcommand)]
+    Tokenizer(data_cmd::TokenizerCommand),
+    /// Read a Hugging Face model folder (config.json + safetensors) into a llama2.c model.bin.
+    ImportHf(hf_cmd::ImportArgs),
+    /// Generate text with a Hugging Face model folder (Llama or Qwen2) on a device.
+    Generate(hf_cmd::GenerateArgs),
     /// Benchmarks that print figures measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -116,6 +128,10 @@ fn main() -> ExitCode {
         Command::Sample(args) => sample::run(args),
         Command::Mil(cmd) => mil_cmd::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Tokenizer(cmd) => data_cmd::run_tokenizer(cmd),
+        Command::ImportHf(args) => hf_cmd::import(args),
+        Command::Generate(args) => hf_cmd::generate(args),
         Command::Dashboard(args) => dashboard_cmd::dashboard(args),
         Command::Plot(args) => dashboard_cmd::plot(args),
     };

@@ -459,8 +459,12 @@ pub struct ExportArgs {
     /// An anetrain checkpoint or a llama2.c model.bin.
     pub model: PathBuf,
     /// The llama2.c model.bin to write (tokenizer.bin is copied beside it).
+    #[arg(long, required_unless_present = "to_hf", conflicts_with = "to_hf")]
+    pub to: Option<PathBuf>,
+    /// A Hugging Face folder to write instead: model.safetensors, config.json and
+    /// tokenizer files (LlamaForCausalLM).
     #[arg(long)]
-    pub to: PathBuf,
+    pub to_hf: Option<PathBuf>,
     /// llama2.c format version: 0 (legacy, what llama2.c's run reads) or 1.
     #[arg(long = "format-version", default_value_t = 0)]
     pub format_version: u8,
@@ -468,20 +472,25 @@ pub struct ExportArgs {
 
 pub fn export(args: ExportArgs) -> Result<()> {
     let params = crate::load_model(&args.model)?;
+    let to = match (&args.to, &args.to_hf) {
+        (_, Some(dir)) => return crate::hf_cmd::export_hf(&params, &args.model, dir),
+        (Some(to), None) => to,
+        (None, None) => bail!("give --to model.bin or --to-hf DIR"),
+    };
     let version = match args.format_version {
         0 => llama::llama2c::Version::V0,
         1 => llama::llama2c::Version::V1,
         v => bail!("--format-version {v}: llama2.c formats are 0 and 1"),
     };
-    if let Some(dir) = args.to.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    llama::llama2c::write_model(&params, &args.to, version)?;
+    llama::llama2c::write_model(&params, to, version)?;
     let tok = args.model.with_file_name("tokenizer.bin");
-    let dest = args.to.with_file_name("tokenizer.bin");
+    let dest = to.with_file_name("tokenizer.bin");
     if tok.exists() && tok != dest {
         std::fs::copy(&tok, &dest).with_context(|| format!("copying {} to {}", tok.display(), dest.display()))?;
     }
-    eprintln!("wrote {} (llama2.c v{})", args.to.display(), args.format_version);
+    eprintln!("wrote {} (llama2.c v{})", to.display(), args.format_version);
     Ok(())
 }

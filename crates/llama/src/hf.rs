@@ -46,7 +46,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
+/// The tensor element types of safetensors files (F32, F16 and BF16 are read and written).
+pub use safetensors::Dtype;
+use safetensors::SafeTensors;
 use serde_json::{json, Value};
 
 use crate::config::Config;

@@ -157,6 +157,23 @@ impl AnyTokenizer {
         }
     }
 
+    /// A prompt's ids as the model family expects them: llama2.c and SentencePiece with
+    /// BOS; a `tokenizer.json` with whatever its post-processor adds (Llama's `<s>`,
+    /// nothing for Qwen). An empty prompt is just BOS where there is one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = match self {
+            AnyTokenizer::Llama2c(t) | AnyTokenizer::SentencePiece(t) => t.encode(text, true, false),
+            AnyTokenizer::HuggingFace(h) => {
+                h.inner.encode(text, true).map_err(|e| err!(Input, "cannot encode: {e}"))?.get_ids().to_vec()
+            }
+        };
+        match (ids.is_empty(), self.bos_id()) {
+            (false, _) => Ok(ids),
+            (true, Some(bos)) => Ok(vec![bos]),
+            (true, None) => Err(err!(Input, "the prompt is empty and the tokenizer has no beginning-of-text token")),
+        }
+    }
+
     /// The text of `ids`, special tokens (BOS, EOS) left out. Bytes that do not form
     /// UTF-8 (a character cut by the end of `ids`) come out as U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
