@@ -248,12 +248,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let data = load_data(&args, &config, seq, given_tokenizer)?;
 
-    let pipeline = match args.pipeline {
-        Some(kind) => Some(PipelineConfig::new(kind.into(), args.ane_extras)),
-        None if args.ane_extras && resuming => {
+    let pipeline = match (args.pipeline, args.ane_extras) {
+        (Some(kind), extras) => Some(PipelineConfig::new(kind.into(), extras)),
+        (None, true) if resuming => {
             bail!("--ane-extras with --resume needs --pipeline too (without it the checkpoint's pipeline continues)")
         }
-        None => None,
+        // A fresh run's default pipeline: `validate` says what --ane-extras needs.
+        (None, true) => Some(PipelineConfig::new(PipelineKind::Dynamic, true)),
+        (None, false) => None,
     };
     if let Some(p) = pipeline {
         p.validate().map_err(anyhow::Error::msg)?;
