@@ -245,9 +245,12 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     out.flush()?;
     let mut stream = StreamDecoder::new(&tokenizer, &prompt)?;
 
+    // Kernels compile on first use (once for the prompt's width, once for one token);
+    // compile time is reported on its own, not in the rates.
     let start = Instant::now();
     let mut logits = decoder.forward(&prompt)?;
-    let prefill_seconds = start.elapsed().as_secs_f64();
+    let prefill_seconds = start.elapsed().as_secs_f64() - decoder.compile_seconds;
+    let compile_before_decode = decoder.compile_seconds;
     let start = Instant::now();
     let (mut generated, mut decode_steps) = (0, 0);
     let max_new = args.steps.min(context - prompt.len());
@@ -267,7 +270,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         logits = decoder.forward(&[next])?;
         decode_steps += 1;
     }
-    let decode_seconds = start.elapsed().as_secs_f64();
+    let decode_seconds = start.elapsed().as_secs_f64() - (decoder.compile_seconds - compile_before_decode);
     out.write_all(stream.finish(&tokenizer)?.as_bytes())?;
     writeln!(out)?;
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
