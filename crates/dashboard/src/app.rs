@@ -6,6 +6,7 @@
 //! and a panic (ratatui's `try_init` installs a panic hook that restores the terminal
 //! before the message is printed; the child is killed by its guard while unwinding).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,7 +93,7 @@ pub struct TrainChild {
     pub telemetry: PathBuf,
     /// The child's stdout and stderr (kept off the screen the dashboard draws on).
     pub log: PathBuf,
-    /// The command as the user gave it, for the screen.
+    /// The command as the user gave it (without the `--telemetry` added), for the screen.
     pub command_line: String,
     exit: Option<std::process::ExitStatus>,
 }
@@ -139,14 +140,14 @@ pub fn prepare_command(
 impl TrainChild {
     /// Starts `argv` with its output in a log file, in a fresh temporary directory that is
     /// kept afterwards (the log and telemetry are worth reading after the dashboard).
-    pub fn spawn(argv: &[String]) -> Result<TrainChild, AppError> {
+    pub fn spawn(given: &[String]) -> Result<TrainChild, AppError> {
         let dir = tempfile::Builder::new()
             .prefix("anetrain-dashboard-")
             .tempdir()
             .map_err(io_err("cannot create a temporary directory"))?
             .keep();
         let exe = std::env::current_exe().ok();
-        let (argv, telemetry) = prepare_command(argv, &dir.join("telemetry.jsonl"), exe.as_deref())?;
+        let (argv, telemetry) = prepare_command(given, &dir.join("telemetry.jsonl"), exe.as_deref())?;
         let log = dir.join("train.log");
         let out = std::fs::File::create(&log).map_err(io_err(format!("cannot create {}", log.display())))?;
         let err = out.try_clone().map_err(io_err(format!("cannot share {}", log.display())))?;
@@ -157,7 +158,7 @@ impl TrainChild {
             .stderr(err)
             .spawn()
             .map_err(io_err(format!("cannot start `{}`", argv[0])))?;
-        Ok(TrainChild { child, telemetry, log, command_line: argv.join(" "), exit: None })
+        Ok(TrainChild { child, telemetry, log, command_line: given.join(" "), exit: None })
     }
 
     pub fn pid(&self) -> u32 {
@@ -220,10 +221,7 @@ impl Session {
     pub fn new(options: &Options) -> Result<Session, AppError> {
         let (tail, child, source) = match &options.source {
             Source::Follow(path) => {
-                let meta = std::fs::metadata(path).map_err(io_err(format!("cannot follow {}", path.display())))?;
-                if meta.is_dir() {
-                    return Err(AppError::Usage(format!("{} is a directory, not a telemetry file", path.display())));
-                }
+                check_followable(path)?;
                 (Tail::new(path), None, format!("following {}", path.display()))
             }
             Source::Command(argv) => {
@@ -379,8 +377,27 @@ pub fn resolve_checkpoint(path: &str, telemetry: &Path) -> PathBuf {
     }
 }
 
+/// A file to follow must exist (a typo would otherwise wait forever) and be a file.
+fn check_followable(path: &Path) -> Result<(), AppError> {
+    let meta = std::fs::metadata(path).map_err(io_err(format!("cannot follow {}", path.display())))?;
+    if meta.is_dir() {
+        return Err(AppError::Usage(format!("{} is a directory, not a telemetry file", path.display())));
+    }
+    Ok(())
+}
+
 /// Runs the dashboard until the user quits; returns what to print once the terminal is back.
 pub fn run(options: Options) -> Result<Vec<String>, AppError> {
+    if let Source::Follow(path) = &options.source {
+        check_followable(path)?;
+    }
+    if !std::io::stdout().is_terminal() {
+        return Err(AppError::Usage(
+            "the dashboard draws on a terminal and stdout is not one; for a picture use \
+             --screenshot FILE.png, or `anetrain plot TELEMETRY --out FILE.png`"
+                .into(),
+        ));
+    }
     let mut session = Session::new(&options)?;
     let mut terminal = ratatui::try_init().map_err(io_err("cannot set up the terminal"))?;
     let result = event_loop(&mut terminal, &mut session, options.panic_after_first_frame);

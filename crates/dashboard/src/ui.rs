@@ -170,19 +170,29 @@ fn header_line(d: &Dashboard, run: &Run) -> Line<'static> {
     Line::from(spans)
 }
 
+/// The bottom line, most important first (a narrow terminal cuts the end): keys, line
+/// counts, the training log, then the source.
 fn footer_line(d: &Dashboard) -> Line<'static> {
+    /// Characters of a malformed line's reason shown; the rest is cut with "…".
+    const REASON_CHARS: usize = 60;
     let stats = &d.log.stats;
+    let sep = || Span::styled(" · ", LABEL);
     let mut spans = vec![
         Span::styled(" q", Style::new().bold()),
-        Span::styled(" quit · ", LABEL),
-        Span::raw(d.source.clone()),
-        Span::styled(format!(" · {} lines · ", stats.lines), LABEL),
+        Span::styled(" quit", LABEL),
+        sep(),
+        Span::styled(format!("{} lines", stats.lines), LABEL),
+        sep(),
     ];
     let malformed = format!("{} malformed", stats.malformed);
     if stats.malformed > 0 {
         spans.push(Span::styled(malformed, Style::new().red().bold()));
         if let Some((line, reason)) = &stats.last_malformed {
-            spans.push(Span::styled(format!(" (last: line {line}: {reason})"), Style::new().red()));
+            let mut shown: String = reason.chars().take(REASON_CHARS).collect();
+            if reason.chars().count() > REASON_CHARS {
+                shown.push('…');
+            }
+            spans.push(Span::styled(format!(" (last: line {line}: {shown})"), Style::new().red()));
         }
     } else {
         spans.push(Span::styled(malformed, LABEL));
@@ -197,6 +207,8 @@ fn footer_line(d: &Dashboard) -> Line<'static> {
         spans.push(Span::styled(" · training log: ", LABEL));
         spans.push(Span::raw(log.clone()));
     }
+    spans.push(sep());
+    spans.push(Span::raw(d.source.clone()));
     Line::from(spans)
 }
 
