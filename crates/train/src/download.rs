@@ -44,10 +44,13 @@ pub enum DownloadError {
     #[error("--sha256 {0:?} is not a sha256 digest (64 hexadecimal digits)")]
     BadDigest(String),
     #[error(
-        "downloading {url} failed after {have} bytes{}: {message}. The partial file {} is kept; \
-         run the same command again to resume",
+        "downloading {url} failed after {have} bytes{}: {message}. {}",
         total.map_or(String::new(), |t| format!(" of {t}")),
-        part.display()
+        if *have > 0 {
+            format!("The partial file {} is kept; run the same command again to resume", part.display())
+        } else {
+            "Nothing was written; check the URL and the network, then run the command again".to_string()
+        }
     )]
     Interrupted { url: String, part: PathBuf, have: u64, total: Option<u64>, message: String },
     #[error("{url}: the server answered HTTP {status}{}", if message.is_empty() { String::new() } else { format!(" ({message})") })]

@@ -196,6 +196,7 @@ fn http_errors_and_unreachable_servers_are_clear() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let e = download::fetch(&format!("http://127.0.0.1:{port}/x.tar.gz"), &dest, None, &quiet()).unwrap_err();
     assert!(matches!(e, DownloadError::Interrupted { have: 0, .. }), "{e}");
+    assert!(e.to_string().contains("Nothing was written"), "{e}");
     assert!(!dest.exists());
 }
 
