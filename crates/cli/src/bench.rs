@@ -51,6 +51,25 @@ pub enum BenchCommand {
         #[arg(long, default_value = "fp32")]
         precision: Precision,
     },
+    /// The training pipelines side by side on the CPU device, the same steps of one
+    /// model each: wall, compile and train time, ms/step, kernels per compile.
+    Pipelines {
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence; default: the model's context, at most 128.
+        #[arg(long)]
+        seq: Option<usize>,
+        /// Make every compile take at least this long, as the ANE's do (tens to hundreds
+        /// of ms); 0: the CPU device's own compile time.
+        #[arg(long, default_value_t = 0)]
+        sim_compile_ms: u64,
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -65,6 +84,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Sample { model, prompt, decode, device, precision } => {
             bench_sample(&model, prompt, decode, device, precision)
+        }
+        BenchCommand::Pipelines { model, steps, batch, seq, sim_compile_ms, precision } => {
+            bench_pipelines(&model, steps, batch, seq, sim_compile_ms, precision)
         }
     }
 }
@@ -284,4 +306,138 @@ fn bench_train(
         println!("  vs PyTorch {how:<14} {:>10.2}×  ({v} tokens/s, from another run)", tokens_per_s / v);
     }
     Ok(())
+}
+
+/// One column of `bench pipelines`.
+struct PipelineRun {
+    label: String,
+    wall: f64,
+    compile: f64,
+    train: f64,
+    stall: f64,
+    steps: u64,
+    compiles: u64,
+    per_compile: usize,
+}
+
+/// Trains `steps` steps of `spec` (random tokens) with each pipeline on a fresh CPU
+/// device and prints a markdown table.
+fn bench_pipelines(
+    spec: &str,
+    steps: u64,
+    batch: usize,
+    seq: Option<usize>,
+    sim_compile_ms: u64,
+    precision: Precision,
+) -> Result<()> {
+    use train::pipelines::{PipelineConfig, PipelineKind};
+    use train::trainer::{TrainConfig, Trainer};
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let params = model_or_preset(spec)?;
+    let config = params.config().clone();
+    let seq = seq.unwrap_or(config.seq_len.min(128));
+    if seq == 0 || seq > config.seq_len {
+        bail!("--seq {seq} must be between 1 and the model's context of {}", config.seq_len);
+    }
+    let n_tokens = (batch * (seq + 1) * 4).max(4096);
+    let tokens: Vec<u16> = (0..n_tokens as u64)
+        .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
+        .collect();
+    let settings = TrainConfig {
+        steps,
+        lr: 1e-4,
+        min_lr: 1e-5,
+        warmup: 0,
+        batch,
+        accum: 1,
+        seq,
+        clip: 1.0,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        eval_every: 0,
+        eval_batches: 1,
+        ckpt_every: 0,
+        seed: 1,
+        loss_scaling: precision == Precision::Fp16,
+    };
+    let pipelines = [
+        PipelineConfig::new(PipelineKind::Dynamic, false),
+        PipelineConfig::new(PipelineKind::Static, false),
+        PipelineConfig::new(PipelineKind::Static, true),
+        PipelineConfig::new(PipelineKind::DoubleBuffer, false),
+    ];
+    let mut runs = Vec::new();
+    for pipeline in pipelines {
+        let device = device::cpu::CpuDevice::new(precision).with_sim_compile_ms(sim_compile_ms);
+        let data = train::data::Dataset::from_tokens("random tokens", tokens.clone(), config.vocab_size, seq)?;
+        let start = Instant::now();
+        let mut trainer = Trainer::with_pipeline(&device, params.clone(), settings.clone(), pipeline, data, None)?;
+        let mut telemetry = train::telemetry::Telemetry::none();
+        for _ in 0..steps {
+            trainer.step(&mut telemetry)?;
+        }
+        let c = trainer.cumulative;
+        runs.push(PipelineRun {
+            label: pipeline.label(),
+            wall: start.elapsed().as_secs_f64(),
+            compile: c.compile_seconds,
+            train: c.train_seconds,
+            stall: c.compile_stall_seconds,
+            steps: c.steps,
+            compiles: c.compiles,
+            per_compile: trainer.kernels_per_compile(),
+        });
+    }
+    println!(
+        "bench pipelines: {spec} ({:.2} M params, {} layers), batch {batch} × seq {seq}, {steps} steps, CPU device \
+         ({}), compiles {}\n",
+        config.n_params() as f64 / 1e6,
+        config.n_layers,
+        precision.name(),
+        if sim_compile_ms > 0 {
+            format!("emulated at ≥ {sim_compile_ms} ms each")
+        } else {
+            "at the CPU device's own speed".into()
+        }
+    );
+    print!("{}", pipelines_table(&runs));
+    Ok(())
+}
+
+/// The markdown table of `bench pipelines`.
+fn pipelines_table(runs: &[PipelineRun]) -> String {
+    let mut out = String::new();
+    let row = |out: &mut String, name: &str, cell: &dyn Fn(&PipelineRun) -> String| {
+        let cells: Vec<String> = runs.iter().map(cell).collect();
+        out.push_str(&format!("| {name} | {} |\n", cells.join(" | ")));
+    };
+    let labels: Vec<&str> = runs.iter().map(|r| r.label.as_str()).collect();
+    out.push_str(&format!("| | {} |\n", labels.join(" | ")));
+    out.push_str(&format!("|---|{}\n", "---:|".repeat(runs.len())));
+    row(&mut out, "wall time", &|r| format!("{:.2} s", r.wall));
+    row(&mut out, "compile time (share of wall)", &|r| {
+        format!("{:.2} s ({:.0} %)", r.compile, 100.0 * r.compile / r.wall)
+    });
+    row(&mut out, "train time (share of wall)", &|r| format!("{:.2} s ({:.0} %)", r.train, 100.0 * r.train / r.wall));
+    row(&mut out, "ms/step (wall / steps)", &|r| format!("{:.1}", 1e3 * r.wall / r.steps as f64));
+    row(&mut out, "kernels per compile", &|r| {
+        if r.per_compile == 0 {
+            format!("{} (once)", r.compiles)
+        } else {
+            r.per_compile.to_string()
+        }
+    });
+    row(&mut out, "kernels compiled", &|r| r.compiles.to_string());
+    row(&mut out, "compile stall (waiting for the background)", &|r| {
+        if r.label.starts_with("double-buffer") {
+            format!("{:.3} s", r.stall)
+        } else {
+            "—".into()
+        }
+    });
+    out
 }

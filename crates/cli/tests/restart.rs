@@ -154,3 +154,25 @@ fn budget_and_pipeline_mistakes_are_clear_errors() {
     let ane = ["train", "--device", "ane", "--sim-compile-ms", "5"];
     failed_with(&anetrain(d, &ane), &["--device cpu"]);
 }
+
+#[test]
+fn bench_pipelines_prints_one_column_per_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = anetrain(dir.path(), &["bench", "pipelines", "--steps", "3", "--batch", "1", "--seq", "32"]);
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| -> Vec<String> {
+        let prefix = if name.is_empty() { "| |".to_string() } else { format!("| {name} |") };
+        let line =
+            stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no `{name}` row:\n{stdout}"));
+        line.trim_matches('|').split('|').skip(1).map(|c| c.trim().to_string()).collect()
+    };
+    assert_eq!(row(""), ["dynamic", "static", "static+extras", "double-buffer"]);
+    // The tiny preset has 4 layers: 5 kernels each per compile, and the extras add the
+    // final norm and one classifier chunk. The dynamic pipeline compiles its 6 once; the
+    // others compile a first set plus the weight-free kernels (1, or 2 with the extras),
+    // then a set after each of the 2 later steps.
+    assert_eq!(row("kernels per compile"), ["6 (once)", "20", "22", "20"]);
+    assert_eq!(row("kernels compiled"), ["6", "61", "68", "61"]);
+    assert_eq!(row("wall time").len(), 4);
+}
