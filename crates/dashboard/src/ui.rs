@@ -27,6 +27,8 @@ use crate::system::{Power, ProcStats};
 
 /// Steps averaged for the figures that would flicker step by step (ms, tokens/s, phases).
 pub const RECENT_STEPS: usize = 20;
+/// From this width on the run's settings get their own panel beside the loss chart.
+pub const WIDE: u16 = 110;
 /// Below this the layout cannot show the panels; the frame says so instead.
 pub const MIN_SIZE: (u16, u16) = (60, 20);
 
@@ -108,6 +110,15 @@ pub fn draw(frame: &mut Frame, d: &Dashboard) {
         frame.render_widget(Paragraph::new(msg).wrap(Wrap { trim: true }), body);
         return;
     }
+    if area.width >= WIDE {
+        draw_wide(frame, body, d, run);
+    } else {
+        draw_narrow(frame, body, d, run);
+    }
+}
+
+/// Side by side: charts beside the run's settings, then ms/step, phases and numbers.
+fn draw_wide(frame: &mut Frame, body: Rect, d: &Dashboard, run: &Run) {
     let sample_rows = if body.height >= 30 { 6 } else { 4 };
     let [top, middle, bottom] =
         Layout::vertical([Constraint::Percentage(55), Constraint::Percentage(45), Constraint::Length(sample_rows)])
@@ -121,9 +132,63 @@ pub fn draw(frame: &mut Frame, d: &Dashboard) {
     draw_ms(frame, ms, run);
     draw_phases(frame, phases, run);
     let [throughput, system] = Layout::vertical([Constraint::Min(5), Constraint::Length(6)]).areas(numbers);
-    draw_throughput(frame, throughput, run);
-    draw_system(frame, system, d);
+    frame.render_widget(Paragraph::new(throughput_lines(run, false)).block(panel("throughput")), throughput);
+    frame
+        .render_widget(Paragraph::new(system_lines(d, false)).wrap(Wrap { trim: true }).block(panel("system")), system);
     draw_sample(frame, bottom, d);
+}
+
+/// An 80-column terminal (an SSH session's default): the settings shrink to two lines
+/// of summary, the charts share a row, and the numbers share one panel.
+fn draw_narrow(frame: &mut Frame, body: Rect, d: &Dashboard, run: &Run) {
+    // The panels' rows: 8 phases (or 6 numbers) and the borders.
+    const PANEL_ROWS: u16 = 10;
+    let sample_rows = if body.height >= 30 { 5 } else { 3 };
+    let summary_rows = if body.height >= 26 { 2 } else { 0 };
+    let [summary, charts, panels, bottom] = Layout::vertical([
+        Constraint::Length(summary_rows),
+        Constraint::Min(6),
+        Constraint::Length(PANEL_ROWS),
+        Constraint::Length(sample_rows),
+    ])
+    .areas(body);
+    frame.render_widget(Paragraph::new(summary_lines(run)).wrap(Wrap { trim: true }), summary);
+    let [loss, ms] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(charts);
+    draw_loss(frame, loss, run);
+    draw_ms(frame, ms, run);
+    let [phases, numbers] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(panels);
+    draw_phases(frame, phases, run);
+    let mut lines = throughput_lines(run, true);
+    lines.extend(system_lines(d, true));
+    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }).block(panel("throughput · system")), numbers);
+    draw_sample(frame, bottom, d);
+}
+
+/// The run's settings in two lines, for the narrow layout.
+fn summary_lines(run: &Run) -> Vec<Line<'static>> {
+    let Some(info) = &run.info else { return vec![Line::styled(" no start event yet", LABEL)] };
+    let c = &info.config;
+    vec![
+        Line::styled(
+            format!(
+                " dim {} · hidden {} · {} layers · {} heads ({} kv) · vocab {} · context {}",
+                c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len
+            ),
+            LABEL,
+        ),
+        Line::styled(
+            format!(
+                " {} params · {} {} {} · {} tokens/step · {}/step",
+                fmt_si(info.n_params as f64, ""),
+                info.device,
+                info.precision,
+                info.pipeline,
+                info.tokens_per_step,
+                fmt_si(info.flops_per_step, "FLOP")
+            ),
+            LABEL,
+        ),
+    ]
 }
 
 fn header_line(d: &Dashboard, run: &Run) -> Line<'static> {
@@ -450,14 +515,23 @@ fn draw_info(frame: &mut Frame, area: Rect, run: &Run) {
     frame.render_widget(Paragraph::new(lines).block(panel("run")), area);
 }
 
-fn draw_throughput(frame: &mut Frame, area: Rect, run: &Run) {
+/// Throughput, compile and restarts; `compact` folds them into fewer lines.
+fn throughput_lines(run: &Run, compact: bool) -> Vec<Line<'static>> {
     let n = run.recent(RECENT_STEPS).len();
     let mut lines = Vec::new();
-    if let Some(tps) = run.recent_mean(RECENT_STEPS, |s| s.tokens_per_s) {
-        lines.push(kv("tokens/s", format!("{} (mean of {n})", fmt_si(tps, ""))));
-    }
-    if let Some(g) = run.recent_mean(RECENT_STEPS, |s| s.gflops) {
-        lines.push(kv("GFLOP/s", format!("{g:.1}")));
+    let tokens = run.recent_mean(RECENT_STEPS, |s| s.tokens_per_s);
+    let gflops = run.recent_mean(RECENT_STEPS, |s| s.gflops);
+    if compact {
+        if let (Some(tps), Some(g)) = (tokens, gflops) {
+            lines.push(kv("tokens/s", format!("{} · {g:.1} GFLOP/s", fmt_si(tps, ""))));
+        }
+    } else {
+        if let Some(tps) = tokens {
+            lines.push(kv("tokens/s", format!("{} (mean of {n})", fmt_si(tps, ""))));
+        }
+        if let Some(g) = gflops {
+            lines.push(kv("GFLOP/s", format!("{g:.1}")));
+        }
     }
     match &run.report {
         Some(r) => {
@@ -465,7 +539,9 @@ fn draw_throughput(frame: &mut Frame, area: Rect, run: &Run) {
                 "compile",
                 format!("{:.2} s · {:.1} % · {} compiles", r.compile_seconds, 100.0 * r.compile_share, r.compiles),
             ));
-            lines.push(kv("total", format!("{:.1} GFLOP/s · device {:.1}", r.total_gflops, r.device_gflops)));
+            if !compact {
+                lines.push(kv("total", format!("{:.1} GFLOP/s · device {:.1}", r.total_gflops, r.device_gflops)));
+            }
         }
         None => lines.push(kv("compile", "in the report at the end")),
     }
@@ -484,19 +560,25 @@ fn draw_throughput(frame: &mut Frame, area: Rect, run: &Run) {
         restarts.push_span(Span::styled(format!(" · {} steps redone", run.replayed_steps), LABEL));
     }
     lines.push(restarts);
-    frame.render_widget(Paragraph::new(lines).block(panel("throughput")), area);
+    lines
 }
 
-fn draw_system(frame: &mut Frame, area: Rect, d: &Dashboard) {
+/// The measured process and power; `compact` puts CPU and RSS on one line.
+fn system_lines(d: &Dashboard, compact: bool) -> Vec<Line<'static>> {
     let na = |reason: &str| Span::styled(format!("n/a: {reason}"), LABEL);
     let mut lines = Vec::new();
     match &d.process {
         Some((label, stats)) => {
             lines.push(kv("process", label.clone()));
             match stats {
+                Ok(s) if compact => {
+                    let cpu = s.cpu_percent.map_or("measuring…".to_string(), |p| format!("{p:.0} %"));
+                    lines.push(kv("CPU, RSS", format!("{cpu} · {}", fmt_bytes(s.rss_bytes))));
+                }
                 Ok(s) => {
-                    let cpu =
-                        s.cpu_percent.map_or("measuring…".to_string(), |p| format!("{p:.0} % ({} cores)", d.cores));
+                    let cpu = s
+                        .cpu_percent
+                        .map_or("measuring…".to_string(), |p| format!("{p:.0} % of a core · {} cores here", d.cores));
                     lines.push(kv("CPU", cpu));
                     lines.push(kv("RSS", fmt_bytes(s.rss_bytes)));
                 }
@@ -515,7 +597,7 @@ fn draw_system(frame: &mut Frame, area: Rect, d: &Dashboard) {
         Power::Unavailable(reason) => na(reason),
     };
     lines.push(Line::from(vec![Span::styled(format!("{:<10}", "power"), LABEL), power_span]));
-    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: true }).block(panel("system")), area);
+    lines
 }
 
 fn draw_sample(frame: &mut Frame, area: Rect, d: &Dashboard) {

@@ -163,7 +163,7 @@ fn system_and_sample_panels_show_numbers_or_the_reason() {
     d.child_log = Some("/tmp/x/train.log".into());
     let s = screen(&render(&d, 140, 40));
     assert!(s.contains("training, pid 42"), "{s}");
-    assert!(s.contains("187 % (2 cores)"), "{s}");
+    assert!(s.contains("187 % of a core · 2 cores here"), "{s}");
     assert!(s.contains("90.0 MiB"), "{s}");
     assert!(s.contains("12.50 W · CPU package 0 (RAPL)"), "{s}");
     assert!(s.contains("sample · step 60 · run/ckpt.bin"), "{s}");
@@ -183,6 +183,35 @@ fn system_and_sample_panels_show_numbers_or_the_reason() {
     assert!(s.contains("sample · step 60 · generating from step 70…"), "{s}");
     assert!(s.contains("n/a: c.bin: not found"), "{s}");
     assert!(s.lines().next().unwrap().contains("training failed (exit 1)"), "{s}");
+}
+
+#[test]
+fn an_80_by_24_terminal_shows_every_panel() {
+    let mut d = dashboard_of(&fixture_text());
+    d.process = Some(("training, pid 42".into(), Ok(ProcStats { cpu_percent: Some(95.0), rss_bytes: 64 << 20 })));
+    d.power = ("power".into(), Power::Unavailable("no RAPL here".into()));
+    let s = screen(&render(&d, 80, 24));
+    for needle in [
+        "step 60/60",
+        "loss",
+        "ms/step",
+        "phases",
+        "device_backward",
+        "other",
+        "tokens/s",
+        "compile",
+        "resumes 1",
+        "training, pid 42",
+        "95 % · 64.0 MiB",
+        "n/a: no RAPL here",
+        "sample",
+        "76 lines",
+    ] {
+        assert!(s.contains(needle), "no `{needle}` at 80×24:\n{s}");
+    }
+    // Taller, the settings summary appears too.
+    let s = screen(&render(&d, 80, 30));
+    assert!(s.contains("dim 64 · hidden 192 · 4 layers"), "{s}");
 }
 
 #[test]
