@@ -28,8 +28,9 @@
 //! stall) rather than training on older kernels, so a run is reproducible bit for bit
 //! and resumes exactly (the snapshot is saved in checkpoints).
 //!
-//! The evaluation of the validation loss uses the kernels in service, i.e. `W_{k−1}`
-//! after step `k − 1`'s update — one step behind the parameters it is reported with.
+//! The evaluation of the validation loss uses the kernels in service: after step `k`'s
+//! update (the trainer holds `W_{k+1}`) that is `W_k`, one step behind the parameters it
+//! is reported with.
 
 use std::time::Instant;
 
