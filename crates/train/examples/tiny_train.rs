@@ -71,8 +71,18 @@ impl Gen {
         self.b.output(&o);
     }
 
+    /// Compiles the program, refusing it if the ANE lint finds an error in it (what the
+    /// ANE is known to reject should fail here, not on a Mac).
     fn compile(self, device: &dyn Device) -> device::Result<Box<dyn Kernel>> {
         let program = Program::new(Dialect::Ios18, self.b.finish()?);
+        let errors: Vec<String> = mil::lint::lint(&program)
+            .into_iter()
+            .filter(|f| f.severity == mil::lint::Severity::Error)
+            .map(|f| f.to_string())
+            .collect();
+        if !errors.is_empty() {
+            return Err(device::Error::new(device::ErrorKind::Program, errors.join("; ")));
+        }
         device.compile(&program, &self.weights)
     }
 }
