@@ -494,7 +494,8 @@ impl StaticPipeline {
         if self.version == Some(version) {
             return Ok(0.0);
         }
-        // Drop the old set first: on the ANE its programs stay loaded until then.
+        // Marked stale first: if the compile fails (a spent budget), the set in service
+        // matches no version any more and the next call compiles again.
         self.version = None;
         let set = KernelSet::compile(device, &self.shape, params)?;
         let secs = set.compile_seconds;
