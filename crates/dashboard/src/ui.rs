@@ -546,8 +546,9 @@ fn throughput_lines(run: &Run, compact: bool) -> Vec<Line<'static>> {
         None => lines.push(kv("compile", "in the report at the end")),
     }
     let stall = run.compile_stall_ms();
-    if stall > 0.0 {
-        lines.push(kv("stall", format!("{stall:.0} ms waiting for compiles")));
+    // Below a twentieth of a millisecond the figure would print as 0.0.
+    if stall >= 0.05 {
+        lines.push(kv("stall", format!("{stall:.1} ms waiting for compiles")));
     }
     let count = |kind| run.markers.iter().filter(|m| m.kind == kind).count();
     let mut restarts = Line::from(vec![

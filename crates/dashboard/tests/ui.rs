@@ -40,6 +40,21 @@ fn screen(buffer: &Buffer) -> String {
     rows(buffer).join("\n")
 }
 
+/// Columns of the loss chart holding braille dots of `color`: the block is found by its
+/// title and corners, so the ms/step chart below it does not count.
+fn loss_chart_columns(buffer: &Buffer, color: Color) -> std::collections::BTreeSet<u16> {
+    let lines = rows(buffer);
+    let top = lines.iter().position(|l| l.starts_with("┌ loss")).expect("a loss panel") as u16;
+    let right = lines[top as usize].chars().position(|c| c == '┐').unwrap() as u16;
+    let bottom = (top + 1..buffer.area.height).find(|&y| buffer[(0, y)].symbol() == "└").unwrap();
+    let braille = |s: &str| s.chars().next().is_some_and(|c| ('\u{2801}'..='\u{28FF}').contains(&c));
+    (top + 1..bottom)
+        .flat_map(|y| (1..right).map(move |x| (x, y)))
+        .filter(|&(x, y)| buffer[(x, y)].fg == color && braille(buffer[(x, y)].symbol()))
+        .map(|(x, _)| x)
+        .collect()
+}
+
 fn dashboard_of(text: &str) -> Dashboard {
     let mut d = Dashboard::new("following tests/data/resumed_run.jsonl");
     d.log = RunLog::from_text(text);
@@ -100,16 +115,37 @@ fn the_panels_show_config_phases_throughput_and_the_resume() {
 #[test]
 fn the_resume_is_marked_on_the_loss_curve() {
     let buffer = render(&dashboard_of(&fixture_text()), 120, 36);
-    // The loss chart occupies the top left; the marker is drawn in the resume colour at
-    // step 30, the middle of its 0..60 axis.
-    let marked: Vec<u16> = (1..18)
-        .flat_map(|y| (1..70).map(move |x| (x, y)))
-        .filter(|&(x, y)| buffer[(x, y)].fg == Color::Magenta && buffer[(x, y)].symbol() != " ")
-        .map(|(x, _)| x)
-        .collect();
-    assert!(marked.len() >= 5, "a vertical line, several rows tall: {marked:?}");
-    let columns: std::collections::BTreeSet<u16> = marked.iter().copied().collect();
-    assert!(columns.len() <= 3, "one column (the legend aside): {columns:?}");
+    // The marker is a vertical line in the resume colour, in one column.
+    let columns = loss_chart_columns(&buffer, Color::Magenta);
+    assert_eq!(columns.len(), 1, "{columns:?}");
+    let height =
+        (1..buffer.area.height).filter(|&y| buffer[(*columns.first().unwrap(), y)].fg == Color::Magenta).count();
+    assert!(height >= 5, "several rows tall: {height}");
+}
+
+#[test]
+fn exec_restarts_are_marked_in_red_and_counted() {
+    // A run the compile budget restarted twice (see tests/data/README.md).
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/restarted_run.jsonl");
+    let text = std::fs::read_to_string(path).unwrap();
+    let restarts: Vec<u64> =
+        json_lines(&text).iter().filter(|v| v["event"] == "restart").map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(restarts, [16, 31]);
+    let d = dashboard_of(&text);
+    let run = d.log.current().unwrap();
+    assert_eq!(run.steps.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
+    assert_eq!(run.processes, 3);
+    let buffer = render(&d, 120, 36);
+    let s = screen(&buffer);
+    assert!(s.contains("restarts  2 · resumes 0"), "{s}");
+    // Two red columns in the loss chart, at steps 16 and 31 of its 0..40 axis.
+    let columns = loss_chart_columns(&buffer, Color::Red);
+    assert_eq!(columns.len(), 2, "{columns:?}\n{s}");
+    let (a, b) = (*columns.first().unwrap(), *columns.last().unwrap());
+    // The plot starts after the y labels ("│6.31│"); step 40 is its last column.
+    let origin = rows(&buffer)[2].chars().enumerate().filter(|&(_, c)| c == '│').nth(1).unwrap().0 as f64;
+    let (a, b) = (a as f64 - origin, b as f64 - origin);
+    assert!(((b - a) / a - (31.0 - 16.0) / 16.0).abs() < 0.1, "spaced like steps 16 and 31 (from 0): {a}, {b}");
 }
 
 #[test]
