@@ -239,7 +239,7 @@ impl<'d> Trainer<'d> {
             LrSchedule { max_lr: train.lr, min_lr: train.min_lr, warmup_steps: train.warmup, total_steps: train.steps };
         let n = train.batch * train.seq;
         Ok(Trainer {
-            flops: StepFlops::for_step(&config, train.batch, train.seq),
+            flops: step_flops(&config, &train, pipeline_config),
             config,
             params,
             grads,
@@ -526,6 +526,18 @@ struct RunState {
     cumulative: Cumulative,
     /// The double-buffered pipeline's one-step-old weights, when resuming one.
     stale: Option<Params>,
+}
+
+/// FLOPs of one micro-batch by where they run: with the ANE extras the classifier's
+/// forward (`2·V·D·T`) is a device kernel; its two backward GEMMs stay on the CPU.
+fn step_flops(config: &Config, train: &TrainConfig, pipeline: PipelineConfig) -> StepFlops {
+    let mut flops = StepFlops::for_step(config, train.batch, train.seq);
+    if pipeline.ane_extras {
+        let forward = 2.0 * (config.vocab_size * config.dim * train.batch * train.seq) as f64;
+        flops.device += forward;
+        flops.cpu -= forward;
+    }
+    flops
 }
 
 /// Index ranges of the weight-decayed tensors: the matrices (not norms or biases).
