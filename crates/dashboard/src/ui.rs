@@ -226,6 +226,7 @@ fn header_line(d: &Dashboard, run: &Run) -> Line<'static> {
         (SourceStatus::Exited { success: false, how }, _) => {
             (format!("training failed ({how})"), Style::new().red().bold())
         }
+        (SourceStatus::Exited { how, .. }, true) => (format!("finished ({how})"), Style::new().green()),
         (_, true) => ("finished".to_string(), Style::new().green()),
         (SourceStatus::Exited { how, .. }, false) => (format!("training exited ({how})"), Style::new().yellow()),
         (SourceStatus::Running, false) => ("running".to_string(), Style::new().green()),
