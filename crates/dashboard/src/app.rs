@@ -296,7 +296,8 @@ impl Session {
                     self.dashboard.log = RunLog::default();
                     self.last_sample_request = None;
                 }
-                let changed = poll.restarted || !poll.lines.is_empty();
+                let changed = poll.restarted || !poll.lines.is_empty() || self.dashboard.read_error.is_some();
+                self.dashboard.read_error = None;
                 for (n, line) in poll.lines {
                     self.dashboard.log.ingest(n, &line);
                 }
@@ -305,8 +306,7 @@ impl Session {
             }
             Err(e) => {
                 // Shown, and tried again at the next poll (a file being replaced, say).
-                self.dashboard.log.stats.last_malformed =
-                    Some((0, format!("reading {}: {e}", self.tail.path().display())));
+                self.dashboard.read_error = Some(format!("reading {}: {e}", self.tail.path().display()));
                 true
             }
         }
@@ -321,7 +321,8 @@ impl Session {
         }
         let newest = self.dashboard.log.current().and_then(|r| r.latest_checkpoint()).cloned();
         let Some(ckpt) = newest else { return dirty };
-        let due = self.last_sample_request.is_none_or(|last| ckpt.step >= last + self.sample_every);
+        // Due when `sample_every` steps newer, or older (a new run began in the file).
+        let due = self.last_sample_request.is_none_or(|last| ckpt.step >= last + self.sample_every || ckpt.step < last);
         if due && worker.busy_with().is_none() {
             let path = resolve_checkpoint(&ckpt.path, self.tail.path());
             worker.request(ckpt.step, path);
@@ -581,6 +582,19 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         session.tick(t0);
         assert!(matches!(session.dashboard.sample, SampleState::Working { step: 12, previous: Some(_) }));
+
+        // A new run starts in the same file: its first checkpoint is older, and due.
+        while !matches!(session.dashboard.sample, SampleState::Done(_)) {
+            assert!(Instant::now() < deadline, "no sample came back");
+            std::thread::sleep(Duration::from_millis(5));
+            session.tick(t0);
+        }
+        let start = r#"{"event":"start","config":{"dim":64,"hidden_dim":192,"n_layers":4,"n_heads":4,"n_kv_heads":2,"vocab_size":512,"seq_len":128,"norm_eps":0.00001,"rope_theta":10000.0,"qkv_bias":false,"shared_classifier":true},"n_params":1,"tokens_per_step":1,"flops_per_step":1.0,"device":"cpu","precision":"fp32","pipeline":"dynamic","settings":{},"resumed_from_step":null}"#;
+        text += &format!("{start}\n{}\n{}\n", step(1), ckpt(1));
+        std::fs::write(&path, &text).unwrap();
+        session.tick(t0);
+        assert_eq!(session.dashboard.log.runs.len(), 2);
+        assert!(matches!(session.dashboard.sample, SampleState::Working { step: 1, .. }));
         assert_eq!(session.finish(), vec!["1 malformed telemetry lines were skipped".to_string()]);
     }
 

@@ -55,6 +55,8 @@ pub struct Dashboard {
     pub sample: SampleState,
     /// Where the training's stdout and stderr go, when the dashboard started it.
     pub child_log: Option<String>,
+    /// Why the telemetry file could not be read at the last attempt.
+    pub read_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -92,6 +94,7 @@ impl Dashboard {
             power: ("power".into(), Power::Unavailable("not measured".into())),
             sample: SampleState::Idle("no checkpoint yet".into()),
             child_log: None,
+            read_error: None,
         }
     }
 }
@@ -262,6 +265,10 @@ fn footer_line(d: &Dashboard) -> Line<'static> {
         }
     } else {
         spans.push(Span::styled(malformed, LABEL));
+    }
+    if let Some(e) = &d.read_error {
+        spans.push(sep());
+        spans.push(Span::styled(e.clone(), Style::new().red().bold()));
     }
     if stats.unknown > 0 {
         spans.push(Span::styled(format!(" · {} unknown events", stats.unknown), LABEL));

@@ -197,7 +197,9 @@ fn system_and_sample_panels_show_numbers_or_the_reason() {
         text: Ok("Once upon a time\nthere was a cat.".into()),
     });
     d.child_log = Some("/tmp/x/train.log".into());
+    d.read_error = Some("reading t.jsonl: Permission denied".into());
     let s = screen(&render(&d, 140, 40));
+    assert!(s.contains("0 malformed · reading t.jsonl: Permission denied"), "{s}");
     assert!(s.contains("training, pid 42"), "{s}");
     assert!(s.contains("187 % of a core · 2 cores here"), "{s}");
     assert!(s.contains("90.0 MiB"), "{s}");
