@@ -101,27 +101,27 @@ impl Compiled {
 }
 
 /// What the forward pass keeps of one layer for the backward pass. All `[C, T]`.
-struct LayerActs {
+pub(crate) struct LayerActs {
     /// Residual stream entering the layer, and its RMSNorm statistic and result.
-    x_in: Vec<f32>,
-    inv_rms1: Vec<f32>,
-    xn1: Vec<f32>,
+    pub(crate) x_in: Vec<f32>,
+    pub(crate) inv_rms1: Vec<f32>,
+    pub(crate) xn1: Vec<f32>,
     /// Rotated queries and keys, values.
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
     /// Attention output before Wo.
-    o: Vec<f32>,
+    pub(crate) o: Vec<f32>,
     /// Residual stream after attention, and its RMSNorm.
-    x_mid: Vec<f32>,
-    inv_rms2: Vec<f32>,
-    xn2: Vec<f32>,
-    h1: Vec<f32>,
-    h3: Vec<f32>,
+    pub(crate) x_mid: Vec<f32>,
+    pub(crate) inv_rms2: Vec<f32>,
+    pub(crate) xn2: Vec<f32>,
+    pub(crate) h1: Vec<f32>,
+    pub(crate) h3: Vec<f32>,
 }
 
 impl LayerActs {
-    fn new(d: &LayerDims, t: usize) -> LayerActs {
+    pub(crate) fn new(d: &LayerDims, t: usize) -> LayerActs {
         let (dim, kv, hid) = (d.dim, d.kv_dim(), d.hidden);
         LayerActs {
             x_in: vec![0.0; dim * t],

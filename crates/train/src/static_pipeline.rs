@@ -34,7 +34,7 @@ use llama::{Config, Params};
 use crate::cpu_ops::{self, ClassifierLoss};
 use crate::kernels::{KernelDef, LayerDims, SurfaceLayout};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
-use crate::pipeline::PhaseTimes;
+use crate::pipeline::{LayerActs, PhaseTimes};
 use crate::static_kernels::{self as sk, AttentionWeights, FfnWeights};
 
 /// Adds the time since `*t` to `slot` in milliseconds and restarts `*t`.
@@ -284,44 +284,6 @@ struct Slots {
     rms_bwd: Option<Slot>,
 }
 
-/// What the forward pass keeps of one layer for the backward pass. All `[C, T]`.
-struct Acts {
-    x_in: Vec<f32>,
-    xn1: Vec<f32>,
-    /// Inverse RMS of the attention norm `[T]`, as the kernel computed it.
-    r1: Vec<f32>,
-    /// Rotated queries and keys, values, attention output before Wo.
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    o: Vec<f32>,
-    x_mid: Vec<f32>,
-    xn2: Vec<f32>,
-    r2: Vec<f32>,
-    h1: Vec<f32>,
-    h3: Vec<f32>,
-}
-
-impl Acts {
-    fn new(d: &LayerDims, t: usize) -> Acts {
-        let (dim, kv, hid) = (d.dim, d.kv_dim(), d.hidden);
-        Acts {
-            x_in: vec![0.0; dim * t],
-            xn1: vec![0.0; dim * t],
-            r1: vec![0.0; t],
-            q: vec![0.0; dim * t],
-            k: vec![0.0; kv * t],
-            v: vec![0.0; kv * t],
-            o: vec![0.0; dim * t],
-            x_mid: vec![0.0; dim * t],
-            xn2: vec![0.0; dim * t],
-            r2: vec![0.0; t],
-            h1: vec![0.0; hid * t],
-            h3: vec![0.0; hid * t],
-        }
-    }
-}
-
 /// Gradient scratch buffers (one set, reused per layer).
 struct Scratch {
     dx: Vec<f32>,
@@ -359,7 +321,7 @@ pub struct StaticPipeline {
     attn_bwd_free: Box<dyn Kernel>,
     rms_bwd: Option<Box<dyn Kernel>>,
     slots: Slots,
-    acts: Vec<Acts>,
+    acts: Vec<LayerActs>,
     scratch: Scratch,
     classifier: ClassifierLoss,
     /// Which parameter version (the trainer's step count) the set in service bakes.
@@ -430,7 +392,7 @@ impl StaticPipeline {
         let extras = shape.ane_extras;
         let compile_seconds = set.compile_seconds + start.elapsed().as_secs_f64();
         Ok(StaticPipeline {
-            acts: (0..shape.config.n_layers).map(|_| Acts::new(&d, t)).collect(),
+            acts: (0..shape.config.n_layers).map(|_| LayerActs::new(&d, t)).collect(),
             scratch: Scratch {
                 dx: vec![0.0; dim * t],
                 dxn: vec![0.0; dim * t],
@@ -559,7 +521,7 @@ impl StaticPipeline {
             s.eval(kernels.attn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
             s.read(0, &mut a.xn1);
-            s.read(1, &mut a.r1);
+            s.read(1, &mut a.inv_rms1);
             s.read(2, &mut a.q);
             s.read(3, &mut a.k);
             s.read(4, &mut a.v);
@@ -577,7 +539,7 @@ impl StaticPipeline {
             s.eval(kernels.ffn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
             s.read(0, &mut a.xn2);
-            s.read(1, &mut a.r2);
+            s.read(1, &mut a.inv_rms2);
             s.read(2, &mut a.h1);
             s.read(3, &mut a.h3);
             s.read(4, &mut self.scratch.y);
@@ -802,7 +764,7 @@ impl StaticPipeline {
                 &s.dxn,
                 &a.x_mid,
                 w.rms_ffn(),
-                &a.r2,
+                &a.inv_rms2,
                 &mut s.row,
                 &mut s.norm_dx,
                 &mut s.dgain,
@@ -865,7 +827,7 @@ impl StaticPipeline {
                 &s.dxn,
                 &a.x_in,
                 w.rms_att(),
-                &a.r1,
+                &a.inv_rms1,
                 &mut s.row,
                 &mut s.norm_dx,
                 &mut s.dgain,
