@@ -194,6 +194,39 @@ fn gemm_peak_gflops() -> f64 {
     device::cpu::bench_gemm(&cfg).iter().map(|r| r.direct_gflops).fold(0.0, f64::max)
 }
 
+/// Tokens for speed benchmarks: a step's speed does not depend on what the tokens say,
+/// so a cheap deterministic scramble of the vocabulary (ids 3 and up) will do.
+fn random_tokens(config: &llama::Config, batch: usize, seq: usize) -> Vec<u16> {
+    let n_tokens = (batch * (seq + 1) * 4).max(4096);
+    (0..n_tokens as u64)
+        .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
+        .collect()
+}
+
+/// Training settings of the speed benchmarks: llama2.c's optimizer, no evaluation or
+/// checkpoints, loss scaling with fp16.
+fn bench_settings(steps: u64, batch: usize, seq: usize, precision: Precision) -> train::trainer::TrainConfig {
+    train::trainer::TrainConfig {
+        steps,
+        lr: 1e-4,
+        min_lr: 1e-5,
+        warmup: 0,
+        batch,
+        accum: 1,
+        seq,
+        clip: 1.0,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        eval_every: 0,
+        eval_batches: 1,
+        ckpt_every: 0,
+        seed: 1,
+        loss_scaling: precision == Precision::Fp16,
+    }
+}
+
 /// Peak resident memory of this process in bytes (Linux: VmHWM), if readable.
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -212,38 +245,16 @@ fn bench_train(
     precision: Precision,
     json: bool,
 ) -> Result<()> {
-    use train::trainer::{TrainConfig, Trainer};
+    use train::trainer::Trainer;
     let params = model_or_preset(spec)?;
     let config = params.config().clone();
     if seq > config.seq_len {
         bail!("--seq {seq} is larger than the model's context of {}", config.seq_len);
     }
     let device = open_device(which, precision)?;
-    // Random tokens: the speed of a step does not depend on what the tokens say.
-    let n_tokens = (batch * (seq + 1) * 4).max(4096);
-    let tokens: Vec<u16> = (0..n_tokens as u64)
-        .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
-        .collect();
+    let tokens = random_tokens(&config, batch, seq);
     let data = train::data::Dataset::from_tokens("random tokens", tokens, config.vocab_size, seq)?;
-    let settings = TrainConfig {
-        steps: steps + 1,
-        lr: 1e-4,
-        min_lr: 1e-5,
-        warmup: 0,
-        batch,
-        accum: 1,
-        seq,
-        clip: 1.0,
-        weight_decay: 0.1,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        eval_every: 0,
-        eval_batches: 1,
-        ckpt_every: 0,
-        seed: 1,
-        loss_scaling: precision == Precision::Fp16,
-    };
+    let settings = bench_settings(steps + 1, batch, seq, precision);
     let mut trainer = Trainer::new(device.as_ref(), params, settings, data, None)?;
     let mut telemetry = train::telemetry::Telemetry::none();
     trainer.step(&mut telemetry)?; // warm-up: first-touch of every buffer
@@ -331,7 +342,7 @@ fn bench_pipelines(
     precision: Precision,
 ) -> Result<()> {
     use train::pipelines::{PipelineConfig, PipelineKind};
-    use train::trainer::{TrainConfig, Trainer};
+    use train::trainer::Trainer;
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -341,29 +352,8 @@ fn bench_pipelines(
     if seq == 0 || seq > config.seq_len {
         bail!("--seq {seq} must be between 1 and the model's context of {}", config.seq_len);
     }
-    let n_tokens = (batch * (seq + 1) * 4).max(4096);
-    let tokens: Vec<u16> = (0..n_tokens as u64)
-        .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
-        .collect();
-    let settings = TrainConfig {
-        steps,
-        lr: 1e-4,
-        min_lr: 1e-5,
-        warmup: 0,
-        batch,
-        accum: 1,
-        seq,
-        clip: 1.0,
-        weight_decay: 0.1,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        eval_every: 0,
-        eval_batches: 1,
-        ckpt_every: 0,
-        seed: 1,
-        loss_scaling: precision == Precision::Fp16,
-    };
+    let tokens = random_tokens(&config, batch, seq);
+    let settings = bench_settings(steps, batch, seq, precision);
     let pipelines = [
         PipelineConfig::new(PipelineKind::Dynamic, false),
         PipelineConfig::new(PipelineKind::Static, false),
