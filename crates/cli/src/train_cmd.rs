@@ -397,7 +397,14 @@ fn restart(trainer: &mut Trainer<'_>, args: &TrainArgs, device: &dyn Device, tel
         device.compiles_left().unwrap_or(0),
         trainer.compiles_ahead()
     );
-    let exe = std::env::current_exe().context("restart: cannot find this program's path")?;
+    // Linux's /proc/self/exe still names this very binary when the file on disk was
+    // replaced (a rebuild during a long run); elsewhere, the path it was started from.
+    let proc_exe = Path::new("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe.to_path_buf()
+    } else {
+        std::env::current_exe().context("restart: cannot find this program's path")?
+    };
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if !argv.iter().any(|a| a == "--resume") {
         argv.push("--resume".into());
