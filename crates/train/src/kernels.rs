@@ -423,33 +423,8 @@ pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dial
     let q = g.block(&dys, 0, "q");
     let k = g.block(&kvs, 1, "k");
     let v = g.block(&kvs, 1, "v");
-    let mask = causal_mask(&mut g, seq);
-    let scale = 1.0 / (hd as f64).sqrt();
-
     let d_o = g.linear_t("do", &wo, &dy); // [D, T] gradient at the attention output
-    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
-    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
-    let vh = h.kv_rows(&mut g, "vh", &v);
-    let doh = h.queries(&mut g, "doh", &d_o);
-    // Recompute P = softmax(q·kᵀ·scale + mask).
-    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
-    let scaled = g.b.scale("scaled", &scores, scale);
-    let masked = g.b.add("masked", &scaled, &mask);
-    let p = g.b.softmax("probs", &masked, -1);
-    // dV = Σ_g Pᵀ·dO ; dP = dO·Vᵀ
-    let dv_g = g.b.matmul("dv_g", &p, &doh, true, false); // [B, nkv, g, S, hd]
-    let dvh = g.b.reduce_sum("dvh", &dv_g, &[2], false); // [B, nkv, S, hd]
-    let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g, S, S]
-                                                       // Softmax backward: dS = P ⊙ (dP − Σ_j dP⊙P), then the scale.
-    let dpp = g.b.mul("dpp", &dp, &p);
-    let rowsum = g.b.reduce_sum("rowsum", &dpp, &[-1], true);
-    let centered = g.b.sub("centered", &dp, &rowsum);
-    let ds0 = g.b.mul("ds0", &p, &centered);
-    let ds = g.b.scale("ds", &ds0, scale);
-    // dQ = dS·K ; dK = Σ_g dSᵀ·Q
-    let dqh = g.b.matmul("dqh", &ds, &kh, false, false); // [B, nkv, g, S, hd]
-    let dk_g = g.b.matmul("dk_g", &ds, &qh, true, false); // [B, nkv, g, S, hd]
-    let dkh = g.b.reduce_sum("dkh", &dk_g, &[2], false);
+    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, &q, &k, &v, &d_o);
     let dq = h.merge_queries(&mut g, "dq2", &dqh);
     let dk = h.merge_kv(&mut g, "dk2", &dkh);
     let dv = h.merge_kv(&mut g, "dv2", &dvh);
@@ -457,6 +432,47 @@ pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dial
     g.output("dk", &dk);
     g.output("dv", &dv);
     g.finish("attention_backward")
+}
+
+/// The core of every attention backward: recompute `P = softmax(q·kᵀ·scale + mask)`,
+/// then `dV = Σ_g Pᵀ·dO`, `dP = dO·Vᵀ`, the softmax backward `dS = P ⊙ (dP − Σ_j dP⊙P)`
+/// (times the scale), `dQ = dS·K` and `dK = Σ_g dSᵀ·Q`. Takes channel-major rotated
+/// `q [D, T]`, `k`, `v [KV, T]` and `d_o [D, T]`; returns `(dQ, dK, dV)` in head layout
+/// (`[B, nkv, g, S, hd]`, `[B, nkv, S, hd]`, `[B, nkv, S, hd]`), the query heads of a KV
+/// head folded (summed) into it.
+#[allow(clippy::too_many_arguments)] // the four activations and the shapes they need
+pub(crate) fn attention_grads(
+    g: &mut Gen,
+    h: &Heads,
+    head_dim: usize,
+    seq: usize,
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    d_o: &Var,
+) -> (Var, Var, Var) {
+    let mask = causal_mask(g, seq);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let qh = h.queries(g, "qh", q); // [B, nkv, g, S, hd]
+    let kh = h.kv_rows(g, "kh", k); // [B, nkv, 1, S, hd]
+    let vh = h.kv_rows(g, "vh", v);
+    let doh = h.queries(g, "doh", d_o);
+    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
+    let scaled = g.b.scale("scaled", &scores, scale);
+    let masked = g.b.add("masked", &scaled, &mask);
+    let p = g.b.softmax("probs", &masked, -1);
+    let dv_g = g.b.matmul("dv_g", &p, &doh, true, false); // [B, nkv, g, S, hd]
+    let dvh = g.b.reduce_sum("dvh", &dv_g, &[2], false); // [B, nkv, S, hd]
+    let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g, S, S]
+    let dpp = g.b.mul("dpp", &dp, &p);
+    let rowsum = g.b.reduce_sum("rowsum", &dpp, &[-1], true);
+    let centered = g.b.sub("centered", &dp, &rowsum);
+    let ds0 = g.b.mul("ds0", &p, &centered);
+    let ds = g.b.scale("ds", &ds0, scale);
+    let dqh = g.b.matmul("dqh", &ds, &kh, false, false); // [B, nkv, g, S, hd]
+    let dk_g = g.b.matmul("dk_g", &ds, &qh, true, false); // [B, nkv, g, S, hd]
+    let dkh = g.b.reduce_sum("dkh", &dk_g, &[2], false);
+    (dqh, dkh, dvh)
 }
 
 /// Backward of the QKV projection: `dx = Wqᵀ·dq + Wkᵀ·dk + Wvᵀ·dv`.

@@ -38,7 +38,7 @@ use std::ops::Range;
 
 use mil::{DType, Dialect, TensorType, Value, Var};
 
-use crate::kernels::{causal_mask, Gen, Heads, KernelDef, LayerDims};
+use crate::kernels::{attention_grads, causal_mask, Gen, Heads, KernelDef, LayerDims};
 
 /// The weights one layer's attention-forward kernel bakes in (`llama::Layer` views).
 #[derive(Clone, Copy, Debug)]
@@ -287,28 +287,7 @@ pub fn attention_backward_free(d: &LayerDims, batch: usize, seq: usize, dialect:
     let sin = g.block(&dos, 0, "sin");
     let k = g.block(&kvs, 1, "k");
     let v = g.block(&kvs, 1, "v");
-    let mask = causal_mask(&mut g, seq);
-    let scale = 1.0 / (hd as f64).sqrt();
-
-    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
-    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
-    let vh = h.kv_rows(&mut g, "vh", &v);
-    let doh = h.queries(&mut g, "doh", &d_o);
-    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
-    let scaled = g.b.scale("scaled", &scores, scale);
-    let masked = g.b.add("masked", &scaled, &mask);
-    let p = g.b.softmax("probs", &masked, -1);
-    let dv_g = g.b.matmul("dv_g", &p, &doh, true, false); // [B, nkv, g, S, hd]
-    let dvh = g.b.reduce_sum("dvh", &dv_g, &[2], false); // [B, nkv, S, hd]
-    let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g, S, S]
-    let dpp = g.b.mul("dpp", &dp, &p);
-    let rowsum = g.b.reduce_sum("rowsum", &dpp, &[-1], true);
-    let centered = g.b.sub("centered", &dp, &rowsum);
-    let ds0 = g.b.mul("ds0", &p, &centered);
-    let ds = g.b.scale("ds", &ds0, scale);
-    let dqh = g.b.matmul("dqh", &ds, &kh, false, false); // [B, nkv, g, S, hd]
-    let dk_g = g.b.matmul("dk_g", &ds, &qh, true, false);
-    let dkh = g.b.reduce_sum("dkh", &dk_g, &[2], false);
+    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, &q, &k, &v, &d_o);
     let dq_rot = h.merge_queries(&mut g, "dq_rot", &dqh); // [D, T]
     let dk_rot = h.merge_kv(&mut g, "dk_rot", &dkh); // [KV, T]
     let dv = h.merge_kv(&mut g, "dv2", &dvh);
