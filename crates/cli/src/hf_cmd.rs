@@ -162,6 +162,10 @@ pub struct GenerateArgs {
     pub device: DeviceArg,
     #[arg(long, default_value = "fp32")]
     pub precision: Precision,
+    /// Also print the token ids, prompt then generated, on one line of stderr (to
+    /// compare with another implementation id by id).
+    #[arg(long)]
+    pub ids: bool,
 }
 
 /// `anetrain generate`: prefill the prompt, then decode one token at a time with the
@@ -253,6 +257,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let compile_before_decode = decoder.compile_seconds;
     let start = Instant::now();
     let (mut generated, mut decode_steps) = (0, 0);
+    let mut all_ids = prompt.clone();
     let max_new = args.steps.min(context - prompt.len());
     while generated < max_new {
         // Embedding rows past the tokenizer's ids are padding (Qwen2.5): never sample them.
@@ -262,6 +267,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             break;
         }
         generated += 1;
+        all_ids.push(next);
         out.write_all(stream.push(&tokenizer, next)?.as_bytes())?;
         out.flush()?;
         if generated == max_new {
@@ -273,6 +279,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let decode_seconds = start.elapsed().as_secs_f64() - (decoder.compile_seconds - compile_before_decode);
     out.write_all(stream.finish(&tokenizer)?.as_bytes())?;
     writeln!(out)?;
+    if args.ids {
+        let ids: Vec<String> = all_ids.iter().map(u32::to_string).collect();
+        eprintln!("ids: {}", ids.join(" "));
+    }
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     eprintln!(
         "prefill {} tokens at {:.1} tokens/s, decode {} tokens at {:.1} tokens/s (compile {:.2} s)",

@@ -185,7 +185,7 @@ pub fn parse_config(text: &str) -> Result<HfConfig> {
     );
     // transformers' defaults when a field is absent (LlamaConfig / Qwen2Config).
     config.norm_eps = float_or("rms_norm_eps", 1e-6)?;
-    config.rope_theta = float_or("rope_theta", 10000.0)?;
+    config.rope_theta = rope_theta(obj, float_or("rope_theta", 10000.0)?)?;
     config.shared_classifier = bool_or("tie_word_embeddings", false)?;
     config.qkv_bias = architecture == Architecture::Qwen2;
 
@@ -289,6 +289,32 @@ pub fn config_json(hf: &HfConfig, dtype: Dtype) -> Value {
         }
     }
     obj
+}
+
+/// RoPE's θ. transformers 5 writes `rope_parameters: {"rope_type": "default",
+/// "rope_theta": θ}` where earlier versions wrote `rope_theta` (and `rope_scaling`) at the
+/// top level; `top_level` is the latter, or its default.
+fn rope_theta(obj: &serde_json::Map<String, Value>, top_level: f32) -> Result<f32> {
+    let Some(params) = obj.get("rope_parameters").filter(|v| !v.is_null()) else { return Ok(top_level) };
+    let params =
+        params.as_object().ok_or_else(|| err!(Format, "field `rope_parameters` is {params}; it must be an object"))?;
+    match params.get("rope_type").filter(|v| !v.is_null()) {
+        None => {}
+        Some(Value::String(kind)) if kind == "default" => {}
+        Some(kind) => {
+            return Err(err!(
+                Unsupported,
+                "field `rope_parameters.rope_type` is {kind}; only plain RoPE (\"default\") is supported"
+            ))
+        }
+    }
+    match params.get("rope_theta").filter(|v| !v.is_null()) {
+        None => Ok(top_level),
+        Some(v) => v
+            .as_f64()
+            .map(|f| f as f32)
+            .ok_or_else(|| err!(Format, "field `rope_parameters.rope_theta` is {v}; it must be a number")),
+    }
 }
 
 /// transformers' name of a dtype (`torch_dtype`).
@@ -670,6 +696,16 @@ mod tests {
         assert!(e.message.contains("attention_bias"), "{e}");
         let e = with(r#""head_dim":16"#);
         assert!(e.message.contains("head_dim"), "{e}");
+        // transformers 5 keeps θ in `rope_parameters` (which wins over a top-level one).
+        let ok = |extra: &str| parse_config(&base.replacen('{', &format!("{{{extra},"), 1)).unwrap().config;
+        assert_eq!(ok(r#""rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"}"#).rope_theta, 1e6);
+        assert_eq!(ok(r#""rope_theta":500000.0"#).rope_theta, 5e5);
+        assert_eq!(ok(r#""rope_theta":10000.0,"rope_parameters":{"rope_theta":2e6}"#).rope_theta, 2e6);
+        assert_eq!(ok(r#""rope_parameters":null"#).rope_theta, 10000.0);
+        let e = with(r#""rope_parameters":{"rope_type":"yarn","rope_theta":1e6,"factor":4.0}"#);
+        assert!(e.message.contains("rope_parameters.rope_type") && e.message.contains("yarn"), "{e}");
+        let e = with(r#""rope_parameters":{"rope_theta":"big"}"#);
+        assert!(e.message.contains("rope_parameters.rope_theta"), "{e}");
         let e = parse_config(&base.replace("LlamaForCausalLM", "MistralForCausalLM")).unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::Unsupported);
         assert!(e.message.contains("MistralForCausalLM") && e.message.contains("LlamaForCausalLM, Qwen2ForCausalLM"));

@@ -207,6 +207,13 @@ impl AnyTokenizer {
 
 /// Turns generated ids into text as they arrive, holding back a piece while it ends in
 /// an incomplete UTF-8 character (byte-level and byte-fallback tokens split characters).
+///
+/// Normally each decode of the ids so far extends the text already returned. A
+/// byte-fallback decoder can rewrite its tail, though: Hugging Face's turns a whole run of
+/// byte tokens into U+FFFD once the run stops being valid UTF-8, so a `%` already printed
+/// becomes `�` when an invalid byte joins it. What was returned stays returned, and the
+/// stream carries on after it (from the first character boundary at or past its length),
+/// rather than waiting forever for a text that starts with it again.
 pub struct StreamDecoder {
     ids: Vec<u32>,
     printed: usize,
@@ -224,20 +231,26 @@ impl StreamDecoder {
     pub fn push(&mut self, tokenizer: &AnyTokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
         let text = tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+        if text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = text[self.printed..].to_string();
-        self.printed = text.len();
-        Ok(new)
+        Ok(self.take_new(&text))
     }
 
     /// Whatever is still held back, replacement characters included.
     pub fn finish(&mut self, tokenizer: &AnyTokenizer) -> Result<String> {
         let text = tokenizer.decode(&self.ids)?;
-        let new = text.get(self.printed..).unwrap_or("").to_string();
-        self.printed = text.len();
-        Ok(new)
+        Ok(self.take_new(&text))
+    }
+
+    /// `text` past what was returned already.
+    fn take_new(&mut self, text: &str) -> String {
+        let mut from = self.printed.min(text.len());
+        while !text.is_char_boundary(from) {
+            from += 1;
+        }
+        self.printed = self.printed.max(text.len());
+        text[from..].to_string()
     }
 }
 

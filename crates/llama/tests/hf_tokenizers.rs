@@ -131,3 +131,34 @@ fn stream_decoder_holds_back_incomplete_characters() {
     assert_eq!(text, "hi 🙂");
     assert!(empty_steps >= 3, "the first three bytes of 🙂 must be held back");
 }
+
+/// Hugging Face's byte-fallback decoder rewrites a run of byte tokens as U+FFFDs once it
+/// stops being valid UTF-8, so a printed `%` turns into `�`. Found by comparing
+/// `anetrain generate` with transformers on a random Qwen2 model: the stream stopped
+/// there and printed nothing more. Whatever follows must still come out.
+#[test]
+fn stream_decoder_goes_on_after_a_byte_run_is_rewritten() {
+    let tok = AnyTokenizer::open(fixture("tok512.bin")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json = tokenizers::tokenizer_json(&Tokenizer::read(fixture("tok512.bin")).unwrap()).unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), serde_json::to_string(&json).unwrap()).unwrap();
+    let hf = AnyTokenizer::open(dir.path()).unwrap();
+    // The ids transformers and anetrain both generated: "… s" then the byte tokens for
+    // 0x25 ('%'), 0x8B, '5', then "ow", three more bytes, then "'" and "c".
+    let ids = [1, 403, 407, 261, 378, 364, 443, 387, 262, 40, 142, 56, 327, 234, 214, 42, 102];
+    for t in [&tok, &hf] {
+        let prompt = 5;
+        let mut stream = tokenizers::StreamDecoder::new(t, &ids[..prompt]).unwrap();
+        let mut text = String::new();
+        for &id in &ids[prompt..] {
+            text += &stream.push(t, id).unwrap();
+        }
+        text += &stream.finish(t).unwrap();
+        let whole = t.decode(&ids).unwrap();
+        let after_prompt = &whole[t.decode(&ids[..prompt]).unwrap().len()..];
+        // Everything after the rewritten run comes out exactly as the whole decode has it.
+        let tail = &after_prompt[after_prompt.find("ow").expect("\"ow\" decodes")..];
+        assert!(text.ends_with(tail), "{}: streamed {text:?}, whole decode {after_prompt:?}", t.kind());
+        assert!(text.starts_with(" you! for s"), "{}: {text:?}", t.kind());
+    }
+}
