@@ -75,15 +75,39 @@ pub fn token_padding(device: &dyn Device, t: usize) -> usize {
 
 /// Writes `W [out, in]` transposed into a surface block (`[in, out]` at `c0 = 0`,
 /// positions `s0..s0+out`): row `i` of the block holds column `i` of W.
+///
+/// fp32 surfaces are written in place, in `TILE × TILE` tiles so that both W's columns
+/// and the surface's rows are read and written a cache line at a time, with the rows
+/// split between threads. (Column by column, every read of a 768 × 2048 weight touched a
+/// new cache line: the copies took 9 % of a Stories110M training step.)
 pub fn write_transposed(surface: &mut Surface, s0: usize, w: &[f32], out: usize, inp: usize) {
+    const TILE: usize = 32;
+    assert_eq!(w.len(), out * inp, "write_transposed: W must be [{out}, {inp}]");
     let width = *surface.shape().last().expect("surface has a shape");
-    let mut row = vec![0.0f32; out];
-    for i in 0..inp {
-        for (o, r) in row.iter_mut().enumerate() {
-            *r = w[o * inp + i];
+    assert!(s0 + out <= width, "write_transposed: positions {s0}..{} past width {width}", s0 + out);
+    let Some(dst) = surface.as_f32_mut() else {
+        let mut row = vec![0.0f32; out];
+        for i in 0..inp {
+            for (o, r) in row.iter_mut().enumerate() {
+                *r = w[o * inp + i];
+            }
+            surface.write_f32_at(i * width + s0, &row);
         }
-        surface.write_f32_at(i * width + s0, &row);
-    }
+        return;
+    };
+    assert!(dst.len() >= inp * width, "write_transposed: the surface has fewer than {inp} channels");
+    dst[..inp * width].par_chunks_mut(TILE * width).enumerate().for_each(|(block, rows)| {
+        let i0 = block * TILE;
+        for o0 in (0..out).step_by(TILE) {
+            let o1 = (o0 + TILE).min(out);
+            for (di, row) in rows.chunks_exact_mut(width).enumerate() {
+                let i = i0 + di;
+                for (o, d) in (o0..o1).zip(&mut row[s0 + o0..s0 + o1]) {
+                    *d = w[o * inp + i];
+                }
+            }
+        }
+    });
 }
 
 /// Kernels compiled for one token count.
@@ -476,4 +500,30 @@ pub fn generate<W: ModelWeights>(
     }
     stats.decode_seconds = start.elapsed().as_secs_f64();
     Ok((tokens, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mil::DType;
+
+    /// The tiled, threaded copy against the definition, at sizes that are not multiples
+    /// of the tile, beside other data in the surface (which must be left alone).
+    #[test]
+    fn write_transposed_matches_the_definition() {
+        for dtype in [DType::Fp32, DType::Fp16] {
+            for (out, inp, s0, channels, width) in [(70, 45, 3, 50, 80), (32, 32, 0, 32, 32), (1, 100, 7, 100, 9)] {
+                let w: Vec<f32> = (0..out * inp).map(|i| (i % 251) as f32 - 100.0).collect();
+                let mut s = Surface::from_f32(dtype, &[1, channels, 1, width], &vec![0.5; channels * width]);
+                write_transposed(&mut s, s0, &w, out, inp);
+                let got = s.to_f32();
+                for c in 0..channels {
+                    for p in 0..width {
+                        let want = if c < inp && (s0..s0 + out).contains(&p) { w[(p - s0) * inp + c] } else { 0.5 };
+                        assert_eq!(got[c * width + p], want, "{dtype:?} {out}x{inp}: channel {c}, position {p}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -185,10 +185,6 @@ pub struct DynamicPipeline {
     pub overlap_dw: bool,
 }
 
-/// Positions of the classifier processed at once (bounds its logits buffer to
-/// `CLASSIFIER_CHUNK × vocab` floats).
-const CLASSIFIER_CHUNK: usize = 256;
-
 impl DynamicPipeline {
     /// Generates and compiles the six kernels for `batch` sequences of `seq` tokens.
     pub fn new(device: &dyn Device, config: &Config, batch: usize, seq: usize) -> device::Result<DynamicPipeline> {
@@ -238,7 +234,7 @@ impl DynamicPipeline {
                 y: vec![0.0; dim * t],
             },
             rope: RopeTable::new(dims.head_dim(), seq, config.rope_theta),
-            classifier: ClassifierLoss::new(config.vocab_size, dim, CLASSIFIER_CHUNK.min(t)),
+            classifier: ClassifierLoss::new(config.vocab_size, dim, cpu_ops::DEFAULT_CLASSIFIER_CHUNK.min(t)),
             times: PhaseTimes::default(),
             compile_seconds,
             overlap_dw: false,

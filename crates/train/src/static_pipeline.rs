@@ -332,9 +332,6 @@ pub struct StaticPipeline {
     pub compile_seconds: f64,
 }
 
-/// Positions of the CPU classifier processed at once.
-const CLASSIFIER_CHUNK: usize = 256;
-
 impl StaticPipeline {
     /// Compiles the weight-free kernels and a first set for `params` (taken as version
     /// `version`).
@@ -413,7 +410,7 @@ impl StaticPipeline {
                 probs: if extras { vec![0.0; vocab * t] } else { Vec::new() },
                 lse: if extras { vec![0.0; shape.vocab_chunks.len() * t] } else { Vec::new() },
             },
-            classifier: ClassifierLoss::new(vocab, dim, CLASSIFIER_CHUNK.min(t)),
+            classifier: ClassifierLoss::new(vocab, dim, cpu_ops::DEFAULT_CLASSIFIER_CHUNK.min(t)),
             shape,
             set,
             attn_bwd_free,

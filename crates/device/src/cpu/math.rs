@@ -50,7 +50,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     // 1.5 · 2²³: adding and subtracting it rounds to an integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-104.0, 88.8);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    // n as an integer, read from the mantissa bits: `n as i32` would be a saturating,
+    // NaN-checking conversion that keeps the loops around `exp` from vectorising.
+    let ni = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -60,8 +64,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2ⁿ in two halves so that neither exponent leaves the normal range.
-    let ni = n as i32;
-    let n1 = ni / 2;
+    let n1 = ni >> 1;
     let n2 = ni - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
     let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
