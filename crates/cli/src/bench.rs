@@ -24,13 +24,25 @@ pub enum BenchCommand {
         batch: usize,
         #[arg(long, default_value_t = 256)]
         seq: usize,
-        /// Timed steps (after one warm-up step).
+        /// Timed steps per round (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: u64,
+        /// Rounds of timed steps; the fastest round is reported (the least disturbed by
+        /// other work on the machine). With --pytorch, the rounds alternate with PyTorch's.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         #[arg(long, value_enum, default_value = "cpu")]
         device: DeviceArg,
         #[arg(long, default_value = "fp32")]
         precision: Precision,
+        /// Also measure PyTorch running llama2.c's model.py (the path given) on the same
+        /// model, batch and thread count, in rounds alternating with ours
+        /// (scripts/bench_pytorch.py; needs a Python with torch).
+        #[arg(long, value_name = "MODEL_PY")]
+        pytorch: Option<std::path::PathBuf>,
+        /// The Python interpreter for --pytorch.
+        #[arg(long, default_value = "python3")]
+        python: String,
         /// Print the figures as one JSON object.
         #[arg(long)]
         json: bool,
@@ -79,8 +91,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             print!("{}", device::cpu::format_gemm_bench(&rows));
             Ok(())
         }
-        BenchCommand::Train { model, batch, seq, steps, device, precision, json } => {
-            bench_train(&model, batch, seq, steps, device, precision, json)
+        BenchCommand::Train { model, batch, seq, steps, rounds, device, precision, pytorch, python, json } => {
+            bench_train(&TrainBench {
+                spec: model,
+                batch,
+                seq,
+                steps,
+                rounds,
+                device,
+                precision,
+                pytorch,
+                python,
+                json,
+            })
         }
         BenchCommand::Sample { model, prompt, decode, device, precision } => {
             bench_sample(&model, prompt, decode, device, precision)
@@ -235,40 +258,114 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-#[allow(clippy::too_many_arguments)] // one flag each
-fn bench_train(
-    spec: &str,
+/// The flags of `bench train`.
+struct TrainBench {
+    spec: String,
     batch: usize,
     seq: usize,
     steps: u64,
-    which: DeviceArg,
+    rounds: usize,
+    device: DeviceArg,
     precision: Precision,
+    pytorch: Option<std::path::PathBuf>,
+    python: String,
     json: bool,
-) -> Result<()> {
+}
+
+/// scripts/bench_pytorch.py, carried in the binary so `--pytorch` works from any folder.
+const PYTORCH_SCRIPT: &str = include_str!("../../../scripts/bench_pytorch.py");
+
+/// One PyTorch measurement: runs the script on llama2.c's `model_py`, returns its tokens/s.
+fn pytorch_tokens_per_s(b: &TrainBench, model_py: &std::path::Path, threads: usize) -> Result<f64> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    // `python3 - ARGS` runs the program read from standard input.
+    let mut child = Command::new(&b.python)
+        .arg("-")
+        .arg("--model-py")
+        .arg(model_py)
+        .args(["--model", &b.spec, "--batch", &b.batch.to_string(), "--seq", &b.seq.to_string()])
+        .args(["--steps", &b.steps.to_string(), "--warmup", "2", "--threads", &threads.to_string(), "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("--python {}: could not run it", b.python))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin was piped")
+        .write_all(PYTORCH_SCRIPT.as_bytes())
+        .with_context(|| format!("--python {}: writing the script to it", b.python))?;
+    let out = child.wait_with_output().with_context(|| format!("--python {}: waiting for it", b.python))?;
+    if !out.status.success() {
+        bail!(
+            "--pytorch: {} scripts/bench_pytorch.py failed ({}):\n{}",
+            b.python,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("--pytorch: unexpected output from the script: {line:?}"))?;
+    v["tokens_per_s"].as_f64().with_context(|| format!("--pytorch: no tokens_per_s in {line}"))
+}
+
+fn bench_train(b: &TrainBench) -> Result<()> {
     use train::trainer::Trainer;
+    let (spec, batch, seq, steps) = (b.spec.as_str(), b.batch, b.seq, b.steps);
+    if steps == 0 || b.rounds == 0 {
+        bail!("--steps and --rounds must be at least 1");
+    }
+    if let Some(path) = &b.pytorch {
+        if !path.is_file() {
+            bail!("--pytorch {}: no such file (the path of llama2.c's model.py)", path.display());
+        }
+    }
     let params = model_or_preset(spec)?;
     let config = params.config().clone();
     if seq > config.seq_len {
         bail!("--seq {seq} is larger than the model's context of {}", config.seq_len);
     }
-    let device = open_device(which, precision)?;
+    let device = open_device(b.device, b.precision)?;
     let tokens = random_tokens(&config, batch, seq);
     let data = train::data::Dataset::from_tokens("random tokens", tokens, config.vocab_size, seq)?;
-    let settings = bench_settings(steps + 1, batch, seq, precision);
+    let settings = bench_settings(steps * b.rounds as u64 + 1, batch, seq, b.precision);
     let mut trainer = Trainer::new(device.as_ref(), params, settings, data, None)?;
     let mut telemetry = train::telemetry::Telemetry::none();
     trainer.step(&mut telemetry)?; // warm-up: first-touch of every buffer
-    let warm = trainer.cumulative;
-    for _ in 0..steps {
-        trainer.step(&mut telemetry)?;
+
+    // The fastest round: (seconds, tokens, FLOPs, phases).
+    let mut best: Option<(f64, f64, f64, train::telemetry::PhasesMs)> = None;
+    let mut torch_runs = Vec::new();
+    for round in 0..b.rounds {
+        let warm = trainer.cumulative;
+        let mut phases = train::telemetry::PhasesMs::default();
+        for _ in 0..steps {
+            trainer.step(&mut telemetry)?;
+            phases.add(&trainer.last_phases);
+        }
+        let c = trainer.cumulative;
+        let secs = c.train_seconds - warm.train_seconds;
+        if best.as_ref().is_none_or(|(s, ..)| secs < *s) {
+            best = Some((secs, (c.tokens - warm.tokens) as f64, c.total_flops - warm.total_flops, phases));
+        }
+        if let Some(model_py) = &b.pytorch {
+            if !b.json {
+                eprintln!("round {}/{}: PyTorch …", round + 1, b.rounds);
+            }
+            torch_runs.push(pytorch_tokens_per_s(b, model_py, rayon::current_num_threads())?);
+        }
     }
-    let c = trainer.cumulative;
-    let secs = c.train_seconds - warm.train_seconds;
-    let tokens = (c.tokens - warm.tokens) as f64;
-    let flops = c.total_flops - warm.total_flops;
+    let (secs, tokens, flops, phases) = best.expect("at least one round");
     let ms_per_step = secs * 1e3 / steps as f64;
     let tokens_per_s = tokens / secs;
     let gflops = flops / secs / 1e9;
+    let phases: Vec<(&str, f64)> = phases.named().iter().map(|&(k, v)| (k, v / steps as f64)).collect();
+    let torch_best = torch_runs.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
     let gemm_peak = gemm_peak_gflops();
 
     let n = config.n_params() as f64;
@@ -281,23 +378,27 @@ fn bench_train(
     let peak = peak_rss_bytes();
     let reference: Vec<(&str, f64)> =
         PYTORCH_TOKENS_PER_S.iter().filter(|(m, _, _)| *m == spec).map(|(_, how, v)| (*how, *v)).collect();
-    if json {
+    if b.json {
         let v = serde_json::json!({
             "model": spec, "params": config.n_params(), "batch": batch, "seq": seq, "steps": steps,
-            "device": device.name(), "precision": precision.name(),
+            "rounds": b.rounds, "device": device.name(), "precision": b.precision.name(),
             "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s, "gflops": gflops,
             "gemm_peak_gflops": gemm_peak, "ratio_to_gemm_peak": gflops / gemm_peak,
             "peak_rss_bytes": peak, "theoretical_min_bytes": min_bytes,
+            "phases_ms": phases.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+            "pytorch_measured_tokens_per_s": torch_best,
+            "pytorch_measured_runs": torch_runs,
             "pytorch_reference_tokens_per_s": reference.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
         });
         println!("{v}");
         return Ok(());
     }
     println!(
-        "bench train: {spec} ({:.1} M params), batch {batch} × seq {seq}, on {} ({}), {steps} timed steps",
+        "bench train: {spec} ({:.1} M params), batch {batch} × seq {seq}, on {} ({}), {steps} timed steps{}",
         n / 1e6,
         device.name(),
-        precision.name()
+        b.precision.name(),
+        if b.rounds > 1 { format!(" × {} rounds (the fastest shown)", b.rounds) } else { String::new() }
     );
     println!("  ms/step                 {ms_per_step:>10.1}");
     println!("  tokens/s                {tokens_per_s:>10.1}");
@@ -312,6 +413,17 @@ fn bench_train(
             p as f64 / min_bytes
         ),
         None => println!("  peak memory             n/a (no /proc/self/status on this system)"),
+    }
+    println!("  ms per phase (mean of the round's steps):");
+    for (name, ms) in &phases {
+        println!("    {name:<20}  {ms:>10.1}  {:>5.1} %", 100.0 * ms / ms_per_step);
+    }
+    if let Some(t) = torch_best {
+        println!(
+            "  vs PyTorch eager, measured now {:>6.2}×  ({t:.0} tokens/s: llama2.c's model.py, best of {} rounds)",
+            tokens_per_s / t,
+            torch_runs.len()
+        );
     }
     for (how, v) in reference {
         println!("  vs PyTorch {how:<14} {:>10.2}×  ({v} tokens/s, from another run)", tokens_per_s / v);

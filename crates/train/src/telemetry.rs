@@ -123,6 +123,32 @@ pub struct PhasesMs {
 }
 
 impl PhasesMs {
+    /// The phases with their telemetry names, in step order.
+    pub fn named(&self) -> [(&'static str, f64); 8] {
+        [
+            ("device_forward", self.device_forward),
+            ("device_backward", self.device_backward),
+            ("surface_io", self.surface_io),
+            ("rmsnorm", self.rmsnorm),
+            ("classifier_loss", self.classifier_loss),
+            ("dw", self.dw),
+            ("optimizer", self.optimizer),
+            ("other", self.other),
+        ]
+    }
+
+    /// Phase-by-phase sum, for averaging over steps.
+    pub fn add(&mut self, o: &PhasesMs) {
+        self.device_forward += o.device_forward;
+        self.device_backward += o.device_backward;
+        self.surface_io += o.surface_io;
+        self.rmsnorm += o.rmsnorm;
+        self.classifier_loss += o.classifier_loss;
+        self.dw += o.dw;
+        self.optimizer += o.optimizer;
+        self.other += o.other;
+    }
+
     pub fn from_times(t: &PhaseTimes, optimizer_ms: f64) -> PhasesMs {
         PhasesMs {
             device_forward: t.device_forward,

@@ -179,6 +179,8 @@ pub struct Trainer<'d> {
     /// Steps completed.
     pub step: u64,
     pub cumulative: Cumulative,
+    /// Where the last step's time went, phase by phase (also in its telemetry line).
+    pub last_phases: PhasesMs,
     flops: StepFlops,
     device: &'d dyn Device,
     inputs: Vec<u32>,
@@ -253,6 +255,7 @@ impl<'d> Trainer<'d> {
             val_data,
             step,
             cumulative,
+            last_phases: PhasesMs::default(),
             device,
             train,
             inputs: vec![0; n],
@@ -401,6 +404,7 @@ impl<'d> Trainer<'d> {
             return Err(TrainError::NonFinite { step: step + 1, what: "gradient norm", value: outcome.grad_norm });
         }
         let phases = self.pipeline.take_times();
+        self.last_phases = PhasesMs::from_times(&phases, optimizer_ms);
         let secs = start.elapsed().as_secs_f64();
         self.step += 1;
 
@@ -436,7 +440,7 @@ impl<'d> Trainer<'d> {
                 tokens_per_s: info.tokens_per_s,
                 gflops: self.flops.total() * accum as f64 / secs / 1e9,
                 ms: info.ms,
-                phases_ms: PhasesMs::from_times(&phases, optimizer_ms),
+                phases_ms: self.last_phases,
                 loss_scale: self.train.loss_scaling.then_some(self.scaler.scale),
                 compile_stall_ms: stall_ms,
             })
