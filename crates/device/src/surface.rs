@@ -4,6 +4,33 @@
 
 use half::f16;
 use mil::DType;
+use rayon::prelude::*;
+
+/// Copies of at least this many elements are split between rayon's threads: the
+/// dynamic-weight pipelines copy every layer's weights and activations through surfaces
+/// each step (hundreds of MB at Stories110M), and one core's copy loop does not use all
+/// of the memory bandwidth that two reach.
+const PAR_COPY: usize = 1 << 18;
+
+/// `f` over matching pieces of `dst` and `src` (the same length), in parallel when large.
+fn copy_split<D: Send, S: Sync>(dst: &mut [D], src: &[S], f: impl Fn(&mut [D], &[S]) + Sync) {
+    debug_assert_eq!(dst.len(), src.len());
+    if dst.len() < PAR_COPY {
+        return f(dst, src);
+    }
+    let piece = dst.len().div_ceil(4 * rayon::current_num_threads()).max(PAR_COPY / 4);
+    dst.par_chunks_mut(piece).zip(src.par_chunks(piece)).for_each(|(d, s)| f(d, s));
+}
+
+/// `f(r, row)` on each row of `rows` (a whole number of surface rows of length `width`),
+/// in parallel when the copy (`work` elements) is large.
+fn for_rows<D: Send>(rows: &mut [D], width: usize, work: usize, f: impl Fn(usize, &mut [D]) + Sync) {
+    if work < PAR_COPY {
+        rows.chunks_mut(width).enumerate().for_each(|(r, row)| f(r, row));
+    } else {
+        rows.par_chunks_mut(width).enumerate().for_each(|(r, row)| f(r, row));
+    }
+}
 
 #[derive(Clone, Debug, PartialEq)]
 enum Data {
@@ -78,8 +105,10 @@ impl Surface {
     /// Copies `src` into the surface from element `at`.
     pub fn write_f32_at(&mut self, at: usize, src: &[f32]) {
         match &mut self.data {
-            Data::F16(v) => v[at..at + src.len()].iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(*s)),
-            Data::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            Data::F16(v) => copy_split(&mut v[at..at + src.len()], src, |d, s| {
+                d.iter_mut().zip(s).for_each(|(d, s)| *d = f16::from_f32(*s))
+            }),
+            Data::F32(v) => copy_split(&mut v[at..at + src.len()], src, |d, s| d.copy_from_slice(s)),
         }
     }
 
@@ -87,8 +116,10 @@ impl Surface {
     pub fn read_f32_at(&self, at: usize, dst: &mut [f32]) {
         let n = dst.len();
         match &self.data {
-            Data::F16(v) => dst.iter_mut().zip(&v[at..at + n]).for_each(|(d, s)| *d = s.to_f32()),
-            Data::F32(v) => dst.copy_from_slice(&v[at..at + n]),
+            Data::F16(v) => {
+                copy_split(dst, &v[at..at + n], |d, s| d.iter_mut().zip(s).for_each(|(d, s)| *d = s.to_f32()))
+            }
+            Data::F32(v) => copy_split(dst, &v[at..at + n], |d, s| d.copy_from_slice(s)),
         }
     }
 
@@ -134,8 +165,18 @@ impl Surface {
         assert_eq!(src.len(), rows * cols, "write_block: {rows}x{cols} block from {} values", src.len());
         let seq = *self.shape.last().expect("surface has a shape");
         assert!(s0 + cols <= seq, "write_block: positions {s0}..{} past width {seq}", s0 + cols);
-        for r in 0..rows {
-            self.write_f32_at((c0 + r) * seq + s0, &src[r * cols..(r + 1) * cols]);
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let (lo, hi) = (c0 * seq, (c0 + rows) * seq);
+        let block_row = |r: usize| &src[r * cols..(r + 1) * cols];
+        match &mut self.data {
+            Data::F16(v) => for_rows(&mut v[lo..hi], seq, rows * cols, |r, row| {
+                row[s0..s0 + cols].iter_mut().zip(block_row(r)).for_each(|(d, s)| *d = f16::from_f32(*s))
+            }),
+            Data::F32(v) => {
+                for_rows(&mut v[lo..hi], seq, rows * cols, |r, row| row[s0..s0 + cols].copy_from_slice(block_row(r)))
+            }
         }
     }
 
@@ -153,6 +194,36 @@ impl Surface {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Blocks and runs large enough to be copied by several threads land where the
+    /// one-element-at-a-time definition puts them, in both dtypes.
+    #[test]
+    fn large_copies_match_the_definition() {
+        let (channels, width, c0, s0, rows, cols) = (700, 1100, 50, 40, 600, 1000);
+        assert!(rows * cols >= PAR_COPY);
+        let block: Vec<f32> = (0..rows * cols).map(|i| (i % 1999) as f32 - 999.0).collect();
+        for dtype in [DType::Fp32, DType::Fp16] {
+            let mut s = Surface::from_f32(dtype, &[1, channels, 1, width], &vec![0.25; channels * width]);
+            s.write_block(c0, s0, rows, cols, &block);
+            let all = s.to_f32();
+            for c in 0..channels {
+                for p in 0..width {
+                    let inside = (c0..c0 + rows).contains(&c) && (s0..s0 + cols).contains(&p);
+                    let want = if inside { block[(c - c0) * cols + p - s0] } else { 0.25 };
+                    assert_eq!(all[c * width + p], want, "{dtype:?}: channel {c}, position {p}");
+                }
+            }
+            let mut back = vec![0.0; rows * cols];
+            s.read_block(c0, s0, rows, cols, &mut back);
+            assert_eq!(back, block, "{dtype:?}");
+            let run: Vec<f32> = (0..PAR_COPY + 123).map(|i| (i % 777) as f32).collect();
+            s.write_f32_at(5, &run);
+            let mut got = vec![0.0; run.len()];
+            s.read_f32_at(5, &mut got);
+            assert_eq!(got, run, "{dtype:?}");
+            assert_eq!(s.to_f32()[4], 0.25, "{dtype:?}: the element before the run is untouched");
+        }
+    }
 
     #[test]
     fn blocks_land_channel_major() {
