@@ -43,6 +43,10 @@ pub enum BenchCommand {
         /// The Python interpreter for --pytorch.
         #[arg(long, default_value = "python3")]
         python: String,
+        /// With --pytorch: run llama2.c's model under torch.compile (the first round
+        /// includes no compile time: the script warms up first).
+        #[arg(long, requires = "pytorch")]
+        pytorch_compile: bool,
         /// Print the figures as one JSON object.
         #[arg(long)]
         json: bool,
@@ -91,20 +95,31 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             print!("{}", device::cpu::format_gemm_bench(&rows));
             Ok(())
         }
-        BenchCommand::Train { model, batch, seq, steps, rounds, device, precision, pytorch, python, json } => {
-            bench_train(&TrainBench {
-                spec: model,
-                batch,
-                seq,
-                steps,
-                rounds,
-                device,
-                precision,
-                pytorch,
-                python,
-                json,
-            })
-        }
+        BenchCommand::Train {
+            model,
+            batch,
+            seq,
+            steps,
+            rounds,
+            device,
+            precision,
+            pytorch,
+            python,
+            pytorch_compile,
+            json,
+        } => bench_train(&TrainBench {
+            spec: model,
+            batch,
+            seq,
+            steps,
+            rounds,
+            device,
+            precision,
+            pytorch,
+            python,
+            pytorch_compile,
+            json,
+        }),
         BenchCommand::Sample { model, prompt, decode, device, precision } => {
             bench_sample(&model, prompt, decode, device, precision)
         }
@@ -269,6 +284,7 @@ struct TrainBench {
     precision: Precision,
     pytorch: Option<std::path::PathBuf>,
     python: String,
+    pytorch_compile: bool,
     json: bool,
 }
 
@@ -287,6 +303,7 @@ fn pytorch_tokens_per_s(b: &TrainBench, model_py: &std::path::Path, threads: usi
         .arg(model_py)
         .args(["--model", &b.spec, "--batch", &b.batch.to_string(), "--seq", &b.seq.to_string()])
         .args(["--steps", &b.steps.to_string(), "--warmup", "2", "--threads", &threads.to_string(), "--json"])
+        .args(b.pytorch_compile.then_some("--compile"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -387,6 +404,7 @@ fn bench_train(b: &TrainBench) -> Result<()> {
             "peak_rss_bytes": peak, "theoretical_min_bytes": min_bytes,
             "phases_ms": phases.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
             "pytorch_measured_tokens_per_s": torch_best,
+            "pytorch_compile": b.pytorch_compile,
             "pytorch_measured_runs": torch_runs,
             "pytorch_reference_tokens_per_s": reference.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
         });
@@ -419,8 +437,9 @@ fn bench_train(b: &TrainBench) -> Result<()> {
         println!("    {name:<20}  {ms:>10.1}  {:>5.1} %", 100.0 * ms / ms_per_step);
     }
     if let Some(t) = torch_best {
+        let how = if b.pytorch_compile { "compiled" } else { "eager" };
         println!(
-            "  vs PyTorch eager, measured now {:>6.2}×  ({t:.0} tokens/s: llama2.c's model.py, best of {} rounds)",
+            "  vs PyTorch {how}, measured now {:>6.2}×  ({t:.0} tokens/s: llama2.c's model.py, best of {} rounds)",
             tokens_per_s / t,
             torch_runs.len()
         );

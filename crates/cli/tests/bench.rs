@@ -81,6 +81,18 @@ if [ "$(wc -l < runs.log)" -eq 1 ]; then echo '{"tokens_per_s": 100.0}'; else ec
     assert_eq!(std::fs::read_to_string(dir.path().join("runs.log")).unwrap().lines().count(), 3);
     assert_eq!(v["pytorch_measured_runs"], serde_json::json!([100.0, 250.0, 250.0]));
     assert_eq!(v["pytorch_measured_tokens_per_s"], 250.0);
+    assert_eq!(v["pytorch_compile"], false);
+
+    // --pytorch-compile reaches the script as --compile.
+    let python = fake_python(
+        dir.path(),
+        r#"cat > /dev/null
+case "$*" in *"--compile"*) echo '{"tokens_per_s": 7.0}';; *) echo "no --compile in: $*" >&2; exit 9;; esac"#,
+    );
+    let mut args = TINY.to_vec();
+    args.extend(["--json", "--pytorch", "model.py", "--python", &python, "--pytorch-compile"]);
+    let v = stdout_json(&anetrain(dir.path(), &args));
+    assert_eq!((v["pytorch_measured_tokens_per_s"].as_f64(), v["pytorch_compile"].as_bool()), (Some(7.0), Some(true)));
 }
 
 #[test]
@@ -89,6 +101,12 @@ fn bad_flags_and_failing_scripts_are_clear_errors() {
     let mut args = TINY.to_vec();
     args.extend(["--pytorch", "missing/model.py"]);
     failed_with(&anetrain(dir.path(), &args), &["--pytorch missing/model.py", "no such file"]);
+
+    let mut args = TINY.to_vec();
+    args.extend(["--pytorch-compile"]);
+    let out = anetrain(dir.path(), &args);
+    assert_eq!(out.status.code(), Some(1), "--pytorch-compile needs --pytorch");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pytorch"));
 
     let mut args = TINY.to_vec();
     args.extend(["--rounds", "0"]);
