@@ -171,13 +171,12 @@ pub struct GenerateArgs {
 /// `anetrain generate`: prefill the prompt, then decode one token at a time with the
 /// KV cache, streaming text to stdout and timing both phases (stderr).
 ///
-/// The transformer layers run as MIL kernels on the device ([`Decoder`]); the embedding
-/// lookup, norms, RoPE and the classifier run on the CPU. The classifier is the one
-/// place where Qwen2.5 passes the ANE's per-dimension limit
-/// ([`mil::lint::MAX_DIMENSION`] = 65536): its weight is `[151936, 896]`. On the CPU
-/// the decoder computes it as parallel row blocks, so no split is needed here; a
-/// kernel version would split the rows into `ceil(vocab / 65536)` = 3 matmuls and
-/// concatenate the logits on the CPU.
+/// The transformer layers and the classifier run as MIL kernels on the device
+/// ([`Decoder`]); the embedding lookup, norms and RoPE on the CPU. The classifier is the
+/// one place where Qwen2.5 passes the ANE's per-dimension limit
+/// ([`mil::lint::MAX_DIMENSION`] = 65536): its weight is `[151936, 896]`, so the decoder
+/// splits its rows into three kernels ([`train::model::HEAD_PART_ROWS`] rows each at
+/// most) and puts the logits together on the CPU.
 pub fn generate(args: GenerateArgs) -> Result<()> {
     if args.temperature.is_nan() || args.temperature < 0.0 {
         bail!("--temperature {} must be 0 (greedy) or positive", args.temperature);

@@ -475,6 +475,28 @@ pub(crate) fn attention_grads(
     (dqh, dkh, dvh)
 }
 
+/// One part of the classifier: `logits [V_p, T] = W_p · xn` for `V_p` rows of the
+/// `[vocab, D]` classifier. Input `x: [D, T + V_p]` = normed activation `xn [D, T]`, then
+/// `W_pᵀ [D, V_p]`. The decoder splits the vocabulary into parts so that no dimension
+/// passes the ANE's limit ([`mil::lint::MAX_DIMENSION`]; Qwen2.5's head has 151936 rows):
+/// see [`classifier_parts`].
+pub fn classifier_part(dim: usize, part: usize, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+    let mut g = Gen::new(dialect);
+    let xs = g.surface("x", dim, &[("xn", dim, t), ("wcls", dim, part)]);
+    let xn = g.block(&xs, 0, "xn");
+    let w = g.block(&xs, 0, "wcls");
+    let y = g.linear_t("logits2", &w, &xn);
+    g.output("logits", &y);
+    g.finish("classifier_part")
+}
+
+/// The vocabulary rows `lo..hi` of each classifier part: consecutive, each at most
+/// `max_part` rows.
+pub fn classifier_parts(vocab: usize, max_part: usize) -> Vec<(usize, usize)> {
+    assert!(max_part > 0, "a classifier part holds at least one row");
+    (0..vocab).step_by(max_part).map(|lo| (lo, (lo + max_part).min(vocab))).collect()
+}
+
 /// Backward of the QKV projection: `dx = Wqᵀ·dq + Wkᵀ·dk + Wvᵀ·dv`.
 /// Inputs: `dq: [D, T + D]` = `dq`, then `Wq [D, D]`; `dkv: [KV, 2T + 2D]` = `dk`,
 /// `dv`, then `Wk [KV, D]`, `Wv [KV, D]` (all untransposed). Output `dx [D, T]`.
@@ -537,6 +559,28 @@ mod tests {
                     assert!(errors.is_empty(), "{} ({dialect}, dim {}): {errors:#?}", k.name, d.dim);
                 }
             }
+        }
+    }
+
+    /// Qwen2.5-0.5B's 151936-row classifier as the decoder splits it: each part lints
+    /// clean, and the whole head in one kernel is exactly what the lint refuses.
+    #[test]
+    fn the_split_classifier_stays_within_the_ane_dimension_limit() {
+        let (dim, vocab, t) = (896, 151936, 16);
+        let errors = |k: &KernelDef| -> Vec<String> {
+            let findings = mil::lint::lint(&k.program);
+            findings.iter().filter(|f| f.severity == mil::lint::Severity::Error).map(|f| f.to_string()).collect()
+        };
+        let parts = classifier_parts(vocab, crate::model::HEAD_PART_ROWS);
+        assert_eq!(parts.len(), 3);
+        for dialect in [Dialect::Ios18, Dialect::Ios16] {
+            for &(lo, hi) in &parts {
+                let k = classifier_part(dim, hi - lo, t, dialect).unwrap();
+                assert!(errors(&k).is_empty(), "rows {lo}..{hi} ({dialect}): {:#?}", errors(&k));
+            }
+            let whole = classifier_part(dim, vocab, t, dialect).unwrap();
+            let e = errors(&whole);
+            assert!(e.iter().any(|m| m.contains("65536")), "the unsplit head must pass the limit: {e:#?}");
         }
     }
 

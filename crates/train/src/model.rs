@@ -1,5 +1,7 @@
 //! A Llama model on a device: prefill and KV-cached decoding with the kernels of
-//! [`crate::kernels`], RMSNorm, RoPE and the classifier on the CPU.
+//! [`crate::kernels`] (the layers, and the classifier for the last token, split into
+//! parts of at most [`HEAD_PART_ROWS`] vocabulary rows for the ANE's dimension limit);
+//! embedding, RMSNorm and RoPE on the CPU.
 //!
 //! Weights are packed into each layer's input surfaces once, when the decoder is built:
 //! inference weights never change, so every later step writes only activations into the
@@ -132,6 +134,28 @@ struct KernelSet {
     h3: Surface,
 }
 
+/// The classifier as device kernels, one per part of the vocabulary (see
+/// [`kernels::classifier_parts`]), for the last token of a forward pass.
+struct Head {
+    /// Token columns of the head kernels (1, or the ANE's padded width).
+    t: usize,
+    parts: Vec<HeadPart>,
+}
+
+struct HeadPart {
+    rows: (usize, usize),
+    kernel: Box<dyn Kernel>,
+    xn_s0: usize,
+    /// `[D, t + V_p]`: the normed activation, then `W_pᵀ` (written once).
+    input: Surface,
+    /// `[V_p, t]`.
+    logits: Surface,
+}
+
+/// Rows per classifier kernel: the surface `[D, t + rows]` stays within the ANE's
+/// per-dimension limit with room for a padded token width, and a multiple of 16.
+pub const HEAD_PART_ROWS: usize = mil::lint::MAX_DIMENSION - 64;
+
 /// Prefill and decode on a device, with a KV cache in the attention kernels' surfaces.
 pub struct Decoder<'w, W: ModelWeights> {
     weights: &'w W,
@@ -147,6 +171,10 @@ pub struct Decoder<'w, W: ModelWeights> {
     pub prefill_chunk: usize,
     /// Seconds spent compiling kernels so far.
     pub compile_seconds: f64,
+    /// Vocabulary rows per classifier kernel (default [`HEAD_PART_ROWS`]); set before
+    /// the first forward pass.
+    pub head_part_rows: usize,
+    head: Option<Head>,
 }
 
 impl<'w, W: ModelWeights> Decoder<'w, W> {
@@ -172,7 +200,63 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
             pos: 0,
             prefill_chunk: 32,
             compile_seconds: 0.0,
+            head_part_rows: HEAD_PART_ROWS,
+            head: None,
         })
+    }
+
+    /// Number of classifier kernels (parts of the vocabulary) compiled so far: 0 before
+    /// the first forward pass.
+    pub fn head_kernels(&self) -> usize {
+        self.head.as_ref().map_or(0, |h| h.parts.len())
+    }
+
+    /// Compiles the classifier kernels and writes their weights, once.
+    fn compile_head(&mut self) -> device::Result<()> {
+        if self.head.is_some() {
+            return Ok(());
+        }
+        let start = std::time::Instant::now();
+        let (dim, vocab) = (self.dims.layer.dim, self.dims.vocab);
+        let t = token_padding(self.device, 1);
+        let dialect = self.device.dialect();
+        let io = kernels::Io::for_dialect(dialect).surface_dtype();
+        let wcls = self.weights.classifier();
+        let mut parts = Vec::new();
+        for (lo, hi) in kernels::classifier_parts(vocab, self.head_part_rows) {
+            let def = kernels::classifier_part(dim, hi - lo, t, dialect)?;
+            let kernel = self.device.compile(&def.program, &def.weights)?;
+            let layout = &def.inputs[0];
+            let mut input = Surface::activation(io, layout.channels, layout.width);
+            write_transposed(&mut input, layout.block("wcls").s0, &wcls[lo * dim..hi * dim], hi - lo, dim);
+            let logits = Surface::activation(io, hi - lo, t);
+            parts.push(HeadPart { rows: (lo, hi), kernel, xn_s0: layout.block("xn").s0, input, logits });
+        }
+        self.head = Some(Head { t, parts });
+        self.compile_seconds += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Logits `[vocab]` of one normed activation `[D]`, from the classifier kernels.
+    fn head_logits(&mut self, normed: &[f32]) -> device::Result<Vec<f32>> {
+        self.compile_head()?;
+        let head = self.head.as_mut().expect("compiled just above");
+        let mut logits = vec![0.0f32; self.dims.vocab];
+        let mut column = vec![0.0f32; head.t];
+        for part in &mut head.parts {
+            // Column 0 holds the token; padded columns stay zero.
+            for (c, &v) in normed.iter().enumerate() {
+                column[0] = v;
+                part.input.write_f32_at(c * part.input.shape()[3] + part.xn_s0, &column);
+            }
+            part.kernel.eval(&[&part.input], &mut [&mut part.logits])?;
+            let (lo, hi) = part.rows;
+            let out = part.logits.to_f32();
+            for (v, l) in logits[lo..hi].iter_mut().enumerate() {
+                *l = out[v * head.t];
+            }
+        }
+        Ok(logits)
     }
 
     /// The next position to fill.
@@ -335,13 +419,7 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         let last: Vec<f32> = (0..dim).map(|c| x[c * t + n - 1]).collect();
         let mut normed = vec![0.0f32; dim];
         rmsnorm_cols(&last, self.weights.rms_final(), dims.norm_eps, dim, 1, &mut normed);
-        let wcls = self.weights.classifier();
-        let logits: Vec<f32> = wcls
-            .par_chunks(dim)
-            .with_min_len(256)
-            .map(|row| row.iter().zip(&normed).map(|(a, b)| a * b).sum())
-            .collect();
-        Ok(logits)
+        self.head_logits(&normed)
     }
 }
 

@@ -80,3 +80,30 @@ fn running_past_the_context_is_an_error() {
     let e = decoder.forward(&tokens).unwrap_err();
     assert!(e.to_string().contains("context of 40"), "{e}");
 }
+
+/// The classifier runs as device kernels, one per part of the vocabulary, so that no
+/// dimension passes the ANE's limit (Qwen2.5's 151936-row head needs three). With parts
+/// of 16 rows a 61-token vocabulary splits into 4 (16, 16, 16, 13): every part's logits
+/// land in their place, on a Qwen2-shaped model (QKV biases, GQA, unshared head).
+#[test]
+fn the_classifier_split_into_parts_matches_the_reference() {
+    let config = Config { qkv_bias: true, norm_eps: 1e-6, rope_theta: 1e6, shared_classifier: false, ..config(2) };
+    let params = Params::init(&config, 7).unwrap();
+    let device = CpuDevice::new(Precision::Fp32);
+    let mut decoder = Decoder::new(&device, &params).unwrap();
+    decoder.head_part_rows = 16;
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 29 + 5) % 61).collect();
+    let mut cache = reference::KvCache::new(&config);
+    let want: Vec<Vec<f32>> =
+        tokens.iter().enumerate().map(|(pos, &t)| reference::forward(&params, &mut cache, t, pos).unwrap()).collect();
+    let got = decoder.forward(&tokens[..5]).unwrap();
+    assert_eq!(decoder.head_kernels(), 4);
+    assert!(rel_err(&got, &want[4]) < 1e-4, "prefill logits off by {}", rel_err(&got, &want[4]));
+    for pos in 5..tokens.len() {
+        let got = decoder.forward(&tokens[pos..pos + 1]).unwrap();
+        assert!(rel_err(&got, &want[pos]) < 1e-4, "position {pos} off by {}", rel_err(&got, &want[pos]));
+    }
+    // Parts and their rows.
+    assert_eq!(train::kernels::classifier_parts(61, 16), [(0, 16), (16, 32), (32, 48), (48, 61)]);
+    assert_eq!(train::kernels::classifier_parts(151936, train::model::HEAD_PART_ROWS).len(), 3);
+}
