@@ -239,10 +239,7 @@ pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, dialect: Diale
     let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
     let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
     let vh = h.kv_rows(&mut g, "vh", &v);
-    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
-    let scaled = g.b.scale("scaled", &scores, 1.0 / (hd as f64).sqrt());
-    let masked = g.b.add("masked", &scaled, &mask);
-    let probs = g.b.softmax("probs", &masked, -1);
+    let (_, probs) = attention_probs(&mut g, &qh, &kh, &mask, hd);
     let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g, S, hd]
     let o = h.merge_queries(&mut g, "o2", &oh); // [D, T]
     let wo = g.block(&qs, 0, "wo");
@@ -250,6 +247,19 @@ pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, dialect: Diale
     g.output("o", &o);
     g.output("y", &y);
     g.finish("attention_forward")
+}
+
+/// Causal attention probabilities `P = softmax(q·kᵀ·scale + mask)` for queries
+/// `qh: [B, nkv, g, S, hd]` and keys `kh: [B, nkv, 1, S, hd]`. The scale `1/√hd` is applied
+/// to the queries (`[…, S, hd]`) rather than to the scores (`[…, S, S]`): the same
+/// product, with one pass over `hd` columns instead of `S`. Returns the scaled queries
+/// (the backward's `dK = dSᵀ·Q` wants them) and `P`.
+pub(crate) fn attention_probs(g: &mut Gen, qh: &Var, kh: &Var, mask: &Var, head_dim: usize) -> (Var, Var) {
+    let qs = g.b.scale("qs", qh, 1.0 / (head_dim as f64).sqrt());
+    let scores = g.b.matmul("scores", &qs, kh, false, true); // [B, nkv, g, S, S]
+    let masked = g.b.add("masked", &scores, mask);
+    let probs = g.b.softmax("probs", &masked, -1);
+    (qs, probs)
 }
 
 /// The additive causal mask `[S, S]` (0 on and below the diagonal, [`MASK_NEG`] above),
@@ -435,8 +445,8 @@ pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dial
 }
 
 /// The core of every attention backward: recompute `P = softmax(q·kᵀ·scale + mask)`,
-/// then `dV = Σ_g Pᵀ·dO`, `dP = dO·Vᵀ`, the softmax backward `dS = P ⊙ (dP − Σ_j dP⊙P)`
-/// (times the scale), `dQ = dS·K` and `dK = Σ_g dSᵀ·Q`. Takes channel-major rotated
+/// then `dV = Σ_g Pᵀ·dO`, `dP = dO·Vᵀ`, the softmax backward `dS = P ⊙ (dP − Σ_j dP⊙P)`,
+/// `dQ = dS·K·scale` and `dK = Σ_g dSᵀ·(Q·scale)`. Takes channel-major rotated
 /// `q [D, T]`, `k`, `v [KV, T]` and `d_o [D, T]`; returns `(dQ, dK, dV)` in head layout
 /// (`[B, nkv, g, S, hd]`, `[B, nkv, S, hd]`, `[B, nkv, S, hd]`), the query heads of a KV
 /// head folded (summed) into it.
@@ -452,25 +462,23 @@ pub(crate) fn attention_grads(
     d_o: &Var,
 ) -> (Var, Var, Var) {
     let mask = causal_mask(g, seq);
-    let scale = 1.0 / (head_dim as f64).sqrt();
     let qh = h.queries(g, "qh", q); // [B, nkv, g, S, hd]
     let kh = h.kv_rows(g, "kh", k); // [B, nkv, 1, S, hd]
     let vh = h.kv_rows(g, "vh", v);
     let doh = h.queries(g, "doh", d_o);
-    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
-    let scaled = g.b.scale("scaled", &scores, scale);
-    let masked = g.b.add("masked", &scaled, &mask);
-    let p = g.b.softmax("probs", &masked, -1);
+    let (qs, p) = attention_probs(g, &qh, &kh, &mask, head_dim);
     let dv_g = g.b.matmul("dv_g", &p, &doh, true, false); // [B, nkv, g, S, hd]
     let dvh = g.b.reduce_sum("dvh", &dv_g, &[2], false); // [B, nkv, S, hd]
     let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g, S, S]
     let dpp = g.b.mul("dpp", &dp, &p);
     let rowsum = g.b.reduce_sum("rowsum", &dpp, &[-1], true);
     let centered = g.b.sub("centered", &dp, &rowsum);
-    let ds0 = g.b.mul("ds0", &p, &centered);
-    let ds = g.b.scale("ds", &ds0, scale);
-    let dqh = g.b.matmul("dqh", &ds, &kh, false, false); // [B, nkv, g, S, hd]
-    let dk_g = g.b.matmul("dk_g", &ds, &qh, true, false); // [B, nkv, g, S, hd]
+    // dS without the scale: the scale goes on dQ (an [S, hd] pass, not [S, S]), and dK
+    // takes it from the scaled queries.
+    let ds = g.b.mul("ds", &p, &centered);
+    let dq0 = g.b.matmul("dq0", &ds, &kh, false, false); // [B, nkv, g, S, hd]
+    let dqh = g.b.scale("dqh", &dq0, 1.0 / (head_dim as f64).sqrt());
+    let dk_g = g.b.matmul("dk_g", &ds, &qs, true, false); // [B, nkv, g, S, hd]
     let dkh = g.b.reduce_sum("dkh", &dk_g, &[2], false);
     (dqh, dkh, dvh)
 }

@@ -38,7 +38,7 @@ use std::ops::Range;
 
 use mil::{DType, Dialect, TensorType, Value, Var};
 
-use crate::kernels::{attention_grads, causal_mask, Gen, Heads, KernelDef, LayerDims};
+use crate::kernels::{attention_grads, attention_probs, causal_mask, Gen, Heads, KernelDef, LayerDims};
 
 /// The weights one layer's attention-forward kernel bakes in (`llama::Layer` views).
 #[derive(Clone, Copy, Debug)]
@@ -170,10 +170,7 @@ pub fn attention_forward(
     let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
     let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
     let vh = h.kv_rows(&mut g, "vh", &v);
-    let scores = g.b.matmul("scores", &qh, &kh, false, true); // [B, nkv, g, S, S]
-    let scaled = g.b.scale("scaled", &scores, 1.0 / (hd as f64).sqrt());
-    let masked = g.b.add("masked", &scaled, &mask);
-    let probs = g.b.softmax("probs", &masked, -1);
+    let (_, probs) = attention_probs(&mut g, &qh, &kh, &mask, hd);
     let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g, S, hd]
     let o = h.merge_queries(&mut g, "o2", &oh); // [D, T]
     let wo = bake(&mut g, "wo", &[dim, dim], w.wo);
