@@ -416,9 +416,9 @@ pub fn ffn_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<Ke
 }
 
 /// Backward of attention and its output projection, recomputing the probabilities.
-/// Inputs: `dy: [D, 2T + D]` = the gradient at the projection's output, the rotated
-/// queries `q [D, T]`, then `Wo [D, D]` (untransposed); `kv: [KV, 2T]` = rotated keys
-/// then values. Outputs `dq [D, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values;
+/// Inputs: `dy: [D, 3T + D]` = the gradient at the projection's output, the rotated
+/// queries `q [D, T]`, the forward's attention output `o [D, T]` (before Wo), then
+/// `Wo [D, D]` (untransposed); `kv: [KV, 2T]` = rotated keys then values. Outputs `dq [D, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values;
 /// the CPU applies RoPE's backward). With grouped-query attention the gradients of the
 /// query heads sharing a KV head are summed ("folded") into it.
 pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dialect) -> mil::Result<KernelDef> {
@@ -426,15 +426,16 @@ pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dial
     let t = batch * seq;
     let h = Heads::new(d, batch, seq);
     let mut g = Gen::new(dialect);
-    let dys = g.surface("dy", dim, &[("dy", dim, t), ("q", dim, t), ("wo", dim, dim)]);
+    let dys = g.surface("dy", dim, &[("dy", dim, t), ("q", dim, t), ("o", dim, t), ("wo", dim, dim)]);
     let kvs = g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
     let dy = g.block(&dys, 0, "dy");
     let wo = g.block(&dys, 0, "wo");
     let q = g.block(&dys, 0, "q");
+    let o = g.block(&dys, 0, "o");
     let k = g.block(&kvs, 1, "k");
     let v = g.block(&kvs, 1, "v");
     let d_o = g.linear_t("do", &wo, &dy); // [D, T] gradient at the attention output
-    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, &q, &k, &v, &d_o);
+    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, [&q, &k, &v, &o, &d_o]);
     let dq = h.merge_queries(&mut g, "dq2", &dqh);
     let dk = h.merge_kv(&mut g, "dk2", &dkh);
     let dv = h.merge_kv(&mut g, "dv2", &dvh);
@@ -446,20 +447,19 @@ pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dial
 
 /// The core of every attention backward: recompute `P = softmax(q·kᵀ·scale + mask)`,
 /// then `dV = Σ_g Pᵀ·dO`, `dP = dO·Vᵀ`, the softmax backward `dS = P ⊙ (dP − Σ_j dP⊙P)`,
-/// `dQ = dS·K·scale` and `dK = Σ_g dSᵀ·(Q·scale)`. Takes channel-major rotated
-/// `q [D, T]`, `k`, `v [KV, T]` and `d_o [D, T]`; returns `(dQ, dK, dV)` in head layout
+/// `dQ = dS·K·scale` and `dK = Σ_g dSᵀ·(Q·scale)`. The row sums `Σ_j dP_ij·P_ij` are
+/// taken as `dO_i · O_i` (FlashAttention's identity: `Σ_j (dO_i·V_j) P_ij = dO_i·O_i`),
+/// over `hd` columns instead of `S`. Takes channel-major `[q, k, v, o, d_o]`: rotated
+/// `q [D, T]`, `k`, `v [KV, T]`, the forward's attention output `o [D, T]` and its
+/// gradient `d_o [D, T]`; returns `(dQ, dK, dV)` in head layout
 /// (`[B, nkv, g, S, hd]`, `[B, nkv, S, hd]`, `[B, nkv, S, hd]`), the query heads of a KV
 /// head folded (summed) into it.
-#[allow(clippy::too_many_arguments)] // the four activations and the shapes they need
 pub(crate) fn attention_grads(
     g: &mut Gen,
     h: &Heads,
     head_dim: usize,
     seq: usize,
-    q: &Var,
-    k: &Var,
-    v: &Var,
-    d_o: &Var,
+    [q, k, v, o, d_o]: [&Var; 5],
 ) -> (Var, Var, Var) {
     let mask = causal_mask(g, seq);
     let qh = h.queries(g, "qh", q); // [B, nkv, g, S, hd]
@@ -470,8 +470,9 @@ pub(crate) fn attention_grads(
     let dv_g = g.b.matmul("dv_g", &p, &doh, true, false); // [B, nkv, g, S, hd]
     let dvh = g.b.reduce_sum("dvh", &dv_g, &[2], false); // [B, nkv, S, hd]
     let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g, S, S]
-    let dpp = g.b.mul("dpp", &dp, &p);
-    let rowsum = g.b.reduce_sum("rowsum", &dpp, &[-1], true);
+    let oh = h.queries(g, "oh", o);
+    let doo = g.b.mul("doo", &doh, &oh); // [B, nkv, g, S, hd]
+    let rowsum = g.b.reduce_sum("rowsum", &doo, &[-1], true); // [B, nkv, g, S, 1]
     let centered = g.b.sub("centered", &dp, &rowsum);
     // dS without the scale: the scale goes on dQ (an [S, hd] pass, not [S, S]), and dK
     // takes it from the scaled queries.

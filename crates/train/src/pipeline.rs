@@ -453,6 +453,7 @@ impl DynamicPipeline {
             let k = &mut self.attn_bwd;
             k.write(0, "dy", &s.dx);
             k.write(0, "q", &a.q);
+            k.write(0, "o", &a.o);
             k.write(0, "wo", w.wo());
             k.write(1, "k", &a.k);
             k.write(1, "v", &a.v);

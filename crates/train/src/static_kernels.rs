@@ -267,7 +267,8 @@ pub fn attention_backward_wo(d: &LayerDims, t: usize, wo: &[f32], dialect: Diale
 /// softmax backward `dS = P ⊙ (dP − Σ dP⊙P)`, `dQ = dS·K`, `dK = dSᵀ·Q`, and RoPE's
 /// backward, so `dq`, `dk` come out at the *unrotated* projections.
 ///
-/// Inputs `do: [D, 2T + 2T]` = `do`, the rotated queries `q`, then the RoPE tables
+/// Inputs `do: [D, 3T + 2T]` = `do`, the rotated queries `q`, the forward's attention
+/// output `o`, then the RoPE tables
 /// `cos`, `sin` (`[hd/2, T]`); `kv: [KV, 2T]` = rotated keys, values. Outputs `dq [D, T]`,
 /// `dk [KV, T]`, `dv [KV, T]`; with grouped-query attention the query heads sharing a KV
 /// head sum their gradients into it.
@@ -276,15 +277,17 @@ pub fn attention_backward_free(d: &LayerDims, batch: usize, seq: usize, dialect:
     let t = batch * seq;
     let h = Heads::new(d, batch, seq);
     let mut g = Gen::new(dialect);
-    let dos = g.surface("do", dim, &[("do", dim, t), ("q", dim, t), ("cos", hd / 2, t), ("sin", hd / 2, t)]);
+    let dos =
+        g.surface("do", dim, &[("do", dim, t), ("q", dim, t), ("o", dim, t), ("cos", hd / 2, t), ("sin", hd / 2, t)]);
     let kvs = g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
     let d_o = g.block(&dos, 0, "do");
     let q = g.block(&dos, 0, "q");
+    let o = g.block(&dos, 0, "o");
     let cos = g.block(&dos, 0, "cos");
     let sin = g.block(&dos, 0, "sin");
     let k = g.block(&kvs, 1, "k");
     let v = g.block(&kvs, 1, "v");
-    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, &q, &k, &v, &d_o);
+    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, [&q, &k, &v, &o, &d_o]);
     let dq_rot = h.merge_queries(&mut g, "dq_rot", &dqh); // [D, T]
     let dk_rot = h.merge_kv(&mut g, "dk_rot", &dkh); // [KV, T]
     let dv = h.merge_kv(&mut g, "dv2", &dvh);

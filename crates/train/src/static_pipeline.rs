@@ -788,6 +788,7 @@ impl StaticPipeline {
             let k = &mut slots.attn_bwd_free;
             k.write(0, "do", &s.d_o);
             k.write(0, "q", &a.q);
+            k.write(0, "o", &a.o);
             k.write(1, "k", &a.k);
             k.write(1, "v", &a.v);
             lap(&mut t, &mut times.surface_io);
