@@ -19,7 +19,6 @@ use ratatui::symbols::Marker;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Chart, Dataset, GraphType, LegendPosition, Paragraph, Wrap};
 use ratatui::Frame;
-use train::telemetry::PhasesMs;
 
 use crate::run::{MarkerKind, Run, RunLog};
 use crate::sampler::SampleText;
@@ -422,20 +421,6 @@ fn draw_ms(frame: &mut Frame, area: Rect, run: &Run) {
     frame.render_widget(chart, area);
 }
 
-/// Phase names as the telemetry spells them, with their values.
-pub fn phase_list(p: &PhasesMs) -> [(&'static str, f64); 8] {
-    [
-        ("device_forward", p.device_forward),
-        ("device_backward", p.device_backward),
-        ("surface_io", p.surface_io),
-        ("rmsnorm", p.rmsnorm),
-        ("classifier_loss", p.classifier_loss),
-        ("dw", p.dw),
-        ("optimizer", p.optimizer),
-        ("other", p.other),
-    ]
-}
-
 /// A horizontal bar of `fraction` of `width` cells, in eighths of a cell.
 fn bar(fraction: f64, width: usize) -> String {
     const EIGHTHS: [char; 8] = [' ', '▏', '▎', '▍', '▌', '▋', '▊', '▉'];
@@ -452,7 +437,7 @@ fn draw_phases(frame: &mut Frame, area: Rect, run: &Run) {
         frame.render_widget(Paragraph::new("no steps yet").block(panel("phases")), area);
         return;
     };
-    let list = phase_list(&phases);
+    let list = phases.named();
     let total: f64 = list.iter().map(|p| p.1).sum();
     let max = list.iter().map(|p| p.1).fold(0.0, f64::max);
     // name (15) + space + bar + " 123.4 ms 45 %" (14)
