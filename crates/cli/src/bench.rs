@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use device::Precision;
 use rayon::prelude::*;
 use train::model::Decoder;
@@ -17,40 +17,7 @@ pub enum BenchCommand {
     Gemm,
     /// Training speed of a random model on random tokens: ms/step, tokens/s, GFLOP/s
     /// against this machine's GEMM peak, and peak memory against the theoretical minimum.
-    Train {
-        #[arg(long, default_value = "stories15m")]
-        model: String,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        /// Timed steps per round (after one warm-up step).
-        #[arg(long, default_value_t = 3)]
-        steps: u64,
-        /// Rounds of timed steps; the fastest round is reported (the least disturbed by
-        /// other work on the machine). With --pytorch, the rounds alternate with PyTorch's.
-        #[arg(long, default_value_t = 1)]
-        rounds: usize,
-        #[arg(long, value_enum, default_value = "cpu")]
-        device: DeviceArg,
-        #[arg(long, default_value = "fp32")]
-        precision: Precision,
-        /// Also measure PyTorch running llama2.c's model.py (the path given) on the same
-        /// model, batch and thread count, in rounds alternating with ours
-        /// (scripts/bench_pytorch.py; needs a Python with torch).
-        #[arg(long, value_name = "MODEL_PY")]
-        pytorch: Option<std::path::PathBuf>,
-        /// The Python interpreter for --pytorch.
-        #[arg(long, default_value = "python3")]
-        python: String,
-        /// With --pytorch: run llama2.c's model under torch.compile (the first round
-        /// includes no compile time: the script warms up first).
-        #[arg(long, requires = "pytorch")]
-        pytorch_compile: bool,
-        /// Print the figures as one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Train(TrainBench),
     /// Prefill and decode speed of a random model, against the memory-bandwidth roofline.
     Sample {
         /// A preset (stories15m, stories110m, …) with random weights, or a model.bin.
@@ -95,31 +62,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             print!("{}", device::cpu::format_gemm_bench(&rows));
             Ok(())
         }
-        BenchCommand::Train {
-            model,
-            batch,
-            seq,
-            steps,
-            rounds,
-            device,
-            precision,
-            pytorch,
-            python,
-            pytorch_compile,
-            json,
-        } => bench_train(&TrainBench {
-            spec: model,
-            batch,
-            seq,
-            steps,
-            rounds,
-            device,
-            precision,
-            pytorch,
-            python,
-            pytorch_compile,
-            json,
-        }),
+        BenchCommand::Train(args) => bench_train(&args),
         BenchCommand::Sample { model, prompt, decode, device, precision } => {
             bench_sample(&model, prompt, decode, device, precision)
         }
@@ -274,17 +217,39 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// The flags of `bench train`.
-struct TrainBench {
-    spec: String,
+#[derive(Args, Debug)]
+pub struct TrainBench {
+    #[arg(long, default_value = "stories15m")]
+    model: String,
+    #[arg(long, default_value_t = 8)]
     batch: usize,
+    #[arg(long, default_value_t = 256)]
     seq: usize,
+    /// Timed steps per round (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
     steps: u64,
+    /// Rounds of timed steps; the fastest round is reported (the least disturbed by
+    /// other work on the machine). With --pytorch, the rounds alternate with PyTorch's.
+    #[arg(long, default_value_t = 1)]
     rounds: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    #[arg(long, default_value = "fp32")]
     precision: Precision,
+    /// Also measure PyTorch running llama2.c's model.py (the path given) on the same
+    /// model, batch and thread count, in rounds alternating with ours
+    /// (scripts/bench_pytorch.py; needs a Python with torch).
+    #[arg(long, value_name = "MODEL_PY")]
     pytorch: Option<std::path::PathBuf>,
+    /// The Python interpreter for --pytorch.
+    #[arg(long, default_value = "python3")]
     python: String,
+    /// With --pytorch: run llama2.c's model under torch.compile (the first round
+    /// includes no compile time: the script warms up first).
+    #[arg(long, requires = "pytorch")]
     pytorch_compile: bool,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
     json: bool,
 }
 
@@ -301,7 +266,7 @@ fn pytorch_tokens_per_s(b: &TrainBench, model_py: &std::path::Path, threads: usi
         .arg("-")
         .arg("--model-py")
         .arg(model_py)
-        .args(["--model", &b.spec, "--batch", &b.batch.to_string(), "--seq", &b.seq.to_string()])
+        .args(["--model", &b.model, "--batch", &b.batch.to_string(), "--seq", &b.seq.to_string()])
         .args(["--steps", &b.steps.to_string(), "--warmup", "2", "--threads", &threads.to_string(), "--json"])
         .args(b.pytorch_compile.then_some("--compile"))
         .stdin(Stdio::piped())
@@ -333,7 +298,7 @@ fn pytorch_tokens_per_s(b: &TrainBench, model_py: &std::path::Path, threads: usi
 
 fn bench_train(b: &TrainBench) -> Result<()> {
     use train::trainer::Trainer;
-    let (spec, batch, seq, steps) = (b.spec.as_str(), b.batch, b.seq, b.steps);
+    let (spec, batch, seq, steps) = (b.model.as_str(), b.batch, b.seq, b.steps);
     if steps == 0 || b.rounds == 0 {
         bail!("--steps and --rounds must be at least 1");
     }
