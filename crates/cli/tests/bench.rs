@@ -4,31 +4,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-fn anetrain(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain"))
-        .args(args)
-        .current_dir(dir)
-        .env("ANETRAIN_QUIET", "1")
-        .output()
-        .expect("the anetrain binary runs")
-}
+mod common;
+use common::{anetrain, failed_with};
 
 fn stdout_json(out: &Output) -> Value {
     assert!(out.status.success(), "anetrain failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
-}
-
-fn failed_with(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "expected exit 1; stderr:\n{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "stderr does not mention `{n}`:\n{stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "a user error must not panic:\n{stderr}");
 }
 
 /// A stand-in for `python3`: checks it was handed the script on stdin and the model

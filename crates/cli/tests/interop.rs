@@ -8,12 +8,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use llama::hf::{self, Dtype};
 use llama::tokenizers::AnyTokenizer;
 use llama::Tokenizer;
 use proptest::prelude::*;
+
+mod common;
+use common::{anetrain, failed_with};
 
 fn fixture(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(name);
@@ -26,15 +29,6 @@ fn fixture(name: &str) -> PathBuf {
     path
 }
 
-fn anetrain(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain"))
-        .args(args)
-        .current_dir(dir)
-        .env("ANETRAIN_QUIET", "1")
-        .output()
-        .expect("the anetrain binary runs")
-}
-
 fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -44,15 +38,6 @@ fn ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn failed_with(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "expected exit 1; stderr:\n{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "stderr does not mention `{n}`:\n{stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "a user error must not panic:\n{stderr}");
 }
 
 /// stories260K.bin with tok512.bin beside it as tokenizer.bin, in `dir`.

@@ -3,19 +3,13 @@
 //! run that never restarted, and its statistics add up over the processes.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use train::checkpoint::Checkpoint;
 
-fn anetrain(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain"))
-        .args(args)
-        .current_dir(dir)
-        .env("ANETRAIN_QUIET", "1")
-        .output()
-        .expect("the anetrain binary runs")
-}
+mod common;
+use common::{anetrain, failed_with};
 
 fn ok(out: &Output) {
     assert!(
@@ -24,15 +18,6 @@ fn ok(out: &Output) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn failed_with(out: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "expected exit 1; stderr:\n{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "stderr does not mention `{n}`:\n{stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "a user error must not panic:\n{stderr}");
 }
 
 /// The tiny preset (4 layers: 20 static kernels per compile) on the built-in corpus.

@@ -7,14 +7,8 @@ use std::process::{Command, Output};
 
 use train::checkpoint::Checkpoint;
 
-fn anetrain(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_anetrain"))
-        .args(args)
-        .current_dir(dir)
-        .env("ANETRAIN_QUIET", "1")
-        .output()
-        .expect("the anetrain binary runs")
-}
+mod common;
+use common::{anetrain, failed_with_code as failed_with};
 
 fn ok(out: &Output) -> String {
     assert!(
@@ -25,15 +19,6 @@ fn ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn failed_with(out: &Output, code: i32, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "expected exit {code}; stderr:\n{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "stderr does not mention `{n}`:\n{stderr}");
-    }
-    assert!(!stderr.contains("panicked"), "a user error must not panic:\n{stderr}");
 }
 
 /// A small, fast training run on the built-in corpus.
