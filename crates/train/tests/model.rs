@@ -27,6 +27,12 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
 }
 
+/// The reference forward's logits at every position of `tokens`.
+fn reference_logits(params: &Params, config: &Config, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = reference::KvCache::new(config);
+    tokens.iter().enumerate().map(|(pos, &t)| reference::forward(params, &mut cache, t, pos).unwrap()).collect()
+}
+
 fn check(n_kv: usize, precision: Precision, dialect: mil::Dialect, tolerance: f32) {
     let config = config(n_kv);
     let params = Params::init(&config, 42).unwrap();
@@ -34,9 +40,7 @@ fn check(n_kv: usize, precision: Precision, dialect: mil::Dialect, tolerance: f3
     let mut decoder = Decoder::new(&device, &params).unwrap();
     decoder.prefill_chunk = 8;
     let tokens: Vec<u32> = (0..30).map(|i| (i * 17 + 3) % 61).collect();
-    let mut cache = reference::KvCache::new(&config);
-    let want: Vec<Vec<f32>> =
-        tokens.iter().enumerate().map(|(pos, &t)| reference::forward(&params, &mut cache, t, pos).unwrap()).collect();
+    let want = reference_logits(&params, &config, &tokens);
     // A 19-token prefill (chunks of 8, 8, 3), then one token at a time.
     let got = decoder.forward(&tokens[..19]).unwrap();
     let e = rel_err(&got, &want[18]);
@@ -93,9 +97,7 @@ fn the_classifier_split_into_parts_matches_the_reference() {
     let mut decoder = Decoder::new(&device, &params).unwrap();
     decoder.head_part_rows = 16;
     let tokens: Vec<u32> = (0..12).map(|i| (i * 29 + 5) % 61).collect();
-    let mut cache = reference::KvCache::new(&config);
-    let want: Vec<Vec<f32>> =
-        tokens.iter().enumerate().map(|(pos, &t)| reference::forward(&params, &mut cache, t, pos).unwrap()).collect();
+    let want = reference_logits(&params, &config, &tokens);
     let got = decoder.forward(&tokens[..5]).unwrap();
     assert_eq!(decoder.head_kernels(), 4);
     assert!(rel_err(&got, &want[4]) < 1e-4, "prefill logits off by {}", rel_err(&got, &want[4]));
