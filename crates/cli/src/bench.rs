@@ -14,7 +14,7 @@ use crate::devices::{open_device, DeviceArg};
 pub enum BenchCommand {
     /// CPU device matmul and 1×1 conv at transformer shapes against the best GEMM this
     /// machine runs (the GEMM crate called directly), and per-op dispatch overhead.
-    Gemm,
+    Gemm(GemmBench),
     /// Training speed of a random model on random tokens: ms/step, tokens/s, GFLOP/s
     /// against this machine's GEMM peak, and peak memory against the theoretical minimum.
     Train(TrainBench),
@@ -55,11 +55,29 @@ pub enum BenchCommand {
     },
 }
 
+#[derive(Args, Debug)]
+pub struct GemmBench {
+    /// Positions S per surface, comma-separated: each shape is measured at every length.
+    /// 256 is one sequence; the training pipelines run `batch × seq` positions per kernel
+    /// (2048 for Stories15M at batch 8).
+    #[arg(long, value_delimiter = ',', default_value = "256", value_parser = positive)]
+    seq: Vec<usize>,
+}
+
+/// A clap parser for counts that must be at least 1.
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a count: {e}")),
+    }
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Gemm => {
-            let rows = device::cpu::bench_gemm(&device::cpu::GemmBenchConfig::default());
-            print!("{}", device::cpu::format_gemm_bench(&rows));
+        BenchCommand::Gemm(args) => {
+            let cfg = device::cpu::GemmBenchConfig { seqs: args.seq, ..Default::default() };
+            print!("{}", device::cpu::format_gemm_bench(&device::cpu::bench_gemm(&cfg)));
             Ok(())
         }
         BenchCommand::Train(args) => bench_train(&args),

@@ -22,8 +22,8 @@ use crate::{Device, Precision, Surface, Weights};
 pub struct GemmBenchConfig {
     /// Threads for the device and for the direct GEMM.
     pub threads: usize,
-    /// Sequence length S (positions per surface).
-    pub seq: usize,
+    /// Sequence lengths S (positions per surface) to measure each shape at.
+    pub seqs: Vec<usize>,
     /// Wall time spent timing each case (after warm-up).
     pub time_per_case: Duration,
     pub precision: Precision,
@@ -35,7 +35,7 @@ impl Default for GemmBenchConfig {
     fn default() -> GemmBenchConfig {
         GemmBenchConfig {
             threads: rayon::current_num_threads(),
-            seq: 256,
+            seqs: vec![256],
             time_per_case: Duration::from_millis(500),
             precision: Precision::Fp32,
             // Stories110M (dim 768, hidden 2048) and Stories15M (dim 288, hidden 768).
@@ -146,76 +146,73 @@ pub(crate) fn conv_program(c_in: usize, c_out: usize, seq: usize, weights: &mut 
     Program::new(Dialect::Ios18, b.finish().expect("the benchmark program is valid"))
 }
 
-/// Runs the benchmark. Takes roughly `time_per_case` × (one per shape + 1).
+/// Runs the benchmark. Takes roughly `time_per_case` × (one per shape and length + 1).
 pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
     let device = CpuDevice::new(cfg.precision).with_threads(cfg.threads);
-    let seq = cfg.seq;
     let mut rows = Vec::new();
-    for &(dim, hidden) in &cfg.widths {
-        for (c_in, c_out) in [(dim, dim), (dim, hidden), (hidden, dim)] {
-            let flops = 2.0 * (c_in * c_out * seq) as f64;
-            // The direct GEMM: out[C_out, S] = W[C_out, C_in] · x[C_in, S], all packed.
-            let w = values(c_out * c_in, 1);
-            let x = values(c_in * seq, 2);
-            let mut out = vec![0f32; c_out * seq];
-            let mut direct = || unsafe {
-                gemm_into(
-                    c_out,
-                    seq,
-                    c_in,
-                    out.as_mut_ptr(),
-                    seq as isize,
-                    w.as_ptr(),
-                    c_in as isize,
-                    1,
-                    x.as_ptr(),
-                    seq as isize,
-                    1,
-                    parallelism(cfg.threads),
-                )
-            };
+    let shapes = cfg.widths.iter().flat_map(|&(dim, hidden)| [(dim, dim), (dim, hidden), (hidden, dim)]);
+    for (seq, (c_in, c_out)) in cfg.seqs.iter().flat_map(|&seq| shapes.clone().map(move |shape| (seq, shape))) {
+        let flops = 2.0 * (c_in * c_out * seq) as f64;
+        // The direct GEMM: out[C_out, S] = W[C_out, C_in] · x[C_in, S], all packed.
+        let w = values(c_out * c_in, 1);
+        let x = values(c_in * seq, 2);
+        let mut out = vec![0f32; c_out * seq];
+        let mut direct = || unsafe {
+            gemm_into(
+                c_out,
+                seq,
+                c_in,
+                out.as_mut_ptr(),
+                seq as isize,
+                w.as_ptr(),
+                c_in as isize,
+                1,
+                x.as_ptr(),
+                seq as isize,
+                1,
+                parallelism(cfg.threads),
+            )
+        };
 
-            let program = matmul_program(c_in, c_out, seq);
-            let mut mm_kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
-            let mut mm_input = Surface::activation(DType::Fp32, c_in, seq + c_out);
-            mm_input.write_block(0, 0, c_in, seq, &x);
-            mm_input.write_block(0, seq, c_in, c_out, &values(c_in * c_out, 3));
-            let mut mm_output = Surface::activation(DType::Fp32, c_out, seq);
-            let mut matmul = || mm_kernel.eval(&[&mm_input], &mut [&mut mm_output]).expect("the benchmark kernel runs");
-            // The same product on the surface's memory, without the device.
-            let surface = mm_input.as_f32().expect("an fp32 surface").as_ptr() as usize;
-            let ld = (seq + c_out) as isize;
-            let mut layout_out = vec![0f32; c_out * seq];
-            let mut layout = || unsafe {
-                let base = surface as *const f32;
-                gemm_into(
-                    c_out,
-                    seq,
-                    c_in,
-                    layout_out.as_mut_ptr(),
-                    seq as isize,
-                    base.add(seq),
-                    1,
-                    ld,
-                    base,
-                    ld,
-                    1,
-                    parallelism(cfg.threads),
-                )
-            };
+        let program = matmul_program(c_in, c_out, seq);
+        let mut mm_kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
+        let mut mm_input = Surface::activation(DType::Fp32, c_in, seq + c_out);
+        mm_input.write_block(0, 0, c_in, seq, &x);
+        mm_input.write_block(0, seq, c_in, c_out, &values(c_in * c_out, 3));
+        let mut mm_output = Surface::activation(DType::Fp32, c_out, seq);
+        let mut matmul = || mm_kernel.eval(&[&mm_input], &mut [&mut mm_output]).expect("the benchmark kernel runs");
+        // The same product on the surface's memory, without the device.
+        let surface = mm_input.as_f32().expect("an fp32 surface").as_ptr() as usize;
+        let ld = (seq + c_out) as isize;
+        let mut layout_out = vec![0f32; c_out * seq];
+        let mut layout = || unsafe {
+            let base = surface as *const f32;
+            gemm_into(
+                c_out,
+                seq,
+                c_in,
+                layout_out.as_mut_ptr(),
+                seq as isize,
+                base.add(seq),
+                1,
+                ld,
+                base,
+                ld,
+                1,
+                parallelism(cfg.threads),
+            )
+        };
 
-            let mut weights = Weights::new();
-            let program = conv_program(c_in, c_out, seq, &mut weights);
-            let mut conv_kernel = device.compile(&program, &weights).expect("the benchmark program compiles");
-            let conv_input = Surface::from_f32(DType::Fp32, &[1, c_in, 1, seq], &x);
-            let mut conv_output = Surface::activation(DType::Fp32, c_out, seq);
-            let mut conv =
-                || conv_kernel.eval(&[&conv_input], &mut [&mut conv_output]).expect("the benchmark kernel runs");
+        let mut weights = Weights::new();
+        let program = conv_program(c_in, c_out, seq, &mut weights);
+        let mut conv_kernel = device.compile(&program, &weights).expect("the benchmark program compiles");
+        let conv_input = Surface::from_f32(DType::Fp32, &[1, c_in, 1, seq], &x);
+        let mut conv_output = Surface::activation(DType::Fp32, c_out, seq);
+        let mut conv = || conv_kernel.eval(&[&conv_input], &mut [&mut conv_output]).expect("the benchmark kernel runs");
 
-            let t = median_times(cfg.time_per_case, &mut [&mut direct, &mut matmul, &mut conv, &mut layout]);
-            rows.push(row(GemmBenchOp::Matmul, c_in, c_out, seq, t[1], t[0], t[3], flops));
-            rows.push(row(GemmBenchOp::Conv1x1, c_in, c_out, seq, t[2], t[0], t[0], flops));
-        }
+        let t = median_times(cfg.time_per_case, &mut [&mut direct, &mut matmul, &mut conv, &mut layout]);
+        rows.push(row(GemmBenchOp::Matmul, c_in, c_out, seq, t[1], t[0], t[3], flops));
+        rows.push(row(GemmBenchOp::Conv1x1, c_in, c_out, seq, t[2], t[0], t[0], flops));
     }
     rows.push(dispatch_row(&device, cfg.time_per_case));
     rows
@@ -316,4 +313,40 @@ pub fn format_gemm_bench(rows: &[GemmBenchRow]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_is_measured_at_every_length_then_dispatch() {
+        let cfg = GemmBenchConfig {
+            threads: 2,
+            seqs: vec![8, 24],
+            time_per_case: Duration::from_millis(1),
+            precision: Precision::Fp32,
+            widths: vec![(16, 32)],
+        };
+        let rows = bench_gemm(&cfg);
+        let shapes: Vec<_> = rows.iter().map(|r| (r.op, r.seq, r.c_in, r.c_out)).collect();
+        let mut expected = Vec::new();
+        for seq in [8, 24] {
+            for (c_in, c_out) in [(16, 16), (16, 32), (32, 16)] {
+                expected.push((GemmBenchOp::Matmul, seq, c_in, c_out));
+                expected.push((GemmBenchOp::Conv1x1, seq, c_in, c_out));
+            }
+        }
+        assert_eq!(shapes[..12], expected[..]);
+        assert_eq!(rows[12].op, GemmBenchOp::Dispatch);
+        for r in &rows[..12] {
+            let flops = 2.0 * (r.c_in * r.c_out * r.seq) as f64;
+            assert!(r.device_us > 0.0 && r.direct_us > 0.0, "{r:?}");
+            assert!((r.device_gflops - flops / r.device_us / 1e3).abs() < 1e-9 * r.device_gflops, "{r:?}");
+            assert!((r.ratio - r.direct_us / r.device_us).abs() < 1e-9, "{r:?}");
+        }
+        let table = format_gemm_bench(&rows);
+        assert!(table.contains("[16x24]·[32x16]"), "{table}");
+        assert_eq!(table.lines().count(), 14, "{table}");
+    }
 }
