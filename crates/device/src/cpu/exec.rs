@@ -9,6 +9,7 @@
 use half::slice::HalfFloatSliceExt;
 use mil::Var;
 
+use super::attention::ScoresSoftmax;
 use super::elementwise::{binary, for_rows, unary, Binary, Map, Ptr, Unary};
 use super::linalg::{Conv, Matmul};
 use super::reduce::{Reduce, Softmax};
@@ -64,6 +65,8 @@ pub(crate) enum Step {
     Softmax(Softmax),
     Reduce(Reduce),
     Matmul(Matmul),
+    /// `softmax(x·y + mask)`: a matmul, a constant mask added and a softmax, fused.
+    ScoresSoftmax(ScoresSoftmax),
     Conv(Conv),
     Gather(Gather),
     /// A value written to fp16 output surface `output`; `map.dst` describes the packed
@@ -105,7 +108,7 @@ impl Step {
                 f(r.src.0, src);
                 f(r.dst.0, dst);
             }
-            Step::Matmul(m) => {
+            Step::Matmul(m) | Step::ScoresSoftmax(ScoresSoftmax { matmul: m, .. }) => {
                 let mut shape = m.batch_shape.clone();
                 shape.extend([m.m, m.k]);
                 let mut strides = m.x_batch.clone();
@@ -161,7 +164,7 @@ impl Step {
                 f(r.src.0);
                 f(r.dst.0);
             }
-            Step::Matmul(m) => {
+            Step::Matmul(m) | Step::ScoresSoftmax(ScoresSoftmax { matmul: m, .. }) => {
                 f(m.x.storage);
                 f(m.y.storage);
                 f(m.dst.0);
@@ -257,6 +260,10 @@ impl CpuKernel {
                 Step::Softmax(s) => s.run(p(s.src.0), p(s.dst.0), t),
                 Step::Reduce(r) => r.run(p(r.src.0), p(r.dst.0), t),
                 Step::Matmul(m) => m.run(p(m.x.storage), p(m.y.storage), p(m.dst.0), t),
+                Step::ScoresSoftmax(a) => {
+                    let m = &a.matmul;
+                    a.run(p(m.x.storage), p(m.y.storage), p(m.dst.0), t)
+                }
                 Step::Conv(c) => {
                     c.run(p(c.x.0), p(c.w.storage), c.bias.map(|b| p(b.0)), c.scratch.map(|s| p(s.0)), p(c.dst.0), t)
                 }

@@ -87,20 +87,26 @@ pub(crate) unsafe fn gemm_into(
 }
 
 impl Matmul {
+    /// Where batch entry `b` (row-major over `batch_shape`) of `x` and `y` starts.
+    pub fn batch_offsets(&self, b: usize) -> (isize, isize) {
+        let (mut xo, mut yo) = (self.x.offset as isize, self.y.offset as isize);
+        let mut r = b;
+        for d in (0..self.batch_shape.len()).rev() {
+            let i = (r % self.batch_shape[d]) as isize;
+            r /= self.batch_shape[d];
+            xo += i * self.x_batch[d];
+            yo += i * self.y_batch[d];
+        }
+        (xo, yo)
+    }
+
     /// # Safety
     /// Pointers are the storages named by the plan; `dst` overlaps neither operand.
     pub unsafe fn run(&self, x: Ptr, y: Ptr, dst: Ptr, threads: usize) {
         let (m, n, k) = (self.m, self.n, self.k);
         let batches: usize = self.batch_shape.iter().product();
         let one = |b: usize, par: Parallelism| {
-            let (mut xo, mut yo) = (self.x.offset as isize, self.y.offset as isize);
-            let mut r = b;
-            for d in (0..self.batch_shape.len()).rev() {
-                let i = (r % self.batch_shape[d]) as isize;
-                r /= self.batch_shape[d];
-                xo += i * self.x_batch[d];
-                yo += i * self.y_batch[d];
-            }
+            let (xo, yo) = self.batch_offsets(b);
             let out = dst.get().add(self.dst.1 + b * m * n);
             gemm_into(
                 m,

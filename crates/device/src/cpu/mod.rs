@@ -34,6 +34,7 @@
 //! works around it by checkpointing and restarting. [`CpuDevice::with_compile_limit`]
 //! emulates that, so the restart logic runs in tests on any machine.
 
+mod attention;
 mod bench;
 mod elementwise;
 mod exec;
@@ -66,6 +67,7 @@ pub struct CpuDevice {
     precision: Precision,
     dialect: Dialect,
     threads: usize,
+    fuse: bool,
     compile_limit: Option<usize>,
     sim_compile: Duration,
     compiles: Arc<AtomicUsize>,
@@ -79,6 +81,7 @@ impl CpuDevice {
             precision,
             dialect: Dialect::Ios18,
             threads: rayon::current_num_threads(),
+            fuse: true,
             compile_limit: None,
             sim_compile: Duration::ZERO,
             compiles: Arc::new(AtomicUsize::new(0)),
@@ -103,6 +106,14 @@ impl CpuDevice {
     /// global pool. 1 runs everything on the calling thread.
     pub fn with_threads(mut self, n: usize) -> CpuDevice {
         self.threads = n.max(1);
+        self
+    }
+
+    /// Whether compiling may fuse op sequences into one step (on by default): attention's
+    /// `softmax(matmul + constant mask)` becomes one pass that skips causally masked
+    /// scores. Off, every op is its own step; for comparisons and benchmarks.
+    pub fn with_fusion(mut self, fuse: bool) -> CpuDevice {
+        self.fuse = fuse;
         self
     }
 
@@ -160,7 +171,7 @@ impl Device for CpuDevice {
         if !self.sim_compile.is_zero() {
             std::thread::sleep(self.sim_compile);
         }
-        let kernel = plan::compile(main, scope, weights, self.precision, self.threads)?;
+        let kernel = plan::compile(main, scope, weights, self.precision, self.threads, self.fuse)?;
         Ok(Box::new(kernel))
     }
 

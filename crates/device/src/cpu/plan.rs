@@ -17,6 +17,7 @@ use half::f16;
 use mil::ops::{self, Scope, SliceByIndex};
 use mil::{Arg, DType, Data, Function, Operation, Value};
 
+use super::attention::ScoresSoftmax;
 use super::elementwise::{Binary, Map, Unary};
 use super::exec::{CpuKernel, Gather, Step, StorageKind};
 use super::linalg::{Conv, Mat, Matmul};
@@ -43,6 +44,36 @@ struct Planner<'a> {
     const_views: HashMap<String, View>,
     values: HashMap<String, View>,
     steps: Vec<Step>,
+    /// How many times each value is read: by ops' arguments, and once more if it is an
+    /// output. A value read once is free to be fused into its reader.
+    uses: HashMap<String, usize>,
+    /// Whether op sequences may be fused into one step.
+    fuse: bool,
+    /// The last `add` planned, for [`Planner::fuse_scores_softmax`].
+    last_add: Option<AddRecord>,
+}
+
+/// An `add` as planned: its result's storage and its operands (the argument's name, if a
+/// variable, and its view broadcast to the result).
+type AddRecord = (StorageId, [(Option<String>, View); 2]);
+
+/// [`Planner::uses`] of `f`.
+fn count_uses(f: &Function) -> HashMap<String, usize> {
+    fn visit(arg: &Arg, uses: &mut HashMap<String, usize>) {
+        match arg {
+            Arg::Var(name) => *uses.entry(name.clone()).or_default() += 1,
+            Arg::List(items) => items.iter().for_each(|a| visit(a, uses)),
+            Arg::Value(_) => {}
+        }
+    }
+    let mut uses = HashMap::new();
+    for op in &f.ops {
+        op.args.iter().for_each(|(_, a)| visit(a, &mut uses));
+    }
+    for name in &f.outputs {
+        *uses.entry(name.clone()).or_default() += 1;
+    }
+    uses
 }
 
 fn program_error(op: &Operation, message: impl std::fmt::Display) -> Error {
@@ -60,6 +91,7 @@ pub(crate) fn compile(
     weights: &Weights,
     precision: Precision,
     threads: usize,
+    fuse: bool,
 ) -> Result<CpuKernel> {
     let mut p = Planner {
         precision,
@@ -70,6 +102,9 @@ pub(crate) fn compile(
         const_views: HashMap::new(),
         values: HashMap::new(),
         steps: Vec::new(),
+        uses: count_uses(f),
+        fuse,
+        last_add: None,
     };
     let mut input_storage = vec![None; f.inputs.len()];
     for (i, v) in f.inputs.iter().enumerate() {
@@ -324,6 +359,13 @@ impl Planner<'_> {
                 let kind = Binary::from_op(k, out.ty.dtype == DType::Int32).expect("a binary op");
                 let dst = self.new_packed(&out.ty.shape);
                 self.steps.push(Step::Binary { kind, round, map: Map::new(&dst, [&x, &y]) });
+                if k == "add" {
+                    let name = |a: &str| match op.arg(a) {
+                        Some(Arg::Var(v)) => Some(v.clone()),
+                        _ => None,
+                    };
+                    self.last_add = Some((dst.storage, [(name("x"), x), (name("y"), y)]));
+                }
                 self.define(op, dst);
             }
             "identity" => {
@@ -347,6 +389,12 @@ impl Planner<'_> {
                 let x = self.arg(op, "x")?;
                 let axis = ops::norm_axis(self.int(op, "axis")?.unwrap_or(-1), x.shape.len(), "axis")
                     .map_err(mil_error(op))?;
+                if self.fuse && axis + 1 == x.shape.len() {
+                    if let Some(dst) = self.fuse_scores_softmax(op, &x, round) {
+                        self.define(op, dst);
+                        return Ok(());
+                    }
+                }
                 let x = self.packed(x);
                 let dst = self.new_packed(&x.shape);
                 let outer = x.shape[..axis.min(x.shape.len())].iter().product();
@@ -507,6 +555,53 @@ impl Planner<'_> {
         }));
         self.define(op, dst);
         Ok(())
+    }
+
+    /// Attention's `softmax(matmul(x, y) + mask)` over the last axis, with a constant
+    /// mask the same for every batch entry and the scores and masked scores read by
+    /// nothing else: the matmul and add steps just planned are replaced by one
+    /// [`ScoresSoftmax`] step, whose result is returned. `None` (and nothing changed)
+    /// for anything else.
+    fn fuse_scores_softmax(&mut self, op: &Operation, x: &View, round: bool) -> Option<View> {
+        let Some(Arg::Var(x_name)) = op.arg("x") else { return None };
+        let (add_dst, operands) = self.last_add.clone()?;
+        let read_once = |name: &Option<String>| name.as_ref().and_then(|n| self.uses.get(n)) == Some(&1);
+        let rank = x.shape.len();
+        let n = self.steps.len();
+        if rank < 2 || n < 2 || !read_once(&Some(x_name.clone())) || add_dst != x.storage {
+            return None;
+        }
+        if x.offset != 0 || !x.is_packed() {
+            return None;
+        }
+        let (Step::Matmul(mm), Step::Binary { kind: Binary::Add, round: add_round, map }) =
+            (&self.steps[n - 2], &self.steps[n - 1])
+        else {
+            return None;
+        };
+        if map.dst.storage != add_dst || mm.round != round || *add_round != round {
+            return None;
+        }
+        let is_scores = |(name, v): &(Option<String>, View)| {
+            v.storage == mm.dst.0 && v.offset == mm.dst.1 && v.is_packed() && v.shape == x.shape && read_once(name)
+        };
+        let mask = match (is_scores(&operands[0]), is_scores(&operands[1])) {
+            (true, false) => &operands[1].1,
+            (false, true) => &operands[0].1,
+            _ => return None,
+        };
+        let StorageKind::Const(c) = self.kinds[mask.storage] else { return None };
+        if mask.strides[..rank - 2].iter().any(|&s| s != 0) {
+            return None;
+        }
+        let Some(Step::Matmul(mut mm)) = self.steps.drain(n - 2..).next() else { unreachable!("checked above") };
+        let dst = self.new_packed(&x.shape);
+        mm.dst = (dst.storage, 0);
+        let (data, at) = (&self.consts[c], mask.offset as isize);
+        let (rs, cs) = (mask.strides[rank - 2], mask.strides[rank - 1]);
+        let fused = ScoresSoftmax::new(mm, |i, j| data[(at + i as isize * rs + j as isize * cs) as usize], round);
+        self.steps.push(Step::ScoresSoftmax(fused));
+        Some(dst)
     }
 
     fn plan_conv(&mut self, op: &Operation, round: bool, out_shape: &[usize]) -> Result<()> {
@@ -674,7 +769,7 @@ mod tests {
     fn plan(program: &mil::Program, weights: &Weights, precision: Precision) -> CpuKernel {
         let main = program.main().unwrap();
         let scope = ops::validate_function(main).unwrap();
-        compile(main, scope, weights, precision, 1).unwrap()
+        compile(main, scope, weights, precision, 1, true).unwrap()
     }
 
     /// The dynamic-weight layer (slice → reshape → transpose-flag → matmul → reshape)
@@ -721,6 +816,9 @@ mod tests {
             const_views: HashMap::new(),
             values: HashMap::new(),
             steps: Vec::new(),
+            uses: HashMap::new(),
+            fuse: true,
+            last_add: None,
         };
         let small = p.new_packed(&[4]);
         let big = p.new_packed(&[8]);

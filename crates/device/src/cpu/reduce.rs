@@ -60,6 +60,22 @@ fn softmax_row(x: &[f32], y: &mut [f32], round: bool) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = exp(v - m);
     }
+    normalise(y, round);
+}
+
+/// [`softmax_row`] of `y`, in place.
+#[inline(always)]
+pub(crate) fn softmax_in_place(y: &mut [f32], round: bool) {
+    let m = max8(y);
+    for o in y.iter_mut() {
+        *o = exp(*o - m);
+    }
+    normalise(y, round);
+}
+
+/// `y / Σ y`, rounded to fp16 if asked.
+#[inline(always)]
+fn normalise(y: &mut [f32], round: bool) {
     let inv = 1.0 / sum8(y);
     if round {
         for o in y.iter_mut() {
