@@ -78,8 +78,11 @@ impl ScoresSoftmax {
         let batches: usize = mm.batch_shape.iter().product();
         let blocks = m.div_ceil(ROW_BLOCK);
         super::elementwise::par_split(batches * blocks, batches * m * n * k, threads, |lo, hi| {
-            // max_j |y_j| of the batch entry last seen (tasks come in batch order).
+            // max_j |y_j| of the batch entry last seen (tasks come in batch order), the
+            // column sums of squares behind it, and |x_i| of the block's rows.
             let mut y_norm: Option<(usize, f64)> = None;
+            let mut column_sums = Vec::new();
+            let mut x_norms = [0f64; ROW_BLOCK];
             for task in lo..hi {
                 let (b, block) = (task / blocks, task % blocks);
                 let (xo, yo) = mm.batch_offsets(b);
@@ -102,10 +105,11 @@ impl ScoresSoftmax {
                     gemm::Parallelism::None,
                 );
                 let y_max = if cols < n {
+                    self.row_norms(xb, r0, &mut x_norms[..r1 - r0]);
                     match y_norm {
                         Some((seen, v)) if seen == b => v,
                         _ => {
-                            let v = (0..n).map(|j| self.column_norm(yb, j)).fold(0.0, f64::max);
+                            let v = self.max_column_norm(yb, &mut column_sums);
                             y_norm = Some((b, v));
                             v
                         }
@@ -118,7 +122,7 @@ impl ScoresSoftmax {
                     self.mask_row(&mut row[..cols], i, 0);
                     if cols < n {
                         let max = row[..cols].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                        let bound = self.row_norm(xb, i) * y_max + f64::from(self.skipped_mask_max);
+                        let bound = x_norms[i - r0] * y_max + f64::from(self.skipped_mask_max);
                         if bound - f64::from(max) < -UNDERFLOW_MARGIN {
                             row[cols..].fill(0.0);
                             softmax_in_place(&mut row[..cols], self.round);
@@ -156,22 +160,35 @@ impl ScoresSoftmax {
         }
     }
 
-    /// `|x_i|` (row `i` of this batch entry's `x`).
-    unsafe fn row_norm(&self, xb: *const f32, i: usize) -> f64 {
+    /// `|x_i|` for the rows `r0..r0 + norms.len()` of this batch entry's `x`, walking
+    /// `k` outside so that each step reads nearby rows (in the training kernels the
+    /// rows of `x` are adjacent and its columns far apart).
+    unsafe fn row_norms(&self, xb: *const f32, r0: usize, norms: &mut [f64]) {
         let mm = &self.matmul;
-        let sq: f64 = (0..mm.k)
-            .map(|kk| f64::from(*xb.offset(i as isize * mm.x.row_stride + kk as isize * mm.x.col_stride)).powi(2))
-            .sum();
-        sq.sqrt()
+        norms.fill(0.0);
+        for kk in 0..mm.k {
+            let col = xb.offset(kk as isize * mm.x.col_stride);
+            for (i, s) in (r0..).zip(norms.iter_mut()) {
+                *s += f64::from(*col.offset(i as isize * mm.x.row_stride)).powi(2);
+            }
+        }
+        norms.iter_mut().for_each(|s| *s = s.sqrt());
     }
 
-    /// `|y_j|` (column `j` of this batch entry's `y`).
-    unsafe fn column_norm(&self, yb: *const f32, j: usize) -> f64 {
+    /// `max_j |y_j|` over the columns of this batch entry's `y`, summing row by row
+    /// (`sums` is scratch).
+    unsafe fn max_column_norm(&self, yb: *const f32, sums: &mut Vec<f64>) -> f64 {
         let mm = &self.matmul;
-        let sq: f64 = (0..mm.k)
-            .map(|kk| f64::from(*yb.offset(kk as isize * mm.y.row_stride + j as isize * mm.y.col_stride)).powi(2))
-            .sum();
-        sq.sqrt()
+        sums.clear();
+        sums.resize(mm.n, 0.0);
+        for kk in 0..mm.k {
+            let row = yb.offset(kk as isize * mm.y.row_stride);
+            for (j, s) in sums.iter_mut().enumerate() {
+                *s += f64::from(*row.offset(j as isize * mm.y.col_stride)).powi(2);
+            }
+        }
+        // NaN is sticky (`f64::max` would drop it), so that a NaN column fails the bound.
+        sums.iter().map(|s| s.sqrt()).fold(0.0, |a, v| if v > a || v.is_nan() { v } else { a })
     }
 }
 
@@ -334,6 +351,22 @@ mod tests {
         // Scores of ~10⁵ in f32 carry absolute errors of ~0.01: probabilities near 0/1.
         assert!(max_diff(&p, &p_ref) < 0.05, "p off by {}", max_diff(&p, &p_ref));
         assert!(max_diff(&o, &o_ref) < 0.05, "o off by {}", max_diff(&o, &o_ref));
+    }
+
+    /// A NaN in a masked column poisons its rows unfused (NaN − 30000 is NaN, and
+    /// softmax's maximum keeps it): fused, the bound sees it and does the same.
+    #[test]
+    fn nan_in_a_skipped_column_is_not_hidden() {
+        let s = 48;
+        let case = Case { b: 1, h: 1, s, d: 8, mask: causal(s), per_batch: false };
+        let mut x = inputs(&case, 1.0);
+        x[1][(s - 1) * 8] = f32::NAN; // key s − 1: masked for every row but the last
+        let qkv = [&x[0][..], &x[1][..], &x[2][..]];
+        let run = |fuse| case.run(&CpuDevice::new(Precision::Fp32).with_threads(2).with_fusion(fuse), qkv);
+        let ((p1, _, f1), (p0, _, f0)) = (run(true), run(false));
+        assert!(f1 && !f0);
+        assert!(p0.iter().all(|v| v.is_nan()), "unfused: every row sees the NaN");
+        assert!(p1.iter().all(|v| v.is_nan()), "fused: so does every row");
     }
 
     /// fp16 mode: fused and unfused round at the same points, so they agree to a unit
