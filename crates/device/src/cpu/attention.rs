@@ -16,7 +16,7 @@
 //! NaN) gets its skipped scores computed after all, so the result never depends on the
 //! shortcut.
 
-use super::elementwise::Ptr;
+use super::elementwise::{par_split, Par, Ptr};
 use super::linalg::{gemm_into, Matmul};
 use super::math::round_f16_slice;
 use super::reduce::softmax_in_place;
@@ -72,12 +72,12 @@ impl ScoresSoftmax {
 
     /// # Safety
     /// As [`Matmul::run`].
-    pub unsafe fn run(&self, x: Ptr, y: Ptr, dst: Ptr, threads: usize) {
+    pub unsafe fn run(&self, x: Ptr, y: Ptr, dst: Ptr, par: Par) {
         let mm = &self.matmul;
         let (m, n, k) = (mm.m, mm.n, mm.k);
         let batches: usize = mm.batch_shape.iter().product();
         let blocks = m.div_ceil(ROW_BLOCK);
-        super::elementwise::par_split(batches * blocks, batches * m * n * k, threads, |lo, hi| {
+        par_split(batches * blocks, batches * m * n * k, par, |lo, hi| {
             // max_j |y_j| of the batch entry last seen (tasks come in batch order), and
             // |x_i| of the block's rows.
             let mut y_norm: Option<(usize, f64)> = None;
@@ -261,7 +261,10 @@ mod tests {
             let main = program.main().unwrap();
             let scope = mil::ops::validate_function(main).unwrap();
             let kernel = crate::cpu::plan::compile(main, scope, &weights, device.precision(), 2, device.fuse).unwrap();
-            let fused = kernel.steps.iter().any(|s| matches!(s, Step::ScoresSoftmax(_)));
+            let fused = kernel.steps.iter().any(|s| match s {
+                Step::Region { steps, .. } => steps.iter().any(|s| matches!(s, Step::ScoresSoftmax(_))),
+                s => matches!(s, Step::ScoresSoftmax(_)),
+            });
             let mut kernel = device.compile(&program, &weights).unwrap();
             let shape = [self.b, self.h, self.s, self.d];
             let inputs: Vec<Surface> = qkv.iter().map(|x| Surface::from_f32(DType::Fp32, &shape, x)).collect();

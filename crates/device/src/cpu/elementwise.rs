@@ -148,15 +148,34 @@ impl<const N: usize> Map<N> {
     }
 }
 
+/// How a step's work is shared out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Par {
+    /// Over at most this many rayon tasks (1: the calling thread).
+    Threads(usize),
+    /// Only batch entry `index` of `of`, on the calling thread: the step's work items
+    /// `n·index/of .. n·(index + 1)/of` (see `Step::Region`).
+    Entry { index: usize, of: usize },
+}
+
 /// Splits `0..n` into contiguous ranges and runs `f` on each, in parallel when `n` is
 /// large enough and more than one thread is allowed.
-pub(crate) fn par_ranges(n: usize, threads: usize, f: impl Fn(usize, usize) + Sync) {
-    par_split(n, n, threads, f)
+pub(crate) fn par_ranges(n: usize, par: Par, f: impl Fn(usize, usize) + Sync) {
+    par_split(n, n, par, f)
 }
 
 /// As [`par_ranges`] for `n` items that together cost `work` element-operations. Each
 /// range runs under [`simd`].
-pub(crate) fn par_split(n: usize, work: usize, threads: usize, f: impl Fn(usize, usize) + Sync) {
+pub(crate) fn par_split(n: usize, work: usize, par: Par, f: impl Fn(usize, usize) + Sync) {
+    let threads = match par {
+        Par::Threads(t) => t,
+        Par::Entry { index, of } => {
+            return simd(
+                #[inline(always)]
+                || f(n * index / of, n * (index + 1) / of),
+            )
+        }
+    };
     let tasks = if threads > 1 && work >= PAR_MIN_ELEMS { threads.min(work / PAR_MIN_CHUNK).min(n).max(1) } else { 1 };
     if tasks == 1 {
         simd(
@@ -233,12 +252,12 @@ pub(crate) fn for_rows<const K: usize>(
 /// # Safety
 /// `dst` and `src` point at storages covering every address the map touches, and the
 /// destination does not overlap the source.
-pub(crate) unsafe fn run_unary(m: &Map<1>, dst: Ptr, src: Ptr, threads: usize, f: impl Fn(f32) -> f32 + Sync) {
+pub(crate) unsafe fn run_unary(m: &Map<1>, dst: Ptr, src: Ptr, par: Par, f: impl Fn(f32) -> f32 + Sync) {
     let rank = m.shape.len();
     let (ds, ss) = (m.dst.strides[rank - 1], m.src[0].strides[rank - 1]);
     par_ranges(
         m.numel(),
-        threads,
+        par,
         #[inline(always)]
         |lo, hi| {
             for_rows(
@@ -273,20 +292,13 @@ pub(crate) unsafe fn run_unary(m: &Map<1>, dst: Ptr, src: Ptr, threads: usize, f
 ///
 /// # Safety
 /// As [`run_unary`].
-pub(crate) unsafe fn run_binary(
-    m: &Map<2>,
-    dst: Ptr,
-    a: Ptr,
-    b: Ptr,
-    threads: usize,
-    f: impl Fn(f32, f32) -> f32 + Sync,
-) {
+pub(crate) unsafe fn run_binary(m: &Map<2>, dst: Ptr, a: Ptr, b: Ptr, par: Par, f: impl Fn(f32, f32) -> f32 + Sync) {
     let rank = m.shape.len();
     let (ds, sa, sb) = (m.dst.strides[rank - 1], m.src[0].strides[rank - 1], m.src[1].strides[rank - 1]);
     let strides = [m.dst.strides.as_slice(), &m.src[0].strides, &m.src[1].strides];
     par_ranges(
         m.numel(),
-        threads,
+        par,
         #[inline(always)]
         |lo, hi| {
             for_rows(
@@ -340,14 +352,14 @@ pub(crate) unsafe fn run_binary(
 ///
 /// # Safety
 /// As [`run_unary`].
-pub(crate) unsafe fn unary(kind: Unary, round: bool, m: &Map<1>, dst: Ptr, src: Ptr, threads: usize) {
+pub(crate) unsafe fn unary(kind: Unary, round: bool, m: &Map<1>, dst: Ptr, src: Ptr, par: Par) {
     macro_rules! go {
         ($f:expr) => {{
             let f = $f;
             if round {
-                run_unary(m, dst, src, threads, |x| round_f16(f(x)))
+                run_unary(m, dst, src, par, |x| round_f16(f(x)))
             } else {
-                run_unary(m, dst, src, threads, f)
+                run_unary(m, dst, src, par, f)
             }
         }};
     }
@@ -373,14 +385,14 @@ pub(crate) unsafe fn unary(kind: Unary, round: bool, m: &Map<1>, dst: Ptr, src: 
 ///
 /// # Safety
 /// As [`run_unary`].
-pub(crate) unsafe fn binary(kind: Binary, round: bool, m: &Map<2>, dst: Ptr, a: Ptr, b: Ptr, threads: usize) {
+pub(crate) unsafe fn binary(kind: Binary, round: bool, m: &Map<2>, dst: Ptr, a: Ptr, b: Ptr, par: Par) {
     macro_rules! go {
         ($f:expr) => {{
             let f = $f;
             if round {
-                run_binary(m, dst, a, b, threads, |x, y| round_f16(f(x, y)))
+                run_binary(m, dst, a, b, par, |x, y| round_f16(f(x, y)))
             } else {
-                run_binary(m, dst, a, b, threads, f)
+                run_binary(m, dst, a, b, par, f)
             }
         }};
     }

@@ -10,7 +10,7 @@ use half::slice::HalfFloatSliceExt;
 use mil::Var;
 
 use super::attention::ScoresSoftmax;
-use super::elementwise::{binary, for_rows, unary, Binary, Map, Ptr, Unary};
+use super::elementwise::{binary, for_rows, par_split, unary, Binary, Map, Par, Ptr, Unary};
 use super::linalg::{Conv, Matmul};
 use super::reduce::{Reduce, Softmax};
 use super::view::{span, StorageId};
@@ -67,6 +67,14 @@ pub(crate) enum Step {
     Matmul(Matmul),
     /// `softmax(x·y + mask)`: a matmul, a constant mask added and a softmax, fused.
     ScoresSoftmax(ScoresSoftmax),
+    /// Steps that all split into the same `entries` batch entries (attention's heads),
+    /// each entry reading only what the earlier steps wrote for that entry: run entry by
+    /// entry, every step in turn, so that an entry's intermediates (a `[S, S]` score
+    /// block) are still in cache when the next step reads them. Entries run in parallel.
+    Region {
+        entries: usize,
+        steps: Vec<Step>,
+    },
     Conv(Conv),
     Gather(Gather),
     /// A value written to fp16 output surface `output`; `map.dst` describes the packed
@@ -140,6 +148,7 @@ impl Step {
                 let (st, r) = map(&m.shape, &m.src[0]);
                 f(st, r);
             }
+            Step::Region { steps, .. } => steps.iter().for_each(|s| s.visit_spans(f)),
         }
     }
 
@@ -186,6 +195,7 @@ impl Step {
                 f(g.dst.0);
             }
             Step::StoreF16 { map, .. } => f(map.src[0].storage),
+            Step::Region { steps, .. } => steps.iter().for_each(|s| s.visit_storages(f)),
         }
     }
 }
@@ -240,7 +250,6 @@ impl CpuKernel {
 
     fn run(&self, step: &Step, inputs: &[&Surface], outputs: &mut [&mut Surface]) -> Result<()> {
         let p = |s: StorageId| self.ptrs[s];
-        let t = self.threads;
         // SAFETY (every arm): the planner gives each step storages that cover the
         // addresses it touches, and a destination that overlaps none of its sources
         // (distinct surfaces, constants, or arena ranges whose lifetimes overlap).
@@ -250,22 +259,6 @@ impl CpuKernel {
                     let src = inputs[*input].as_f16().expect("binding checked fp16");
                     let out = std::slice::from_raw_parts_mut(p(dst.0).0.add(dst.1), src.len());
                     src.convert_to_f32_slice(out);
-                }
-                Step::Unary { kind, round, map } => {
-                    unary(*kind, *round, map, p(map.dst.storage), p(map.src[0].storage), t)
-                }
-                Step::Binary { kind, round, map } => {
-                    binary(*kind, *round, map, p(map.dst.storage), p(map.src[0].storage), p(map.src[1].storage), t)
-                }
-                Step::Softmax(s) => s.run(p(s.src.0), p(s.dst.0), t),
-                Step::Reduce(r) => r.run(p(r.src.0), p(r.dst.0), t),
-                Step::Matmul(m) => m.run(p(m.x.storage), p(m.y.storage), p(m.dst.0), t),
-                Step::ScoresSoftmax(a) => {
-                    let m = &a.matmul;
-                    a.run(p(m.x.storage), p(m.y.storage), p(m.dst.0), t)
-                }
-                Step::Conv(c) => {
-                    c.run(p(c.x.0), p(c.w.storage), c.bias.map(|b| p(b.0)), c.scratch.map(|s| p(s.0)), p(c.dst.0), t)
                 }
                 Step::Gather(g) => gather(g, p(g.x.0), p(g.indices.0), p(g.dst.0))?,
                 Step::StoreF16 { output, map } => {
@@ -286,9 +279,51 @@ impl CpuKernel {
                         }
                     });
                 }
+                Step::Region { entries, steps } => {
+                    // Entries split between the threads; every step of an entry in turn.
+                    par_split(*entries, usize::MAX, Par::Threads(self.threads), |lo, hi| {
+                        for index in lo..hi {
+                            for s in steps {
+                                self.compute(s, Par::Entry { index, of: *entries });
+                            }
+                        }
+                    });
+                }
+                _ => self.compute(step, Par::Threads(self.threads)),
             }
         }
         Ok(())
+    }
+
+    /// Runs a step that only computes (no surface conversion, nothing that can fail).
+    ///
+    /// # Safety
+    /// As [`CpuKernel::run`]; with [`Par::Entry`], the planner checked that the step's
+    /// share reads only what earlier steps of its region wrote for the same entry.
+    unsafe fn compute(&self, step: &Step, par: Par) {
+        let p = |s: StorageId| self.ptrs[s];
+        match step {
+            Step::Unary { kind, round, map } => {
+                unary(*kind, *round, map, p(map.dst.storage), p(map.src[0].storage), par)
+            }
+            Step::Binary { kind, round, map } => {
+                binary(*kind, *round, map, p(map.dst.storage), p(map.src[0].storage), p(map.src[1].storage), par)
+            }
+            Step::Softmax(s) => s.run(p(s.src.0), p(s.dst.0), par),
+            Step::Reduce(r) => r.run(p(r.src.0), p(r.dst.0), par),
+            Step::Matmul(m) => m.run(p(m.x.storage), p(m.y.storage), p(m.dst.0), par),
+            Step::ScoresSoftmax(a) => {
+                let m = &a.matmul;
+                a.run(p(m.x.storage), p(m.y.storage), p(m.dst.0), par)
+            }
+            Step::Conv(c) => {
+                let threads = if let Par::Threads(t) = par { t } else { 1 };
+                c.run(p(c.x.0), p(c.w.storage), c.bias.map(|b| p(b.0)), c.scratch.map(|s| p(s.0)), p(c.dst.0), threads)
+            }
+            Step::LoadF16 { .. } | Step::StoreF16 { .. } | Step::Gather(_) | Step::Region { .. } => {
+                unreachable!("the planner keeps surface conversions, gathers and regions out of regions")
+            }
+        }
     }
 }
 

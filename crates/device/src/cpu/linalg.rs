@@ -8,7 +8,7 @@
 
 use gemm::{gemm, Parallelism};
 
-use super::elementwise::{par_split, simd, Ptr};
+use super::elementwise::{par_split, simd, Par, Ptr};
 use super::math::round_f16_slice;
 use super::view::{span, StorageId};
 
@@ -102,7 +102,7 @@ impl Matmul {
 
     /// # Safety
     /// Pointers are the storages named by the plan; `dst` overlaps neither operand.
-    pub unsafe fn run(&self, x: Ptr, y: Ptr, dst: Ptr, threads: usize) {
+    pub unsafe fn run(&self, x: Ptr, y: Ptr, dst: Ptr, par: Par) {
         let (m, n, k) = (self.m, self.n, self.k);
         let batches: usize = self.batch_shape.iter().product();
         let one = |b: usize, par: Parallelism| {
@@ -126,10 +126,12 @@ impl Matmul {
                 simd(|| round_f16_slice(std::slice::from_raw_parts_mut(out, m * n)));
             }
         };
-        if batches > 1 && threads > 1 && m * n * k < SMALL_GEMM {
-            par_split(batches, batches * m * n * k, threads, |lo, hi| (lo..hi).for_each(|b| one(b, Parallelism::None)));
-        } else {
-            (0..batches).for_each(|b| one(b, parallelism(threads)));
+        match par {
+            Par::Entry { .. } => par_split(batches, 0, par, |lo, hi| (lo..hi).for_each(|b| one(b, Parallelism::None))),
+            Par::Threads(threads) if batches > 1 && threads > 1 && m * n * k < SMALL_GEMM => {
+                par_split(batches, batches * m * n * k, par, |lo, hi| (lo..hi).for_each(|b| one(b, Parallelism::None)))
+            }
+            Par::Threads(threads) => (0..batches).for_each(|b| one(b, parallelism(threads))),
         }
     }
 }

@@ -42,6 +42,7 @@ mod linalg;
 mod math;
 mod plan;
 mod reduce;
+mod region;
 mod view;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -109,9 +110,10 @@ impl CpuDevice {
         self
     }
 
-    /// Whether compiling may fuse op sequences into one step (on by default): attention's
-    /// `softmax(matmul + constant mask)` becomes one pass that skips causally masked
-    /// scores. Off, every op is its own step; for comparisons and benchmarks.
+    /// Whether compiling may fuse (on by default): attention's `softmax(matmul +
+    /// constant mask)` becomes one pass that skips causally masked scores, and runs of
+    /// steps over the same attention heads run head by head, in cache. Off, every op is
+    /// its own step, run over all heads; for comparisons and benchmarks.
     pub fn with_fusion(mut self, fuse: bool) -> CpuDevice {
         self.fuse = fuse;
         self

@@ -146,6 +146,9 @@ pub(crate) fn compile(
             p.copy(&view, &View::packed(st, 0, &out.ty.shape));
         }
     }
+    if p.fuse {
+        p.steps = super::region::form_regions(std::mem::take(&mut p.steps), threads);
+    }
     p.check_bounds(f, &outputs)?;
     let (arena_len, temp_offsets) = p.layout_arena();
     // One spare line so the arena's start can be aligned to 64 bytes.

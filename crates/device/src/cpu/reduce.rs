@@ -4,7 +4,7 @@
 //! reductions are reported to accumulate wider than fp16, and rounding every partial sum
 //! would make a 768-channel mean lose three decimal digits for no fidelity gained.
 
-use super::elementwise::{for_rows, par_split, Ptr};
+use super::elementwise::{for_rows, par_split, Par, Ptr};
 use super::math::{exp, round_f16, round_f16_slice};
 use super::view::{coalesce, packed_strides, span, StorageId, View};
 
@@ -91,7 +91,7 @@ fn normalise(y: &mut [f32], round: bool) {
 impl Softmax {
     /// # Safety
     /// `src` and `dst` cover the packed blocks at the planned offsets and do not overlap.
-    pub unsafe fn run(&self, src: Ptr, dst: Ptr, threads: usize) {
+    pub unsafe fn run(&self, src: Ptr, dst: Ptr, par: Par) {
         let (outer, len, inner) = (self.outer, self.len, self.inner);
         let total = outer * len * inner;
         let (x, y) = (Ptr(src.get().add(self.src.1)), Ptr(dst.get().add(self.dst.1)));
@@ -99,7 +99,7 @@ impl Softmax {
             par_split(
                 outer,
                 total * 8,
-                threads,
+                par,
                 #[inline(always)]
                 |lo, hi| {
                     for r in lo..hi {
@@ -115,7 +115,7 @@ impl Softmax {
         par_split(
             outer * blocks,
             total * 8,
-            threads,
+            par,
             #[inline(always)]
             |lo, hi| {
                 for task in lo..hi {
@@ -256,9 +256,32 @@ impl Reduce {
         (span(self.src.1, &shape, &strides), (self.dst.1 as isize, (self.dst.1 + n_out) as isize))
     }
 
+    /// Output positions (kept elements).
+    pub fn n_out(&self) -> usize {
+        self.kept_shape.iter().product()
+    }
+
+    /// The destination and source address ranges `[lo, hi)` that output positions
+    /// `first..last` touch.
+    pub fn spans_of(&self, first: usize, last: usize) -> ((isize, isize), (isize, isize)) {
+        let red = span(0, &self.red_shape, &self.red_src);
+        let (kd, ks) = (self.kept_dst[self.kept_dst.len() - 1], self.kept_src[self.kept_src.len() - 1]);
+        let (mut d, mut s) = ((isize::MAX, isize::MIN), (isize::MAX, isize::MIN));
+        let strides = [self.kept_dst.as_slice(), &self.kept_src];
+        for_rows(&self.kept_shape, strides, [self.dst.1, self.src.1], first, last, |o, n| {
+            let (dr, sr) = (span(o[0] as usize, &[n], &[kd]), span(o[1] as usize, &[n], &[ks]));
+            d = (d.0.min(dr.0), d.1.max(dr.1));
+            s = (s.0.min(sr.0 + red.0), s.1.max(sr.1 + red.1 - 1));
+        });
+        if first >= last {
+            return ((0, 0), (0, 0));
+        }
+        (d, s)
+    }
+
     /// # Safety
     /// `src` covers the planned source window, `dst` the packed result; no overlap.
-    pub unsafe fn run(&self, src: Ptr, dst: Ptr, threads: usize) {
+    pub unsafe fn run(&self, src: Ptr, dst: Ptr, par: Par) {
         let n_out: usize = self.kept_shape.iter().product();
         let work = n_out * self.count;
         let kind = self.kind;
@@ -288,7 +311,7 @@ impl Reduce {
             par_split(
                 n_out,
                 work,
-                threads,
+                par,
                 #[inline(always)]
                 |lo, hi| {
                     let strides = [self.kept_dst.as_slice(), &self.kept_src];
@@ -335,7 +358,7 @@ impl Reduce {
         par_split(
             n_out,
             work,
-            threads,
+            par,
             #[inline(always)]
             |lo, hi| {
                 let strides = [self.kept_dst.as_slice(), &self.kept_src];
