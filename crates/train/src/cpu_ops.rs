@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{matmul, matmul_acc, MatMut, MatRef};
+use crate::linalg::{add_assign, matmul, matmul_acc, MatMut, MatRef};
 
 /// Columns (positions) handled together when reducing over channels: the running sums
 /// live in a stack array of this many lanes. 64 f32 = 4 cache lines.
@@ -309,13 +309,14 @@ fn rows_per_task(t_len: usize) -> usize {
 // Classifier + cross-entropy
 // ---------------------------------------------------------------------------------------
 
-/// Positions whose logits are held at once by the training pipelines: `[1024, 32000]`
-/// f32 is 131 MB, where all of `T = 2048` would be 262 MB. Measured on Stories15M's
-/// classifier (`[32000, 288]`, T = 2048, 2 threads, `examples/classifier_bench`): chunks
-/// of 256 run the three GEMMs at 112 GFLOP/s, 512 at 140, 1024 at 158–166, 2048 at 161.
-/// Each chunk reads and writes all of dWcls once, and small chunks give the GEMMs a
-/// short inner dimension.
-pub const DEFAULT_CLASSIFIER_CHUNK: usize = 1024;
+/// Positions whose logits are held at once by the training pipelines: `[512, 32000]`
+/// f32 is 66 MB, where all of `T = 2048` would be 262 MB. Measured with
+/// `examples/classifier_bench` (2 threads, gradients computed transposed), ms per forward
+/// + backward: Stories15M's classifier (`[32000, 288]`, T = 2048) 808–889 with chunks of
+/// 128–256, 651–705 with 512, 690–758 with 1024, 648–746 with 2048; Stories110M's
+/// (`[32000, 768]`, T = 1024) 834–881 with 512, 860–908 with 1024. Small chunks give the
+/// GEMMs a short inner dimension; large ones hold more logits than the caches.
+pub const DEFAULT_CLASSIFIER_CHUNK: usize = 512;
 
 /// Softmax cross-entropy over rows of logits, turning them into their gradient.
 ///
@@ -381,13 +382,48 @@ pub struct ClassifierLoss {
     chunk: usize,
     /// `[chunk, V]`: one chunk's logits, transposed so each position's row is contiguous.
     logits: Vec<f32>,
+    /// Whether [`ClassifierLoss::forward_backward`] computes the gradients transposed.
+    transposed: bool,
+    /// `[chunk, D]`: one chunk's `dx`, transposed (when `transposed`).
+    dxt: Vec<f32>,
+    /// `[D, V]`: `dWcls` transposed, summed over the chunks (when `transposed`; allocated
+    /// by the first backward: evaluation never needs it).
+    dwt: Vec<f32>,
 }
+
+/// Widths below which the classifier's gradients are computed transposed (see
+/// [`ClassifierLoss::forward_backward`]). Measured with `examples/classifier_bench`
+/// (2 threads, chunks of 512, medians of 3 runs in turn, ms per forward + backward): at
+/// Stories15M's width (288, T = 2048) 644–682 transposed against 726–806; at
+/// Stories110M's (768, T = 1024) within ±8 % either way from run to run, while the
+/// transposed `dWcls` buffer costs `dim × vocab` floats more (98 MB there, 545 MB for
+/// Qwen2.5-0.5B's 896 × 151936): not worth it.
+pub const TRANSPOSED_GRADIENTS_BELOW_DIM: usize = 512;
 
 impl ClassifierLoss {
     /// Buffers for a `[vocab, dim]` classifier, `chunk` positions at a time.
     pub fn new(vocab: usize, dim: usize, chunk: usize) -> ClassifierLoss {
         assert!(chunk > 0, "chunk must hold at least one position");
-        ClassifierLoss { vocab, dim, chunk, logits: vec![0.0; chunk * vocab] }
+        ClassifierLoss {
+            vocab,
+            dim,
+            chunk,
+            logits: vec![0.0; chunk * vocab],
+            transposed: false,
+            dxt: Vec::new(),
+            dwt: Vec::new(),
+        }
+        .with_transposed_gradients(dim < TRANSPOSED_GRADIENTS_BELOW_DIM)
+    }
+
+    /// Chooses the orientation of the gradient products (by default transposed below
+    /// [`TRANSPOSED_GRADIENTS_BELOW_DIM`]). Both give the same gradients up to f32
+    /// rounding.
+    pub fn with_transposed_gradients(mut self, transposed: bool) -> ClassifierLoss {
+        self.transposed = transposed;
+        self.dxt = if transposed { vec![0.0; self.chunk * self.dim] } else { Vec::new() };
+        self.dwt = Vec::new();
+        self
     }
 
     /// Mean cross-entropy of `Wcls · x` against `targets`.
@@ -399,7 +435,7 @@ impl ClassifierLoss {
         let mut loss_sum = 0.0f64;
         for t0 in (0..t_len).step_by(self.chunk) {
             let n = self.chunk.min(t_len - t0);
-            let logits = self.chunk_logits(x, wcls, t0, n, t_len);
+            let logits = chunk_logits(&mut self.logits, x, wcls, (t0, n, t_len));
             loss_sum += cross_entropy_rows(logits, &targets[t0..t0 + n], vocab);
         }
         (loss_sum / t_len.max(1) as f64) as f32
@@ -411,6 +447,12 @@ impl ClassifierLoss {
     ///
     /// `grad_scale` carries the loss scale of fp16 training and `1 / accumulation_steps`
     /// when micro-batches are accumulated. Returns the unscaled mean loss.
+    ///
+    /// Below [`TRANSPOSED_GRADIENTS_BELOW_DIM`] both gradients are computed transposed —
+    /// `dxᵀ [n, D] = dlogits · Wcls` per chunk and `dWclsᵀ [D, V] += x · dlogitsᵀ` over
+    /// the chunks — and added into `dx` and `dwcls` transposed: in that orientation every
+    /// operand has the summed dimension contiguous, and at Stories15M's shape the gemm
+    /// crate runs the two products at 187–196 GFLOP/s against 141–154 the other way round.
     pub fn forward_backward(
         &mut self,
         x: &[f32],
@@ -425,16 +467,38 @@ impl ClassifierLoss {
         assert_eq!(dwcls.len(), wcls.len(), "dwcls must be shaped like wcls");
         let (vocab, dim) = (self.vocab, self.dim);
         let row_scale = grad_scale / t_len.max(1) as f32;
+        if self.transposed {
+            self.dwt.resize(dim * vocab, 0.0);
+        }
         let mut loss_sum = 0.0f64;
-        for t0 in (0..t_len).step_by(self.chunk) {
+        for (c, t0) in (0..t_len).step_by(self.chunk).enumerate() {
             let n = self.chunk.min(t_len - t0);
-            let dlogits = self.chunk_logits(x, wcls, t0, n, t_len);
+            let dlogits = chunk_logits(&mut self.logits, x, wcls, (t0, n, t_len));
             loss_sum += softmax_cross_entropy_rows(dlogits, &targets[t0..t0 + n], vocab, row_scale);
             let dlogits = MatRef::new(dlogits, n, vocab); // [n, V]
-                                                          // dx[:, t0..t0+n]: [D, n] += Wclsᵀ [D, V] · dlogitsᵀ [V, n]
-            matmul_acc(MatMut::strided(&mut dx[t0..], dim, n, t_len), MatRef::new(wcls, vocab, dim).t(), dlogits.t());
-            // dWcls: [V, D] += dlogitsᵀ [V, n] · x[:, t0..t0+n]ᵀ [n, D]
-            matmul_acc(MatMut::new(dwcls, vocab, dim), dlogits.t(), MatRef::strided(&x[t0..], dim, n, t_len).t());
+            let w = MatRef::new(wcls, vocab, dim);
+            let xc = MatRef::strided(&x[t0..], dim, n, t_len); // [D, n]
+            let dxc = MatMut::strided(&mut dx[t0..], dim, n, t_len);
+            if !self.transposed {
+                // dx[:, t0..t0+n] += Wclsᵀ [D, V] · dlogitsᵀ [V, n]; dWcls += dlogitsᵀ · xᵀ
+                matmul_acc(dxc, w.t(), dlogits.t());
+                matmul_acc(MatMut::new(dwcls, vocab, dim), dlogits.t(), xc.t());
+                continue;
+            }
+            // dx[:, t0..t0+n] += (dlogits [n, V] · Wcls [V, D])ᵀ
+            let dxt = &mut self.dxt[..n * dim];
+            matmul(MatMut::new(dxt, n, dim), dlogits, w);
+            add_assign(dxc, MatRef::new(dxt, n, dim).t());
+            // dWclsᵀ [D, V] (+)= x[:, t0..t0+n] [D, n] · dlogits [n, V]
+            let dwt = MatMut::new(&mut self.dwt, dim, vocab);
+            if c == 0 {
+                matmul(dwt, xc, dlogits);
+            } else {
+                matmul_acc(dwt, xc, dlogits);
+            }
+        }
+        if self.transposed && t_len > 0 {
+            add_assign(MatMut::new(dwcls, vocab, dim), MatRef::new(&self.dwt, dim, vocab).t());
         }
         (loss_sum / t_len.max(1) as f64) as f32
     }
@@ -446,18 +510,25 @@ impl ClassifierLoss {
         assert_eq!(wcls.len(), self.vocab * self.dim, "wcls must be [V={}, D={}]", self.vocab, self.dim);
         t_len
     }
+}
 
-    /// Logits of positions `t0..t0+n`, as `[n, V]` rows: `xᵀ [n, D] · Wclsᵀ [D, V]`.
-    fn chunk_logits(&mut self, x: &[f32], wcls: &[f32], t0: usize, n: usize, t_len: usize) -> &mut [f32] {
-        let (vocab, dim) = (self.vocab, self.dim);
-        let logits = &mut self.logits[..n * vocab];
-        matmul(
-            MatMut::new(logits, n, vocab),
-            MatRef::strided(&x[t0..], dim, n, t_len).t(),
-            MatRef::new(wcls, vocab, dim).t(),
-        );
-        logits
-    }
+/// Logits of positions `t0..t0+n` of `x: [D, T]`, as `[n, V]` rows in `logits`:
+/// `xᵀ [n, D] · Wclsᵀ [D, V]`.
+fn chunk_logits<'a>(
+    logits: &'a mut [f32],
+    x: &[f32],
+    wcls: &[f32],
+    (t0, n, t_len): (usize, usize, usize),
+) -> &'a mut [f32] {
+    let dim = x.len() / t_len;
+    let vocab = wcls.len() / dim.max(1);
+    let logits = &mut logits[..n * vocab];
+    matmul(
+        MatMut::new(logits, n, vocab),
+        MatRef::strided(&x[t0..], dim, n, t_len).t(),
+        MatRef::new(wcls, vocab, dim).t(),
+    );
+    logits
 }
 
 // ---------------------------------------------------------------------------------------

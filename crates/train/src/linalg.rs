@@ -25,6 +25,7 @@
 //! ```
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// A read-only matrix operand: a row-major `[rows, cols]` block of `data` whose element
 /// `(i, j)` is `data[i * ld + j]`, possibly used transposed in a product.
@@ -176,4 +177,33 @@ pub fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>) {
 /// `C += A·B`, the form every weight-gradient product takes.
 pub fn matmul_acc(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>) {
     gemm(c, 1.0, 1.0, a, b);
+}
+
+/// `C += A` for an `A` of C's shape, typically a transposed view ([`MatRef::t`]). In
+/// 32 × 32 tiles, so that a transposed `A` is read a cache line at a time rather than an
+/// element per line, with C's rows split between threads.
+///
+/// # Panics
+/// If the shapes differ.
+pub fn add_assign(c: MatMut<'_>, a: MatRef<'_>) {
+    const TILE: usize = 32;
+    assert_eq!(a.shape(), (c.rows, c.cols), "add_assign: A must be shaped like C");
+    let (rows, cols, ld) = (c.rows, c.cols, c.ld);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (rs, cs) = a.strides();
+    let needed = (rows - 1) * ld + cols;
+    c.data[..needed].par_chunks_mut(TILE * ld).enumerate().for_each(|(block, chunk)| {
+        let i0 = block * TILE;
+        for j0 in (0..cols).step_by(TILE) {
+            let j1 = (j0 + TILE).min(cols);
+            for i in i0..(i0 + TILE).min(rows) {
+                let row = &mut chunk[(i - i0) * ld + j0..(i - i0) * ld + j1];
+                for (j, d) in (j0..j1).zip(row) {
+                    *d += a.data[(i as isize * rs + j as isize * cs) as usize];
+                }
+            }
+        }
+    });
 }

@@ -151,6 +151,13 @@ fn classifier_loss_reference(x: &[f64], wcls: &[f64], targets: &[u32], vocab: us
 
 #[test]
 fn classifier_cross_entropy_forward_and_backward() {
+    // Both orientations of the gradient products (the width picks one by default).
+    for transposed in [true, false] {
+        classifier_case(transposed);
+    }
+}
+
+fn classifier_case(transposed: bool) {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     // chunk 4 over T = 9: two full chunks and a partial one.
     let (vocab, dim, t_len, chunk) = (37, 11, 9, 4);
@@ -160,7 +167,7 @@ fn classifier_cross_entropy_forward_and_backward() {
     let (x64, w64) = (to_f64(&x), to_f64(&wcls));
     let want_loss = classifier_loss_reference(&x64, &w64, &targets, vocab, dim);
 
-    let mut classifier = ClassifierLoss::new(vocab, dim, chunk);
+    let mut classifier = ClassifierLoss::new(vocab, dim, chunk).with_transposed_gradients(transposed);
     let loss_only = classifier.forward(&x, &wcls, &targets);
     assert!((f64::from(loss_only) - want_loss).abs() < 1e-5, "forward loss {loss_only}, want {want_loss}");
 
@@ -178,6 +185,12 @@ fn classifier_cross_entropy_forward_and_backward() {
     let dw_want: Vec<f64> = dw_num.iter().zip(&dw_prior).map(|(n, &p)| n + f64::from(p)).collect();
     assert_close("dx", &dx, &dx_want, 1e-5);
     assert_close("dwcls", &dwcls, &dw_want, 1e-5);
+
+    // A second call starts afresh: nothing of the first call's sums is carried over.
+    let (mut dx2, mut dw2) = (vec![0.0f32; x.len()], vec![0.0f32; wcls.len()]);
+    classifier.forward_backward(&x, &wcls, &targets, grad_scale, &mut dx2, &mut dw2);
+    assert_close("dx, second call", &dx2, &dx_num, 1e-5);
+    assert_close("dwcls, second call", &dw2, &dw_num, 1e-5);
 }
 
 #[test]

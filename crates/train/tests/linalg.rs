@@ -3,7 +3,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use train::linalg::{gemm, matmul, matmul_acc, MatMut, MatRef};
+use train::linalg::{add_assign, gemm, matmul, matmul_acc, MatMut, MatRef};
 
 /// Element (i, j) of a stored `[rows, ld]`-strided matrix, optionally transposed.
 fn at(data: &[f32], ld: usize, transposed: bool, i: usize, j: usize) -> f64 {
@@ -77,4 +77,29 @@ fn empty_inner_dimension_only_scales_c() {
     let mut c = [1.0f32, 2.0];
     gemm(MatMut::new(&mut c, 1, 2), 3.0, 1.0, MatRef::new(&[], 1, 0), MatRef::new(&[], 0, 2));
     assert_eq!(c, [3.0, 6.0]);
+}
+
+#[test]
+fn add_assign_adds_plain_and_transposed_views_into_strided_blocks() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // Several 32-row tiles plus a partial one, and a partial column tile.
+    for &(rows, cols) in &[(1, 1), (70, 45), (33, 100)] {
+        for transposed in [false, true] {
+            let (a_rows, a_cols) = if transposed { (cols, rows) } else { (rows, cols) };
+            let lda = a_cols + 2;
+            let ldc = cols + 5;
+            let a: Vec<f32> = (0..a_rows * lda).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let c0: Vec<f32> = (0..rows * ldc).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut c = c0.clone();
+            let view = MatRef::strided(&a, a_rows, a_cols, lda);
+            add_assign(MatMut::strided(&mut c, rows, cols, ldc), if transposed { view.t() } else { view });
+            for i in 0..rows {
+                for j in 0..ldc {
+                    let want =
+                        if j < cols { c0[i * ldc + j] + at(&a, lda, transposed, i, j) as f32 } else { c0[i * ldc + j] };
+                    assert_eq!(c[i * ldc + j], want, "{rows}x{cols} transposed {transposed} at ({i}, {j})");
+                }
+            }
+        }
+    }
 }
