@@ -311,9 +311,9 @@ fn rows_per_task(t_len: usize) -> usize {
 
 /// Positions whose logits are held at once by the training pipelines: `[512, 32000]`
 /// f32 is 66 MB, where all of `T = 2048` would be 262 MB. Measured with
-/// `examples/classifier_bench` (2 threads, gradients computed transposed), ms per forward
-/// + backward: Stories15M's classifier (`[32000, 288]`, T = 2048) 808–889 with chunks of
-/// 128–256, 651–705 with 512, 690–758 with 1024, 648–746 with 2048; Stories110M's
+/// `examples/classifier_bench` (2 threads, gradients transposed), in ms for the forward
+/// and backward: Stories15M's classifier (`[32000, 288]`, T = 2048) 808–889 with chunks
+/// of 128–256, 651–705 with 512, 690–758 with 1024, 648–746 with 2048; Stories110M's
 /// (`[32000, 768]`, T = 1024) 834–881 with 512, 860–908 with 1024. Small chunks give the
 /// GEMMs a short inner dimension; large ones hold more logits than the caches.
 pub const DEFAULT_CLASSIFIER_CHUNK: usize = 512;
