@@ -110,8 +110,9 @@ fn median_times(budget: Duration, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
         .collect()
 }
 
-/// Deterministic values in [-1, 1) (no RNG dependency in the library).
-fn values(n: usize, seed: u64) -> Vec<f32> {
+/// Deterministic values in [-1, 1) (no RNG dependency in the library; also the CPU
+/// device's unit tests' inputs).
+pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {

@@ -226,6 +226,7 @@ mod tests {
     use mil::builder::FunctionBuilder;
     use mil::{DType, Dialect, Program, TensorType, Var};
 
+    use crate::cpu::bench::values;
     use crate::cpu::exec::Step;
     use crate::cpu::CpuDevice;
     use crate::{Device, Precision, Surface, Weights};
@@ -234,18 +235,6 @@ mod tests {
     const H: usize = 2;
     const S: usize = 40;
     const D: usize = 8;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// A program over inputs `q, k, v, g: [B, H, S, D]` built by `body`.
     fn program(body: impl FnOnce(&mut FunctionBuilder, &mut Weights, [Var; 4]) -> Vec<Var>) -> (Program, Weights) {
