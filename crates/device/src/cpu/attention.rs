@@ -19,7 +19,7 @@
 use super::elementwise::{par_split, Par, Ptr};
 use super::linalg::{gemm_into, Matmul};
 use super::math::round_f16_slice;
-use super::reduce::softmax_in_place;
+use super::reduce::{max8, softmax_in_place};
 
 /// Query rows per task: small enough that a causal block skips most of the masked
 /// columns, large enough for an efficient GEMM.
@@ -77,75 +77,86 @@ impl ScoresSoftmax {
         let (m, n, k) = (mm.m, mm.n, mm.k);
         let batches: usize = mm.batch_shape.iter().product();
         let blocks = m.div_ceil(ROW_BLOCK);
-        par_split(batches * blocks, batches * m * n * k, par, |lo, hi| {
-            // max_j |y_j| of the batch entry last seen (tasks come in batch order), and
-            // |x_i| of the block's rows.
-            let mut y_norm: Option<(usize, f64)> = None;
-            let mut x_norms = [0f64; ROW_BLOCK];
-            for task in lo..hi {
-                let (b, block) = (task / blocks, task % blocks);
-                let (xo, yo) = mm.batch_offsets(b);
-                let (xb, yb) = (x.get().offset(xo) as *const f32, y.get().offset(yo) as *const f32);
-                let (r0, r1) = (block * ROW_BLOCK, (block * ROW_BLOCK + ROW_BLOCK).min(m));
-                let cols = self.row_end[r0..r1].iter().copied().max().unwrap_or(n);
-                let out = dst.get().add(mm.dst.1 + b * m * n + r0 * n);
-                gemm_into(
-                    r1 - r0,
-                    cols,
-                    k,
-                    out,
-                    n as isize,
-                    xb.offset(r0 as isize * mm.x.row_stride),
-                    mm.x.row_stride,
-                    mm.x.col_stride,
-                    yb,
-                    mm.y.row_stride,
-                    mm.y.col_stride,
-                    gemm::Parallelism::None,
-                );
-                let y_max = if cols < n {
-                    self.row_norms(xb, r0, &mut x_norms[..r1 - r0]);
-                    match y_norm {
-                        Some((seen, v)) if seen == b => v,
-                        _ => {
-                            let v = self.max_column_norm(yb);
-                            y_norm = Some((b, v));
-                            v
+        // `inline(always)`: the closure must be compiled inside `par_split`'s AVX2 context
+        // (see `elementwise::simd`), or the softmax's `exp` runs on SSE2 at a third of
+        // the speed.
+        par_split(
+            batches * blocks,
+            batches * m * n * k,
+            par,
+            #[inline(always)]
+            |lo, hi| {
+                // max_j |y_j| of the batch entry last seen (tasks come in batch order), and
+                // |x_i| of the block's rows.
+                let mut y_norm: Option<(usize, f64)> = None;
+                let mut x_norms = [0f64; ROW_BLOCK];
+                for task in lo..hi {
+                    let (b, block) = (task / blocks, task % blocks);
+                    let (xo, yo) = mm.batch_offsets(b);
+                    let (xb, yb) = (x.get().offset(xo) as *const f32, y.get().offset(yo) as *const f32);
+                    let (r0, r1) = (block * ROW_BLOCK, (block * ROW_BLOCK + ROW_BLOCK).min(m));
+                    let cols = self.row_end[r0..r1].iter().copied().max().unwrap_or(n);
+                    let out = dst.get().add(mm.dst.1 + b * m * n + r0 * n);
+                    gemm_into(
+                        r1 - r0,
+                        cols,
+                        k,
+                        out,
+                        n as isize,
+                        xb.offset(r0 as isize * mm.x.row_stride),
+                        mm.x.row_stride,
+                        mm.x.col_stride,
+                        yb,
+                        mm.y.row_stride,
+                        mm.y.col_stride,
+                        gemm::Parallelism::None,
+                    );
+                    let y_max = if cols < n {
+                        self.row_norms(xb, r0, &mut x_norms[..r1 - r0]);
+                        match y_norm {
+                            Some((seen, v)) if seen == b => v,
+                            _ => {
+                                let v = self.max_column_norm(yb);
+                                y_norm = Some((b, v));
+                                v
+                            }
                         }
+                    } else {
+                        0.0
+                    };
+                    for i in r0..r1 {
+                        let row = std::slice::from_raw_parts_mut(out.add((i - r0) * n), n);
+                        self.mask_row(&mut row[..cols], i, 0);
+                        if cols < n {
+                            // (A NaN maximum fails the check below: the row is computed whole.)
+                            let max = max8(&row[..cols]);
+                            let bound = x_norms[i - r0] * y_max + f64::from(self.skipped_mask_max);
+                            if bound - f64::from(max) < -UNDERFLOW_MARGIN {
+                                row[cols..].fill(0.0);
+                                softmax_in_place(&mut row[..cols], self.round);
+                                continue;
+                            }
+                            // The shortcut is not provably exact for this row: compute it all.
+                            for (j, s) in row.iter_mut().enumerate().skip(cols) {
+                                *s = (0..k)
+                                    .map(|kk| {
+                                        *xb.offset(i as isize * mm.x.row_stride + kk as isize * mm.x.col_stride)
+                                            * *yb.offset(kk as isize * mm.y.row_stride + j as isize * mm.y.col_stride)
+                                    })
+                                    .sum();
+                            }
+                            self.mask_row(&mut row[cols..], i, cols);
+                        }
+                        softmax_in_place(row, self.round);
                     }
-                } else {
-                    0.0
-                };
-                for i in r0..r1 {
-                    let row = std::slice::from_raw_parts_mut(out.add((i - r0) * n), n);
-                    self.mask_row(&mut row[..cols], i, 0);
-                    if cols < n {
-                        let max = row[..cols].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                        let bound = x_norms[i - r0] * y_max + f64::from(self.skipped_mask_max);
-                        if bound - f64::from(max) < -UNDERFLOW_MARGIN {
-                            row[cols..].fill(0.0);
-                            softmax_in_place(&mut row[..cols], self.round);
-                            continue;
-                        }
-                        // The shortcut is not provably exact for this row: compute it all.
-                        for (j, s) in row.iter_mut().enumerate().skip(cols) {
-                            *s = (0..k)
-                                .map(|kk| {
-                                    *xb.offset(i as isize * mm.x.row_stride + kk as isize * mm.x.col_stride)
-                                        * *yb.offset(kk as isize * mm.y.row_stride + j as isize * mm.y.col_stride)
-                                })
-                                .sum();
-                        }
-                        self.mask_row(&mut row[cols..], i, cols);
-                    }
-                    softmax_in_place(row, self.round);
                 }
-            }
-        });
+            },
+        );
     }
 
     /// Scores `row` (columns `c0..` of row `i`) plus the mask, rounded as the unfused
-    /// matmul and add would.
+    /// matmul and add would. (Inlined into `run`'s AVX2 context.)
+    #[inline(always)]
     fn mask_row(&self, row: &mut [f32], i: usize, c0: usize) {
         let n = self.matmul.n;
         if self.round {

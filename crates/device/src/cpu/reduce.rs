@@ -25,7 +25,7 @@ pub(crate) struct Softmax {
 const COLUMN_BLOCK: usize = 64;
 
 #[inline(always)]
-fn max8(x: &[f32]) -> f32 {
+pub(crate) fn max8(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
