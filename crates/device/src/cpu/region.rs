@@ -93,9 +93,8 @@ fn access(step: &Step, n: usize) -> Option<Access> {
                 reads: vec![(m.x.storage, xs), (m.y.storage, ys)],
             })
         }
-        Step::Unary { .. } | Step::Binary { .. } if !step_map_numel(step).is_multiple_of(n) => None,
-        Step::Unary { map, .. } => Some(map_access(&map.shape, &map.dst, &map.src, n)),
-        Step::Binary { map, .. } => Some(map_access(&map.shape, &map.dst, &map.src, n)),
+        Step::Unary { map, .. } => map_access(&map.shape, &map.dst, &map.src, n),
+        Step::Binary { map, .. } => map_access(&map.shape, &map.dst, &map.src, n),
         Step::Softmax(s) => {
             if s.inner != 1 || !s.outer.is_multiple_of(n) {
                 return None;
@@ -124,20 +123,18 @@ fn access(step: &Step, n: usize) -> Option<Access> {
     }
 }
 
-fn step_map_numel(step: &Step) -> usize {
-    match step {
-        Step::Unary { map, .. } => map.numel(),
-        Step::Binary { map, .. } => map.numel(),
-        _ => 0,
+/// A map's [`Access`], if its positions split into `n` equal entries.
+fn map_access<const K: usize>(shape: &[usize], dst: &Operand, src: &[Operand; K], n: usize) -> Option<Access> {
+    let numel: usize = shape.iter().product();
+    if !numel.is_multiple_of(n) {
+        return None;
     }
-}
-
-fn map_access<const K: usize>(shape: &[usize], dst: &Operand, src: &[Operand; K], n: usize) -> Access {
     let writes = map_spans(shape, dst, n);
-    let per = shape.iter().product::<usize>() / n;
+    let per = numel / n;
     // A map writes distinct addresses: a range exactly as long as the entry is dense.
     let dense = writes.iter().all(|w| (w.1 - w.0) as usize == per);
-    Access { dst: dst.storage, writes, dense, reads: src.iter().map(|s| (s.storage, map_spans(shape, s, n))).collect() }
+    let reads = src.iter().map(|s| (s.storage, map_spans(shape, s, n))).collect();
+    Some(Access { dst: dst.storage, writes, dense, reads })
 }
 
 /// The number of entries a region may start with at `step`: a batched matmul's (or the
