@@ -208,15 +208,33 @@ impl ScoresSoftmax {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use mil::builder::FunctionBuilder;
-    use mil::{DType, Dialect, Program, TensorType};
+    use mil::{DType, Dialect, Program, TensorType, Var};
 
     use crate::cpu::exec::Step;
+    use crate::cpu::plan::plan_program;
     use crate::cpu::CpuDevice;
     use crate::{Device, Precision, Surface, Weights};
 
     const MASKED: f32 = -30000.0;
+
+    /// `p = softmax(q·kᵀ + mask)` for `q, k: [B, H, S, D]`, the mask a constant of
+    /// `mask_shape` cast to fp32 as the training kernels write it: the fusable pattern.
+    pub(crate) fn probabilities(
+        f: &mut FunctionBuilder,
+        weights: &mut Weights,
+        [q, k]: [&Var; 2],
+        mask_shape: &[usize],
+        mask: &[f32],
+    ) -> Var {
+        let mask = weights.add_tensor("mask", mask_shape, mask);
+        let mask = f.constant("mask", mask);
+        let mask = f.cast("mask32", &mask, DType::Fp32);
+        let scores = f.matmul("scores", q, k, false, true);
+        let masked = f.add("masked", &scores, &mask);
+        f.softmax("p", &masked, -1)
+    }
 
     /// Deterministic values in [-scale, scale).
     fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -245,12 +263,7 @@ mod tests {
             let ty = TensorType::new(DType::Fp32, [b, h, s, d]);
             let (q, k, v) = (f.input("q", ty.clone()), f.input("k", ty.clone()), f.input("v", ty));
             let mask_shape = if self.per_batch { vec![b, 1, s, s] } else { vec![s, s] };
-            let mask = weights.add_tensor("mask", &mask_shape, &self.mask);
-            let mask = f.constant("mask", mask);
-            let mask = f.cast("mask32", &mask, DType::Fp32);
-            let scores = f.matmul("scores", &q, &k, false, true);
-            let masked = f.add("masked", &scores, &mask);
-            let p = f.softmax("p", &masked, -1);
+            let p = probabilities(&mut f, weights, [&q, &k], &mask_shape, &self.mask);
             let o = f.matmul("o", &p, &v, false, false);
             f.output(&p);
             f.output(&o);
@@ -261,9 +274,7 @@ mod tests {
         fn run(&self, device: &CpuDevice, qkv: [&[f32]; 3]) -> (Vec<f32>, Vec<f32>, bool) {
             let mut weights = Weights::new();
             let program = self.program(&mut weights);
-            let main = program.main().unwrap();
-            let scope = mil::ops::validate_function(main).unwrap();
-            let kernel = crate::cpu::plan::compile(main, scope, &weights, device.precision(), 2, device.fuse).unwrap();
+            let kernel = plan_program(&program, &weights, device.precision(), 2, device.fuse);
             let fused = kernel.steps.iter().any(|s| match s {
                 Step::Region { steps, .. } => steps.iter().any(|s| matches!(s, Step::ScoresSoftmax(_))),
                 s => matches!(s, Step::ScoresSoftmax(_)),

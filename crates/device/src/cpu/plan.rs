@@ -764,15 +764,27 @@ impl Planner<'_> {
     }
 }
 
+/// Plans `program` as [`compile`] does for a device, for tests that inspect the steps.
+#[cfg(test)]
+pub(crate) fn plan_program(
+    program: &mil::Program,
+    weights: &Weights,
+    precision: Precision,
+    threads: usize,
+    fuse: bool,
+) -> CpuKernel {
+    let main = program.main().unwrap();
+    let scope = ops::validate_function(main).unwrap();
+    compile(main, scope, weights, precision, threads, fuse).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::bench::{conv_program, matmul_program};
 
     fn plan(program: &mil::Program, weights: &Weights, precision: Precision) -> CpuKernel {
-        let main = program.main().unwrap();
-        let scope = ops::validate_function(main).unwrap();
-        compile(main, scope, weights, precision, 1, true).unwrap()
+        plan_program(program, weights, precision, 1, true)
     }
 
     /// The dynamic-weight layer (slice → reshape → transpose-flag → matmul → reshape)

@@ -223,8 +223,10 @@ mod tests {
     use mil::builder::FunctionBuilder;
     use mil::{DType, Dialect, Program, TensorType, Var};
 
+    use crate::cpu::attention::tests::probabilities;
     use crate::cpu::bench::values;
     use crate::cpu::exec::Step;
+    use crate::cpu::plan::plan_program;
     use crate::cpu::CpuDevice;
     use crate::{Device, Precision, Surface, Weights};
 
@@ -250,12 +252,7 @@ mod tests {
     /// `dk = dsᵀ·q`.
     fn attention_backward(f: &mut FunctionBuilder, w: &mut Weights, [q, k, v, g]: [Var; 4]) -> Vec<Var> {
         let mask: Vec<f32> = (0..S * S).map(|e| if e % S > e / S { -30000.0 } else { 0.0 }).collect();
-        let mask = w.add_tensor("mask", &[S, S], &mask);
-        let mask = f.constant("mask", mask);
-        let mask = f.cast("mask32", &mask, DType::Fp32);
-        let scores = f.matmul("scores", &q, &k, false, true);
-        let masked = f.add("masked", &scores, &mask);
-        let p = f.softmax("p", &masked, -1);
+        let p = probabilities(f, w, [&q, &k], &[S, S], &mask);
         let dv = f.matmul("dv", &p, &g, true, false);
         let dp = f.matmul("dp", &g, &v, false, true);
         let dpp = f.mul("dpp", &dp, &p);
@@ -281,9 +278,7 @@ mod tests {
     /// The kernel's outputs, fused or not, and the steps of each of its regions.
     fn run(program: &Program, weights: &Weights, fuse: bool) -> (Vec<Vec<f32>>, Vec<Vec<&'static str>>) {
         let device = CpuDevice::new(Precision::Fp32).with_threads(2).with_fusion(fuse);
-        let main = program.main().unwrap();
-        let scope = mil::ops::validate_function(main).unwrap();
-        let plan = crate::cpu::plan::compile(main, scope, weights, Precision::Fp32, 2, fuse).unwrap();
+        let plan = plan_program(program, weights, Precision::Fp32, 2, fuse);
         let regions = plan
             .steps
             .iter()
@@ -335,12 +330,7 @@ mod tests {
     #[test]
     fn steps_reading_other_entries_stay_out() {
         let (p, w) = program(|f, w, [q, k, v, g]| {
-            let mask = w.add_tensor("mask", &[S, S], &vec![0.0; S * S]);
-            let mask = f.constant("mask", mask);
-            let mask = f.cast("mask32", &mask, DType::Fp32);
-            let scores = f.matmul("scores", &q, &k, false, true);
-            let masked = f.add("masked", &scores, &mask);
-            let p = f.softmax("p", &masked, -1);
+            let p = probabilities(f, w, [&q, &k], &[S, S], &vec![0.0; S * S]);
             let pt = f.transpose("pt", &p, &[1, 0, 2, 3]); // [H, B, S, S]
             let vt = f.transpose("vt", &v, &[1, 0, 2, 3]);
             let swapped = f.matmul("swapped", &pt, &vt, false, false);
