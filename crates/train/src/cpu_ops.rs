@@ -20,6 +20,7 @@
 //! programming errors in the caller. Bad *user data* (a token id out of range) is caught
 //! earlier, with a file and an offset, by [`crate::data`].
 
+use device::cpu::simd;
 use rayon::prelude::*;
 
 use crate::linalg::{add_assign, matmul, matmul_acc, MatMut, MatRef};
@@ -84,6 +85,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// Largest element (NaN elements are skipped here; they resurface through `exp`).
+#[inline(always)]
 fn max_of(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -100,6 +102,7 @@ fn max_of(x: &[f32]) -> f32 {
 }
 
 /// Replaces each `x[i]` by `e^(x[i] - shift)` and returns their sum.
+#[inline(always)]
 fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
@@ -204,17 +207,22 @@ pub fn rmsnorm_forward(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], weight: &[
     }
     // Pass 1, over tiles of columns: sum of squares down the channels.
     inv_rms.par_chunks_mut(COLUMN_TILE).enumerate().for_each(|(tile, inv)| {
-        let t0 = tile * COLUMN_TILE;
-        let mut sum_sq = [0.0f32; COLUMN_TILE];
-        let sum_sq = &mut sum_sq[..inv.len()];
-        for row in x.chunks_exact(t_len) {
-            for (acc, &v) in sum_sq.iter_mut().zip(&row[t0..]) {
-                *acc += v * v;
-            }
-        }
-        for (inv, &ss) in inv.iter_mut().zip(sum_sq.iter()) {
-            *inv = 1.0 / (ss / channels as f32 + eps).sqrt();
-        }
+        simd(
+            #[inline(always)]
+            || {
+                let t0 = tile * COLUMN_TILE;
+                let mut sum_sq = [0.0f32; COLUMN_TILE];
+                let sum_sq = &mut sum_sq[..inv.len()];
+                for row in x.chunks_exact(t_len) {
+                    for (acc, &v) in sum_sq.iter_mut().zip(&row[t0..]) {
+                        *acc += v * v;
+                    }
+                }
+                for (inv, &ss) in inv.iter_mut().zip(sum_sq.iter()) {
+                    *inv = 1.0 / (ss / channels as f32 + eps).sqrt();
+                }
+            },
+        )
     });
     // Pass 2, over rows: scale.
     let inv_rms = &*inv_rms;
@@ -223,9 +231,14 @@ pub fn rmsnorm_forward(y: &mut [f32], inv_rms: &mut [f32], x: &[f32], weight: &[
         .zip(weight.par_iter())
         .with_min_len(rows_per_task(t_len))
         .for_each(|((y_row, x_row), &w)| {
-            for ((y, &x), &inv) in y_row.iter_mut().zip(x_row).zip(inv_rms) {
-                *y = x * inv * w;
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for ((y, &x), &inv) in y_row.iter_mut().zip(x_row).zip(inv_rms) {
+                        *y = x * inv * w;
+                    }
+                },
+            )
         });
 }
 
@@ -257,17 +270,22 @@ pub fn rmsnorm_backward(
     }
     // Pass 1, over tiles of columns: coef[t] = r³/C · Σ_c dy·w·x.
     scratch.par_chunks_mut(COLUMN_TILE).enumerate().for_each(|(tile, coef)| {
-        let t0 = tile * COLUMN_TILE;
-        let mut dot = [0.0f32; COLUMN_TILE];
-        let dot = &mut dot[..coef.len()];
-        for ((dy_row, x_row), &w) in dy.chunks_exact(t_len).zip(x.chunks_exact(t_len)).zip(weight) {
-            for ((acc, &g), &v) in dot.iter_mut().zip(&dy_row[t0..]).zip(&x_row[t0..]) {
-                *acc += g * w * v;
-            }
-        }
-        for ((coef, &dot), &r) in coef.iter_mut().zip(dot.iter()).zip(&inv_rms[t0..]) {
-            *coef = r * r * r * dot / channels as f32;
-        }
+        simd(
+            #[inline(always)]
+            || {
+                let t0 = tile * COLUMN_TILE;
+                let mut dot = [0.0f32; COLUMN_TILE];
+                let dot = &mut dot[..coef.len()];
+                for ((dy_row, x_row), &w) in dy.chunks_exact(t_len).zip(x.chunks_exact(t_len)).zip(weight) {
+                    for ((acc, &g), &v) in dot.iter_mut().zip(&dy_row[t0..]).zip(&x_row[t0..]) {
+                        *acc += g * w * v;
+                    }
+                }
+                for ((coef, &dot), &r) in coef.iter_mut().zip(dot.iter()).zip(&inv_rms[t0..]) {
+                    *coef = r * r * r * dot / channels as f32;
+                }
+            },
+        )
     });
     // Pass 2, over rows: dx and dweight.
     let coef = &*scratch;
@@ -276,15 +294,22 @@ pub fn rmsnorm_backward(
         .zip(dy.par_chunks(t_len).zip(x.par_chunks(t_len)).zip(weight.par_iter()))
         .with_min_len(rows_per_task(t_len))
         .for_each(|((dx_row, dw), ((dy_row, x_row), &w))| {
-            for (((dx, &g), &v), (&r, &coef)) in dx_row.iter_mut().zip(dy_row).zip(x_row).zip(inv_rms.iter().zip(coef))
-            {
-                *dx += r * w * g - v * coef;
-            }
-            *dw += dot3(dy_row, x_row, inv_rms);
+            simd(
+                #[inline(always)]
+                || {
+                    for (((dx, &g), &v), (&r, &coef)) in
+                        dx_row.iter_mut().zip(dy_row).zip(x_row).zip(inv_rms.iter().zip(coef))
+                    {
+                        *dx += r * w * g - v * coef;
+                    }
+                    *dw += dot3(dy_row, x_row, inv_rms);
+                },
+            )
         });
 }
 
 /// `Σ a[i]·b[i]·c[i]` with independent lanes so it vectorises.
+#[inline(always)]
 fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let (a_chunks, b_chunks, c_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
@@ -335,18 +360,23 @@ pub fn softmax_cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: us
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
         .map(|(row, &target)| {
-            let target = target as usize;
-            let target_logit = row[target];
-            let max = max_of(row);
-            let sum = exp_shifted_in_place(row, max);
-            // −log p[target] = log Σ e^(l − max) + max − l[target]
-            let loss = f64::from(sum).ln() + f64::from(max) - f64::from(target_logit);
-            let scale = grad_scale / sum;
-            for p in row.iter_mut() {
-                *p *= scale;
-            }
-            row[target] -= grad_scale;
-            loss
+            simd(
+                #[inline(always)]
+                || {
+                    let target = target as usize;
+                    let target_logit = row[target];
+                    let max = max_of(row);
+                    let sum = exp_shifted_in_place(row, max);
+                    // −log p[target] = log Σ e^(l − max) + max − l[target]
+                    let loss = f64::from(sum).ln() + f64::from(max) - f64::from(target_logit);
+                    let scale = grad_scale / sum;
+                    for p in row.iter_mut() {
+                        *p *= scale;
+                    }
+                    row[target] -= grad_scale;
+                    loss
+                },
+            )
         })
         .sum()
 }
@@ -539,9 +569,14 @@ fn chunk_logits<'a>(
 pub fn silu_forward(y: &mut [f32], x: &[f32]) {
     assert_eq!(y.len(), x.len(), "y must be shaped like x");
     y.par_chunks_mut(ELEMENTWISE_CHUNK).zip(x.par_chunks(ELEMENTWISE_CHUNK)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * sigmoid(x);
-        }
+        simd(
+            #[inline(always)]
+            || {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * sigmoid(x);
+                }
+            },
+        )
     });
 }
 
@@ -552,10 +587,15 @@ pub fn silu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
     dx.par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(dy.par_chunks(ELEMENTWISE_CHUNK).zip(x.par_chunks(ELEMENTWISE_CHUNK)))
         .for_each(|(dx, (dy, x))| {
-            for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                let s = sigmoid(x);
-                *dx += dy * s * (1.0 + x * (1.0 - s));
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
+                        let s = sigmoid(x);
+                        *dx += dy * s * (1.0 + x * (1.0 - s));
+                    }
+                },
+            )
         });
 }
 
@@ -567,9 +607,14 @@ pub fn swiglu_forward(gate: &mut [f32], h1: &[f32], h3: &[f32]) {
     gate.par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(h1.par_chunks(ELEMENTWISE_CHUNK).zip(h3.par_chunks(ELEMENTWISE_CHUNK)))
         .for_each(|(gate, (h1, h3))| {
-            for ((g, &a), &b) in gate.iter_mut().zip(h1).zip(h3) {
-                *g = a * sigmoid(a) * b;
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for ((g, &a), &b) in gate.iter_mut().zip(h1).zip(h3) {
+                        *g = a * sigmoid(a) * b;
+                    }
+                },
+            )
         });
 }
 
@@ -585,13 +630,18 @@ pub fn swiglu_backward(dh1: &mut [f32], dh3: &mut [f32], dgate: &[f32], h1: &[f3
         .zip(dh3.par_chunks_mut(c))
         .zip(dgate.par_chunks(c).zip(h1.par_chunks(c)).zip(h3.par_chunks(c)))
         .for_each(|((dh1, dh3), ((dgate, h1), h3))| {
-            for i in 0..dh1.len() {
-                let (a, b, g) = (h1[i], h3[i], dgate[i]);
-                let s = sigmoid(a);
-                let silu = a * s;
-                dh1[i] += g * b * s * (1.0 + a * (1.0 - s));
-                dh3[i] += g * silu;
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for i in 0..dh1.len() {
+                        let (a, b, g) = (h1[i], h3[i], dgate[i]);
+                        let s = sigmoid(a);
+                        let silu = a * s;
+                        dh1[i] += g * b * s * (1.0 + a * (1.0 - s));
+                        dh3[i] += g * silu;
+                    }
+                },
+            )
         });
 }
 
@@ -656,18 +706,23 @@ impl RopeTable {
         );
         let seq = self.seq;
         x.par_chunks_mut(2 * t_len).enumerate().for_each(|(pair_row, rows)| {
-            let i = pair_row % pairs;
-            let (even, odd) = rows.split_at_mut(t_len);
-            let cos = &self.cos[i * seq..(i + 1) * seq];
-            let sin = &self.sin[i * seq..(i + 1) * seq];
-            for (even, odd) in even.chunks_mut(seq).zip(odd.chunks_mut(seq)) {
-                for (((x0, x1), &c), &s) in even.iter_mut().zip(odd.iter_mut()).zip(cos).zip(sin) {
-                    let s = sign * s;
-                    let (a, b) = (*x0, *x1);
-                    *x0 = a * c - b * s;
-                    *x1 = a * s + b * c;
-                }
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    let i = pair_row % pairs;
+                    let (even, odd) = rows.split_at_mut(t_len);
+                    let cos = &self.cos[i * seq..(i + 1) * seq];
+                    let sin = &self.sin[i * seq..(i + 1) * seq];
+                    for (even, odd) in even.chunks_mut(seq).zip(odd.chunks_mut(seq)) {
+                        for (((x0, x1), &c), &s) in even.iter_mut().zip(odd.iter_mut()).zip(cos).zip(sin) {
+                            let s = sign * s;
+                            let (a, b) = (*x0, *x1);
+                            *x0 = a * c - b * s;
+                            *x1 = a * s + b * c;
+                        }
+                    }
+                },
+            )
         });
     }
 }

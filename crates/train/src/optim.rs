@@ -27,6 +27,7 @@
 
 use std::ops::Range;
 
+use device::cpu::simd;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -197,12 +198,17 @@ fn update_range(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], keep: f3
         .zip(m.par_chunks_mut(OPTIM_CHUNK).zip(v.par_chunks_mut(OPTIM_CHUNK)))
         .zip(g.par_chunks(OPTIM_CHUNK))
         .for_each(|((p, (m, v)), g)| {
-            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
-                let g = g * c.grad_scale;
-                *m = c.beta1 * *m + c.one_minus_beta1 * g;
-                *v = c.beta2 * *v + c.one_minus_beta2 * g * g;
-                *p = *p * keep - c.step_size * *m / (v.sqrt() * c.inv_sqrt_bias2 + c.eps);
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                        let g = g * c.grad_scale;
+                        *m = c.beta1 * *m + c.one_minus_beta1 * g;
+                        *v = c.beta2 * *v + c.one_minus_beta2 * g * g;
+                        *p = *p * keep - c.step_size * *m / (v.sqrt() * c.inv_sqrt_bias2 + c.eps);
+                    }
+                },
+            )
         });
 }
 

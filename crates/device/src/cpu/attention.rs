@@ -33,6 +33,12 @@ const SKIPPABLE: f32 = -1000.0;
 /// below −104; the margin covers the rounding of the norms in the bound.
 const UNDERFLOW_MARGIN: f64 = 128.0;
 
+thread_local! {
+    /// Each thread's copy of the `y` operand of the batch entry it works on (see
+    /// [`ScoresSoftmax::pack_y`]); it grows to `k × n` once, then is reused.
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct ScoresSoftmax {
     /// The scores `x·y`; its `dst` is the probabilities' (packed `[batch…, m, n]`).
@@ -90,10 +96,19 @@ impl ScoresSoftmax {
                 // |x_i| of the block's rows.
                 let mut y_norm: Option<(usize, f64)> = None;
                 let mut x_norms = [0f64; ROW_BLOCK];
+                // Taken out of the thread-local for the task (no closure: this code must
+                // stay inlined in the AVX2 context) and put back at the end.
+                let mut panel = PANEL.take();
+                // The batch entry whose `y` is in `panel`.
+                let mut packed = None;
                 for task in lo..hi {
                     let (b, block) = (task / blocks, task % blocks);
                     let (xo, yo) = mm.batch_offsets(b);
                     let (xb, yb) = (x.get().offset(xo) as *const f32, y.get().offset(yo) as *const f32);
+                    if packed != Some(b) {
+                        self.pack_y(yb, &mut panel);
+                        packed = Some(b);
+                    }
                     let (r0, r1) = (block * ROW_BLOCK, (block * ROW_BLOCK + ROW_BLOCK).min(m));
                     let cols = self.row_end[r0..r1].iter().copied().max().unwrap_or(n);
                     let out = dst.get().add(mm.dst.1 + b * m * n + r0 * n);
@@ -106,9 +121,9 @@ impl ScoresSoftmax {
                         xb.offset(r0 as isize * mm.x.row_stride),
                         mm.x.row_stride,
                         mm.x.col_stride,
-                        yb,
-                        mm.y.row_stride,
-                        mm.y.col_stride,
+                        panel.as_ptr(),
+                        n as isize,
+                        1,
                         gemm::Parallelism::None,
                     );
                     let y_max = if cols < n {
@@ -150,8 +165,32 @@ impl ScoresSoftmax {
                         softmax_in_place(row, self.round);
                     }
                 }
+                PANEL.set(panel);
             },
         );
+    }
+
+    /// Copies this batch entry's `y` (`[k, n]`) into `panel`, row-major and contiguous.
+    ///
+    /// In the training kernels `y` is `kᵀ` read in place from the `[C, T]` surface: its
+    /// `k` rows lie a surface row apart (16 KB at Stories15M's batch, so every one maps to
+    /// the same L1 set), and the block GEMMs then ran at a third of their speed. The copy
+    /// is made once per batch entry and read by all of its row blocks.
+    #[inline(always)]
+    unsafe fn pack_y(&self, yb: *const f32, panel: &mut Vec<f32>) {
+        let mm = &self.matmul;
+        let (n, k) = (mm.n, mm.k);
+        panel.resize(k * n, 0.0);
+        for (kk, row) in panel.chunks_exact_mut(n).enumerate() {
+            let src = yb.offset(kk as isize * mm.y.row_stride);
+            if mm.y.col_stride == 1 {
+                row.copy_from_slice(std::slice::from_raw_parts(src, n));
+            } else {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = *src.offset(j as isize * mm.y.col_stride);
+                }
+            }
+        }
     }
 
     /// Scores `row` (columns `c0..` of row `i`) plus the mask, rounded as the unfused
@@ -360,6 +399,44 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// Keys given as `kᵀ: [B, H, D, S]` and transposed back by a view, so that the
+    /// scores' `y` operand has contiguous rows (as in the training kernels, where it is
+    /// read from a `[C, T]` surface) rather than strided ones: the same probabilities.
+    #[test]
+    fn contiguous_key_rows_give_the_same_probabilities() {
+        let (b, h, s, d) = (2, 3, 70, 16);
+        let case = Case { b, h, s, d, mask: causal(s), per_batch: false };
+        let x = inputs(&case, 1.0);
+        let (p_ref, _) = case.reference([&x[0][..], &x[1][..], &x[2][..]]);
+        let mut kt = vec![0.0; x[1].len()];
+        for bh in 0..b * h {
+            for j in 0..s {
+                for e in 0..d {
+                    kt[(bh * d + e) * s + j] = x[1][(bh * s + j) * d + e];
+                }
+            }
+        }
+        let mut weights = Weights::new();
+        let mut f = FunctionBuilder::new("main", Dialect::Ios18);
+        let q = f.input("q", TensorType::new(DType::Fp32, [b, h, s, d]));
+        let kt_in = f.input("kt", TensorType::new(DType::Fp32, [b, h, d, s]));
+        let k = f.transpose("k", &kt_in, &[0, 1, 3, 2]);
+        let p = probabilities(&mut f, &mut weights, [&q, &k], &[s, s], &case.mask);
+        f.output(&p);
+        let program = Program::new(Dialect::Ios18, f.finish().unwrap());
+        let device = CpuDevice::new(Precision::Fp32).with_threads(2);
+        let kernel = plan_program(&program, &weights, device.precision(), 2, true);
+        let y_contiguous =
+            kernel.steps.iter().any(|s| matches!(s, Step::ScoresSoftmax(f) if f.matmul.y.col_stride == 1));
+        assert!(y_contiguous, "the fused step reads kᵀ's rows in place");
+        let mut kernel = device.compile(&program, &weights).unwrap();
+        let q_in = Surface::from_f32(DType::Fp32, &[b, h, s, d], &x[0]);
+        let kt_in = Surface::from_f32(DType::Fp32, &[b, h, d, s], &kt);
+        let mut p = Surface::from_f32(DType::Fp32, &[b, h, s, s], &vec![0.0; case.numel_p()]);
+        kernel.eval(&[&q_in, &kt_in], &mut [&mut p]).unwrap();
+        assert!(max_diff(&p.to_f32(), &p_ref) < 1e-6, "p off by {}", max_diff(&p.to_f32(), &p_ref));
     }
 
     /// Scores far larger than the mask (|q·k| up to ~10⁵ against −30000): the skipped

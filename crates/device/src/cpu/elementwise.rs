@@ -197,8 +197,13 @@ pub(crate) fn par_split(n: usize, work: usize, par: Par, f: impl Fn(usize, usize
 /// vectorises; the default x86-64 target allows only SSE2, which halves their speed
 /// (and more for `exp`, whose selects SSE2 cannot blend). The `gemm` crate does its own
 /// dispatch.
+///
+/// Public for the training crate's CPU ops. Only code inlined into `f` gets the
+/// features: closures passed here, and the functions they call, are `#[inline(always)]`.
+/// Results are bit-identical to the baseline build: Rust never contracts `a·b + c` into
+/// an FMA, and vector lanes do the same IEEE operations as scalar code.
 #[inline(always)]
-pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]

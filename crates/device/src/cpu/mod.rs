@@ -52,6 +52,7 @@ use std::time::Duration;
 use mil::{Dialect, Program};
 
 pub use bench::{bench_gemm, format_gemm_bench, GemmBenchConfig, GemmBenchOp, GemmBenchRow};
+pub use elementwise::simd;
 pub(crate) use elementwise::Ptr;
 
 use crate::{Device, Error, ErrorKind, Kernel, Precision, Result, Weights};
