@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use train::cpu_ops::{softmax_cross_entropy_rows, ClassifierLoss};
-use train::linalg::{matmul, matmul_acc, MatMut, MatRef};
+use train::linalg::{add_assign, matmul, matmul_acc, MatMut, MatRef};
 
 /// Mean milliseconds of `f` over `reps` calls, after one untimed call.
 fn time_ms(reps: usize, f: &mut dyn FnMut()) -> f64 {
@@ -83,4 +83,6 @@ fn main() {
         softmax_cross_entropy_rows(&mut logits, &targets[..n], v, 1.0);
     });
     println!("softmax + cross-entropy  {ms:7.2} ms");
+    let ms = time_ms(4, &mut || add_assign(MatMut::new(&mut dw, v, d), MatRef::new(&dwt, d, v).t()));
+    println!("dWcls [V,D] += dWclsᵀ    {ms:7.2} ms (once per step)");
 }

@@ -24,6 +24,7 @@
 //! assert_eq!(c, [4.0, 5.0, 10.0, 11.0]);
 //! ```
 
+use device::cpu::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -195,15 +196,31 @@ pub fn add_assign(c: MatMut<'_>, a: MatRef<'_>) {
     let (rs, cs) = a.strides();
     let needed = (rows - 1) * ld + cols;
     c.data[..needed].par_chunks_mut(TILE * ld).enumerate().for_each(|(block, chunk)| {
-        let i0 = block * TILE;
-        for j0 in (0..cols).step_by(TILE) {
-            let j1 = (j0 + TILE).min(cols);
-            for i in i0..(i0 + TILE).min(rows) {
-                let row = &mut chunk[(i - i0) * ld + j0..(i - i0) * ld + j1];
-                for (j, d) in (j0..j1).zip(row) {
-                    *d += a.data[(i as isize * rs + j as isize * cs) as usize];
+        simd(
+            #[inline(always)]
+            || {
+                let i0 = block * TILE;
+                let i1 = (i0 + TILE).min(rows);
+                for j0 in (0..cols).step_by(TILE) {
+                    let j1 = (j0 + TILE).min(cols);
+                    if rs == 1 {
+                        // A transposed: walk its contiguous columns.
+                        for j in j0..j1 {
+                            let src = &a.data[(i0 as isize + j as isize * cs) as usize..][..i1 - i0];
+                            for (k, &v) in src.iter().enumerate() {
+                                chunk[k * ld + j] += v;
+                            }
+                        }
+                        continue;
+                    }
+                    for i in i0..i1 {
+                        let row = &mut chunk[(i - i0) * ld + j0..(i - i0) * ld + j1];
+                        for (j, d) in (j0..j1).zip(row) {
+                            *d += a.data[(i as isize * rs + j as isize * cs) as usize];
+                        }
+                    }
                 }
-            }
-        }
+            },
+        )
     });
 }

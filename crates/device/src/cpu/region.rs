@@ -5,7 +5,9 @@
 //! their gradient, the centred gradient, the score gradient), each far out of cache.
 //! Per head they are 256 KB. A region runs its steps for one (batch, head) entry, then
 //! the next, so that what a step writes for an entry is read by the next step while it is
-//! still in the core's cache; entries are shared between the threads.
+//! still in the core's cache; entries are shared between the threads. A chain of
+//! elementwise maps is split the same way, into chunks of positions, so that each
+//! intermediate is read back from cache.
 //!
 //! That is only allowed when it computes the same thing: every step of the region must
 //! split into the same number of entries (its work items `n·e/N .. n·(e+1)/N` for entry
@@ -137,17 +139,36 @@ fn map_access<const K: usize>(shape: &[usize], dst: &Operand, src: &[Operand; K]
     Some(Access { dst: dst.storage, writes, dense, reads })
 }
 
-/// The number of entries a region may start with at `step`: a batched matmul's (or the
-/// fused scores') batch entries, when there are enough to keep `threads` busy (at least
-/// two each: whole entries are shared out, so fewer would leave threads idle).
+/// The number of entries a region may start with at `step`, when there are enough to
+/// keep `threads` busy (at least two each: whole entries are shared out, so fewer would
+/// leave threads idle):
+/// - a batched matmul's (or the fused scores') batch entries;
+/// - an elementwise map's chunks of about [`MAP_ENTRY`] positions, so that a chain of
+///   maps (the SwiGLU backward's ten, over `[hidden, T]`) runs chunk by chunk and each
+///   intermediate is read back from cache rather than from memory.
 fn seed(step: &Step, threads: usize) -> Option<usize> {
-    match step {
+    let entries = match step {
         Step::Matmul(m) | Step::ScoresSoftmax(super::attention::ScoresSoftmax { matmul: m, .. }) => {
-            let batches: usize = m.batch_shape.iter().product();
-            (batches >= 2 * threads.max(1)).then_some(batches)
+            m.batch_shape.iter().product()
         }
-        _ => None,
-    }
+        Step::Unary { map, .. } => map_chunks(map.numel())?,
+        Step::Binary { map, .. } => map_chunks(map.numel())?,
+        _ => return None,
+    };
+    (entries >= 2 * threads.max(1)).then_some(entries)
+}
+
+/// Positions per entry of a region seeded by a map: 32 KB of f32 per operand, so that a
+/// chain's live chunks stay in L2.
+const MAP_ENTRY: usize = 8192;
+
+/// Into how many equal chunks of `MAP_ENTRY / 2 ..= 2 · MAP_ENTRY` positions `numel`
+/// splits (preferring sizes near `MAP_ENTRY`), if any.
+fn map_chunks(numel: usize) -> Option<usize> {
+    (0..=MAP_ENTRY)
+        .flat_map(|d| [MAP_ENTRY - d / 2, MAP_ENTRY + d])
+        .find(|&chunk| numel.is_multiple_of(chunk) && numel > chunk)
+        .map(|chunk| numel / chunk)
 }
 
 /// Groups runs of steps into regions where that provably computes the same result (see
@@ -269,6 +290,7 @@ mod tests {
         match step {
             Step::Matmul(_) => "matmul",
             Step::ScoresSoftmax(_) => "scores",
+            Step::Unary { .. } => "unary",
             Step::Binary { .. } => "binary",
             Step::Reduce(_) => "reduce",
             _ => "other",
@@ -288,8 +310,9 @@ mod tests {
             })
             .collect();
         let mut kernel = device.compile(program, weights).unwrap();
-        let inputs: Vec<Surface> =
-            (0..4).map(|i| Surface::from_f32(DType::Fp32, &[B, H, S, D], &values(B * H * S * D, i + 1))).collect();
+        let inputs: Vec<Surface> = (kernel.inputs().iter().enumerate())
+            .map(|(i, v)| Surface::from_f32(DType::Fp32, &v.ty.shape, &values(v.ty.numel(), i as u64 + 1)))
+            .collect();
         let inputs: Vec<&Surface> = inputs.iter().collect();
         let mut outputs: Vec<Surface> = kernel
             .outputs()
@@ -344,6 +367,41 @@ mod tests {
         // computed); it starts a region of its own with g·p, which reads nothing of it.
         // The reduction over the batch does not split into entries.
         assert_eq!(regions, vec![vec!["matmul", "matmul"]]);
+        assert_close(&fused, &plain);
+    }
+
+    /// A chain of elementwise maps over a large tensor (the SwiGLU backward's pattern)
+    /// runs chunk by chunk as one region, with the result of running each map over the
+    /// whole tensor. A map reading a chain value transposed (other chunks' positions)
+    /// stays out.
+    #[test]
+    fn elementwise_chains_run_chunk_by_chunk() {
+        // 64 × 1024 positions: 8 chunks of 8192.
+        let mut f = FunctionBuilder::new("main", Dialect::Ios18);
+        let ty = TensorType::new(DType::Fp32, [64, 1024]);
+        let [h1, h3, g] = ["h1", "h3", "g"].map(|n| f.input(n, ty.clone()));
+        let sig = f.sigmoid("sig", &h1);
+        let act = f.mul("act", &h1, &sig);
+        let gate = f.mul("gate", &act, &h3);
+        let one = f.scalar(DType::Fp32, 1.0);
+        let one_minus = f.sub("one_minus", &one, &sig);
+        let dh1 = f.mul("dh1", &g, &one_minus);
+        let square = f.reshape("square", &dh1, &[256, 256]);
+        let crossed = f.transpose("crossed", &square, &[1, 0]);
+        let mixed = f.add("mixed", &crossed, &square);
+        for out in [&gate, &dh1, &mixed] {
+            f.output(out);
+        }
+        let program = Program::new(Dialect::Ios18, f.finish().unwrap());
+        let weights = Weights::new();
+        let (fused, regions) = run(&program, &weights, true);
+        let (plain, none) = run(&program, &weights, false);
+        assert!(none.is_empty());
+        assert_eq!(
+            regions,
+            vec![vec!["unary", "binary", "binary", "binary", "binary"]],
+            "sig, act, gate, 1 − sig, dh1"
+        );
         assert_close(&fused, &plain);
     }
 }

@@ -1,17 +1,20 @@
-//! What fusing attention's `softmax(q·kᵀ + causal mask)` saves: times
+//! What the CPU device's fusions save (attention's `softmax(q·kᵀ + causal mask)` as one
+//! step, attention's heads and chains of elementwise maps run as regions): times
 //! `DynamicPipeline::forward_backward` on a CPU device that fuses (the default) and one
 //! that runs every op as its own step, alternating the two so both see the same load,
-//! with both runs' losses and gradient norms (they must agree); then the attention
-//! kernels alone (forward, and backward with its recomputed probabilities).
+//! with both runs' losses and gradient norms (they must agree); then each layer kernel
+//! alone, fused and unfused in turn.
 //!
-//! `cargo run --release -p train --example attention_fusion [MODEL] [ROUNDS] [BATCH]`
+//! `cargo run --release -p train --example fusion [MODEL] [ROUNDS] [BATCH]`
 //! (ROUNDS 0: the kernels only).
 
 use std::time::Instant;
 
 use device::{cpu::CpuDevice, Device, Precision, Surface};
 use llama::{Config, Params};
-use train::kernels::{attention_backward, attention_forward, KernelDef, LayerDims};
+use train::kernels::{
+    attention_backward, attention_forward, ffn_backward, ffn_forward, qkv_backward, qkv_forward, KernelDef, LayerDims,
+};
 use train::pipeline::DynamicPipeline;
 
 fn main() {
@@ -32,8 +35,15 @@ fn main() {
         n_kv_heads: config.n_kv_heads,
     };
     let dialect = mil::Dialect::Ios18;
-    let kernels =
-        [attention_forward(&d, batch, seq, dialect).unwrap(), attention_backward(&d, batch, seq, dialect).unwrap()];
+    let t = batch * seq;
+    let kernels = [
+        qkv_forward(&d, t, dialect).unwrap(),
+        attention_forward(&d, batch, seq, dialect).unwrap(),
+        ffn_forward(&d, t, dialect).unwrap(),
+        ffn_backward(&d, t, dialect).unwrap(),
+        attention_backward(&d, batch, seq, dialect).unwrap(),
+        qkv_backward(&d, t, dialect).unwrap(),
+    ];
     for def in &kernels {
         let ms = time_kernel(def, 20);
         println!(
