@@ -45,6 +45,9 @@ fn json_figures_are_consistent() {
     let sum: f64 = phases.values().map(|p| p.as_f64().unwrap()).sum();
     assert!(sum > 0.0 && sum <= ms * 1.01, "phases add up to {sum} ms of a {ms} ms step");
     assert!(v["pytorch_measured_tokens_per_s"].is_null());
+    // FLOPs per token × tokens/s is the achieved rate.
+    let (per_token, gflops) = (v["flops_per_token"].as_f64().unwrap(), v["gflops"].as_f64().unwrap());
+    assert!((per_token * tps / 1e9 - gflops).abs() < 1e-6 * gflops, "{per_token} FLOP/token at {tps} tokens/s");
 }
 
 #[test]
@@ -67,6 +70,15 @@ if [ "$(wc -l < runs.log)" -eq 1 ]; then echo '{"tokens_per_s": 100.0}'; else ec
     assert_eq!(v["pytorch_measured_runs"], serde_json::json!([100.0, 250.0, 250.0]));
     assert_eq!(v["pytorch_measured_tokens_per_s"], 250.0);
     assert_eq!(v["pytorch_compile"], false);
+
+    // The text report says what 1.3× the best PyTorch figure (now 250 tokens/s) asks.
+    let mut args = TINY.to_vec();
+    args.extend(["--pytorch", "model.py", "--python", &python]);
+    let out = anetrain(dir.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("vs PyTorch eager, measured now"), "{text}");
+    assert!(text.contains("1.3× PyTorch (325 tokens/s) needs"), "{text}");
 
     // --pytorch-compile reaches the script as --compile.
     let python = fake_python(
