@@ -144,6 +144,20 @@ impl Surface {
         }
     }
 
+    /// Moves the surface's values into `buf` without copying, when the surface is fp32
+    /// and exactly `buf.len()` long: the two exchange buffers, so the surface keeps
+    /// `buf`'s old contents (for a kernel output, overwritten by the next evaluation).
+    /// Returns whether it did; otherwise nothing changes.
+    pub fn swap_f32(&mut self, buf: &mut Vec<f32>) -> bool {
+        match &mut self.data {
+            Data::F32(v) if v.len() == buf.len() => {
+                std::mem::swap(v, buf);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn as_f16(&self) -> Option<&[f16]> {
         match &self.data {
             Data::F16(v) => Some(v),
@@ -194,6 +208,23 @@ impl Surface {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An fp32 surface of the buffer's length hands its values over by exchanging
+    /// buffers; any other surface leaves both untouched.
+    #[test]
+    fn swap_hands_over_fp32_values_of_the_same_length() {
+        let mut s = Surface::from_f32(DType::Fp32, &[1, 2, 1, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let mut buf = vec![9.0; 6];
+        assert!(s.swap_f32(&mut buf));
+        assert_eq!((buf, s.to_f32()), (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vec![9.0; 6]));
+        let mut short = vec![0.0; 5];
+        assert!(!s.swap_f32(&mut short));
+        assert_eq!((short, s.to_f32()), (vec![0.0; 5], vec![9.0; 6]));
+        let mut h = Surface::from_f32(DType::Fp16, &[1, 1, 1, 2], &[1.0, 2.0]);
+        let mut two = vec![0.0; 2];
+        assert!(!h.swap_f32(&mut two));
+        assert_eq!((two, h.to_f32()), (vec![0.0; 2], vec![1.0, 2.0]));
+    }
 
     /// Blocks and runs large enough to be copied by several threads land where the
     /// one-element-at-a-time definition puts them, in both dtypes.

@@ -370,11 +370,11 @@ fn double_buffer_resumes_exactly_from_its_checkpoint() {
 fn double_buffer_hides_the_compile_latency() {
     // With every compile taking ≥ 1 ms more, the static pipeline waits 10 × 1 ms per
     // step for its 10 kernels; the double-buffered one compiles them while a step of
-    // 8 × 128 tokens trains (several times longer), so it waits only where a compile
+    // 16 × 128 tokens trains (several times longer), so it waits only where a compile
     // outlasts a step. The bar: its total stall under 10 % of the static
     // pipeline's compile time.
     let config = Config { seq_len: 128, vocab_size: 64, ..tiny(2, false) };
-    let t = settings(6, 8, 128, 1);
+    let t = settings(6, 16, 128, 1);
     let stat_device = CpuDevice::new(Precision::Fp32).with_sim_compile_ms(1);
     let (_, stat) = run(&stat_device, &config, PipelineConfig::new(PipelineKind::Static, false), t.clone());
     let db_device = CpuDevice::new(Precision::Fp32).with_sim_compile_ms(1);
