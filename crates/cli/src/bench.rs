@@ -436,7 +436,7 @@ fn bench_train(b: &TrainBench) -> Result<()> {
         println!("  vs PyTorch {how:<14} {:>10.2}×  ({v} tokens/s, from another run)", tokens_per_s / v);
     }
     // What the bar (1.3× PyTorch) asks of this machine: the same FLOPs per
-    // token at 1.3× the fastest PyTorch figure, against the GEMM peak just measured.
+    // token at 1.3× the fastest PyTorch figure, against this run's best GEMM peak.
     let flops_per_token = flops / tokens;
     if let Some(fastest) = torch_best.into_iter().chain(reference.iter().map(|r| r.1)).reduce(f64::max) {
         let need = 1.3 * fastest * flops_per_token / 1e9;

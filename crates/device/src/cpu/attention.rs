@@ -181,6 +181,9 @@ impl ScoresSoftmax {
         let mm = &self.matmul;
         let (n, k) = (mm.n, mm.k);
         panel.resize(k * n, 0.0);
+        if n == 0 {
+            return;
+        }
         for (kk, row) in panel.chunks_exact_mut(n).enumerate() {
             let src = yb.offset(kk as isize * mm.y.row_stride);
             if mm.y.col_stride == 1 {
