@@ -269,6 +269,14 @@ impl Slot {
     fn read(&self, output: usize, dst: &mut [f32]) {
         self.outputs[output].read_f32_at(0, dst);
     }
+
+    /// As [`read`](Self::read) into a whole buffer, by exchanging buffers when the
+    /// surface is fp32 and exactly `dst`'s size (see the dynamic pipeline's `read`).
+    fn take(&mut self, output: usize, dst: &mut Vec<f32>) {
+        if !self.outputs[output].swap_f32(dst) {
+            self.outputs[output].read_f32_at(0, dst);
+        }
+    }
 }
 
 /// Surfaces for every kernel kind.
@@ -517,13 +525,13 @@ impl StaticPipeline {
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.attn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
-            s.read(0, &mut a.xn1);
-            s.read(1, &mut a.inv_rms1);
-            s.read(2, &mut a.q);
-            s.read(3, &mut a.k);
-            s.read(4, &mut a.v);
-            s.read(5, &mut a.o);
-            s.read(6, &mut self.scratch.y);
+            s.take(0, &mut a.xn1);
+            s.take(1, &mut a.inv_rms1);
+            s.take(2, &mut a.q);
+            s.take(3, &mut a.k);
+            s.take(4, &mut a.v);
+            s.take(5, &mut a.o);
+            s.take(6, &mut self.scratch.y);
             lap(&mut t, &mut times.surface_io);
             for ((xm, xi), y) in a.x_mid.iter_mut().zip(&a.x_in).zip(&self.scratch.y) {
                 *xm = xi + y;
@@ -535,11 +543,11 @@ impl StaticPipeline {
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.ffn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
-            s.read(0, &mut a.xn2);
-            s.read(1, &mut a.inv_rms2);
-            s.read(2, &mut a.h1);
-            s.read(3, &mut a.h3);
-            s.read(4, &mut self.scratch.y);
+            s.take(0, &mut a.xn2);
+            s.take(1, &mut a.inv_rms2);
+            s.take(2, &mut a.h1);
+            s.take(3, &mut a.h3);
+            s.take(4, &mut self.scratch.y);
             lap(&mut t, &mut times.surface_io);
             for ((xo, xm), y) in x.iter_mut().zip(&a.x_mid).zip(&self.scratch.y) {
                 *xo = xm + y;
@@ -553,8 +561,8 @@ impl StaticPipeline {
                 lap(&mut t, &mut times.surface_io);
                 s.eval(k.as_mut())?;
                 lap(&mut t, &mut times.device_forward);
-                s.read(0, &mut sc.xn_final);
-                s.read(1, &mut sc.r_final);
+                s.take(0, &mut sc.xn_final);
+                s.take(1, &mut sc.r_final);
                 lap(&mut t, &mut times.surface_io);
             }
             _ => {
@@ -738,10 +746,10 @@ impl StaticPipeline {
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.ffn_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.read(0, &mut s.dxn);
-            k.read(1, &mut s.dh1);
-            k.read(2, &mut s.dh3);
-            k.read(3, &mut s.gate);
+            k.take(0, &mut s.dxn);
+            k.take(1, &mut s.dh1);
+            k.take(2, &mut s.dh3);
+            k.take(3, &mut s.gate);
             lap(&mut t, &mut times.surface_io);
             // dW2 [D, H] += dy [D, T] · gateᵀ ; dW1, dW3 [H, D] += dh [H, T] · xn2ᵀ
             matmul_acc(
@@ -774,7 +782,7 @@ impl StaticPipeline {
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.attn_bwd_wo.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.read(0, &mut s.d_o);
+            k.take(0, &mut s.d_o);
             lap(&mut t, &mut times.surface_io);
             // dWo [D, D] += dy [D, T] · oᵀ
             matmul_acc(
@@ -794,9 +802,9 @@ impl StaticPipeline {
             lap(&mut t, &mut times.surface_io);
             k.eval(self.attn_bwd_free.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.read(0, &mut s.dq);
-            k.read(1, &mut s.dk);
-            k.read(2, &mut s.dv);
+            k.take(0, &mut s.dq);
+            k.take(1, &mut s.dk);
+            k.take(2, &mut s.dv);
             lap(&mut t, &mut times.surface_io);
             bias_grads(&mut g, &s.dq, &s.dk, &s.dv, t_len);
             lap(&mut t, &mut times.other_cpu);
@@ -809,7 +817,7 @@ impl StaticPipeline {
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.qkv_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.read(0, &mut s.dxn);
+            k.take(0, &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
             // dWq [D, D] += dq · xn1ᵀ ; dWk, dWv [KV, D] += dk/dv · xn1ᵀ
             let xn1 = MatRef::new(&a.xn1, dim, t_len).t();
