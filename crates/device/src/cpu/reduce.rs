@@ -252,7 +252,7 @@ impl Reduce {
         shape.extend_from_slice(&self.red_shape);
         let mut strides = self.kept_src.clone();
         strides.extend_from_slice(&self.red_src);
-        let n_out: usize = self.kept_shape.iter().product();
+        let n_out = self.n_out();
         (span(self.src.1, &shape, &strides), (self.dst.1 as isize, (self.dst.1 + n_out) as isize))
     }
 
@@ -264,6 +264,9 @@ impl Reduce {
     /// The destination and source address ranges `[lo, hi)` that output positions
     /// `first..last` touch.
     pub fn spans_of(&self, first: usize, last: usize) -> ((isize, isize), (isize, isize)) {
+        if first >= last {
+            return ((0, 0), (0, 0));
+        }
         let red = span(0, &self.red_shape, &self.red_src);
         let (kd, ks) = (self.kept_dst[self.kept_dst.len() - 1], self.kept_src[self.kept_src.len() - 1]);
         let (mut d, mut s) = ((isize::MAX, isize::MIN), (isize::MAX, isize::MIN));
@@ -273,16 +276,13 @@ impl Reduce {
             d = (d.0.min(dr.0), d.1.max(dr.1));
             s = (s.0.min(sr.0 + red.0), s.1.max(sr.1 + red.1 - 1));
         });
-        if first >= last {
-            return ((0, 0), (0, 0));
-        }
         (d, s)
     }
 
     /// # Safety
     /// `src` covers the planned source window, `dst` the packed result; no overlap.
     pub unsafe fn run(&self, src: Ptr, dst: Ptr, par: Par) {
-        let n_out: usize = self.kept_shape.iter().product();
+        let n_out = self.n_out();
         let work = n_out * self.count;
         let kind = self.kind;
         let scale = if kind == ReduceKind::Mean { 1.0 / self.count as f32 } else { 1.0 };
