@@ -355,6 +355,12 @@ pub const DEFAULT_CLASSIFIER_CHUNK: usize = 512;
 /// If a target is `≥ V` or the lengths disagree.
 pub fn softmax_cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: f32) -> f64 {
     assert_eq!(logits.len(), targets.len() * vocab, "logits must be [N={}, V={vocab}]", targets.len());
+    cross_entropy_rows(logits, targets, vocab, Some(grad_scale))
+}
+
+/// The summed cross-entropy of rows of logits, each row left as `e^(l − max)`, or, with
+/// `grad_scale`, turned into its gradient (see [`softmax_cross_entropy_rows`]).
+fn cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64 {
     if let Some(&target) = targets.iter().find(|&&target| target as usize >= vocab) {
         panic!("target {target} is outside the vocabulary of {vocab}");
     }
@@ -369,35 +375,14 @@ pub fn softmax_cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: us
                     let target_logit = row[target];
                     let max = max_of(row);
                     let sum = exp_shifted_in_place(row, max);
-                    // −log p[target] = log Σ e^(l − max) + max − l[target]
-                    let loss = f64::from(sum).ln() + f64::from(max) - f64::from(target_logit);
-                    let scale = grad_scale / sum;
-                    for p in row.iter_mut() {
-                        *p *= scale;
+                    if let Some(grad_scale) = grad_scale {
+                        let scale = grad_scale / sum;
+                        for p in row.iter_mut() {
+                            *p *= scale;
+                        }
+                        row[target] -= grad_scale;
                     }
-                    row[target] -= grad_scale;
-                    loss
-                },
-            )
-        })
-        .sum()
-}
-
-/// Loss-only variant of [`softmax_cross_entropy_rows`]: the rows are left as `e^(l − max)`.
-fn cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: usize) -> f64 {
-    if let Some(&target) = targets.iter().find(|&&target| target as usize >= vocab) {
-        panic!("target {target} is outside the vocabulary of {vocab}");
-    }
-    logits
-        .par_chunks_mut(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, &target)| {
-            simd(
-                #[inline(always)]
-                || {
-                    let target_logit = row[target as usize];
-                    let max = max_of(row);
-                    let sum = exp_shifted_in_place(row, max);
+                    // −log p[target] = log Σ e^(l − max) + max − l[target]
                     f64::from(sum).ln() + f64::from(max) - f64::from(target_logit)
                 },
             )
@@ -473,7 +458,7 @@ impl ClassifierLoss {
         for t0 in (0..t_len).step_by(self.chunk) {
             let n = self.chunk.min(t_len - t0);
             let logits = chunk_logits(&mut self.logits, x, wcls, (t0, n, t_len));
-            loss_sum += cross_entropy_rows(logits, &targets[t0..t0 + n], vocab);
+            loss_sum += cross_entropy_rows(logits, &targets[t0..t0 + n], vocab, None);
         }
         (loss_sum / t_len.max(1) as f64) as f32
     }
