@@ -315,6 +315,10 @@ fn pytorch_tokens_per_s(b: &TrainBench, model_py: &std::path::Path, threads: usi
     v["tokens_per_s"].as_f64().with_context(|| format!("--pytorch: no tokens_per_s in {line}"))
 }
 
+/// The training phases that run no GEMM: their time is memory traffic, and stays
+/// whatever the GEMM rate (see the floor in [`bench_train`]).
+const MEMORY_BOUND_PHASES: [&str; 4] = ["surface_io", "rmsnorm", "optimizer", "other"];
+
 fn bench_train(b: &TrainBench) -> Result<()> {
     use train::trainer::Trainer;
     let (spec, batch, seq, steps) = (b.model.as_str(), b.batch, b.seq, b.steps);
@@ -372,6 +376,15 @@ fn bench_train(b: &TrainBench) -> Result<()> {
     let phases: Vec<(&str, f64)> = phases.named().iter().map(|&(k, v)| (k, v / steps as f64)).collect();
     let torch_best = torch_runs.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
 
+    // The fastest step this machine could run with this step's work: every FLOP at the
+    // GEMM peak, plus the phases that do no GEMM (memory-bound copies and sweeps) as
+    // measured. A floor on the step time, so a ceiling on tokens/s: a bar above it
+    // cannot be met by faster kernels alone.
+    let memory_bound_ms: f64 =
+        phases.iter().filter(|(name, _)| MEMORY_BOUND_PHASES.contains(name)).map(|(_, ms)| ms).sum();
+    let floor_ms = flops / steps as f64 / (gemm_peak * 1e9) * 1e3 + memory_bound_ms;
+    let ceiling_tokens_per_s = tokens / steps as f64 / (floor_ms / 1e3);
+
     let n = config.n_params() as f64;
     let t = (batch * seq) as f64;
     let (d, kv, h, l) = (config.dim as f64, config.kv_dim() as f64, config.hidden_dim as f64, config.n_layers as f64);
@@ -394,6 +407,7 @@ fn bench_train(b: &TrainBench) -> Result<()> {
             "pytorch_compile": b.pytorch_compile,
             "pytorch_measured_runs": torch_runs,
             "flops_per_token": flops / tokens,
+            "floor_ms_per_step": floor_ms, "ceiling_tokens_per_s": ceiling_tokens_per_s,
             "pytorch_reference_tokens_per_s": reference.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
         });
         println!("{v}");
@@ -411,6 +425,10 @@ fn bench_train(b: &TrainBench) -> Result<()> {
     println!("  achieved GFLOP/s        {gflops:>10.1}");
     println!("  GEMM peak GFLOP/s       {gemm_peak:>10.1}  (the gemm crate, best of {} measurements now)", b.rounds);
     println!("  ratio to GEMM peak      {:>10.1} %", 100.0 * gflops / gemm_peak);
+    println!(
+        "  floor at the GEMM peak  {floor_ms:>10.1} ms/step = {ceiling_tokens_per_s:.1} tokens/s  \
+         (every FLOP at the peak, plus the GEMM-free phases as measured: {memory_bound_ms:.1} ms)"
+    );
     match peak {
         Some(p) => println!(
             "  peak memory (RSS)       {:>10.1} MB  vs theoretical minimum {:.1} MB ({:.2}×)",
@@ -445,6 +463,11 @@ fn bench_train(b: &TrainBench) -> Result<()> {
             1.3 * fastest,
             100.0 * need / gemm_peak,
             100.0 * gflops / gemm_peak
+        );
+        println!(
+            "  the floor's ceiling is {:.2}× PyTorch ({fastest:.0} tokens/s){}",
+            ceiling_tokens_per_s / fastest,
+            if ceiling_tokens_per_s < 1.3 * fastest { ": 1.3× is out of this machine's reach" } else { "" }
         );
     }
     Ok(())

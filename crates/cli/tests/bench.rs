@@ -48,6 +48,14 @@ fn json_figures_are_consistent() {
     // FLOPs per token × tokens/s is the achieved rate.
     let (per_token, gflops) = (v["flops_per_token"].as_f64().unwrap(), v["gflops"].as_f64().unwrap());
     assert!((per_token * tps / 1e9 - gflops).abs() < 1e-6 * gflops, "{per_token} FLOP/token at {tps} tokens/s");
+    // The floor: a step's FLOPs at the GEMM peak plus the GEMM-free phases.
+    let peak = v["gemm_peak_gflops"].as_f64().unwrap();
+    let gemm_free: f64 =
+        ["surface_io", "rmsnorm", "optimizer", "other"].iter().map(|p| phases[*p].as_f64().unwrap()).sum();
+    let floor = per_token * 64.0 / (peak * 1e9) * 1e3 + gemm_free;
+    let (got_floor, ceiling) = (v["floor_ms_per_step"].as_f64().unwrap(), v["ceiling_tokens_per_s"].as_f64().unwrap());
+    assert!((got_floor - floor).abs() < 1e-6 * floor, "floor {got_floor} ms, recomputed {floor} ms");
+    assert!((ceiling * got_floor / 1e3 - 64.0).abs() < 1e-6 * 64.0, "ceiling {ceiling} tokens/s");
 }
 
 #[test]
@@ -79,6 +87,7 @@ if [ "$(wc -l < runs.log)" -eq 1 ]; then echo '{"tokens_per_s": 100.0}'; else ec
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("vs PyTorch eager, measured now"), "{text}");
     assert!(text.contains("1.3× PyTorch (325 tokens/s) needs"), "{text}");
+    assert!(text.contains("floor at the GEMM peak") && text.contains("the floor's ceiling is"), "{text}");
 
     // --pytorch-compile reaches the script as --compile.
     let python = fake_python(
