@@ -3,7 +3,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use train::linalg::{add_assign, gemm, matmul, matmul_acc, MatMut, MatRef};
+use train::linalg::{add_assign, gemm, matmul, matmul_acc, transpose_block, MatMut, MatRef};
 
 /// Element (i, j) of a stored `[rows, ld]`-strided matrix, optionally transposed.
 fn at(data: &[f32], ld: usize, transposed: bool, i: usize, j: usize) -> f64 {
@@ -99,6 +99,35 @@ fn add_assign_adds_plain_and_transposed_views_into_strided_blocks() {
                         if j < cols { c0[i * ldc + j] + at(&a, lda, transposed, i, j) as f32 } else { c0[i * ldc + j] };
                     assert_eq!(c[i * ldc + j], want, "{rows}x{cols} transposed {transposed} at ({i}, {j})");
                 }
+            }
+        }
+    }
+}
+
+/// The 8 × 8 register tiles and the element-by-element edges against the definition,
+/// written and added, with strided blocks whose neighbours must be left alone.
+#[test]
+fn transpose_block_writes_and_adds_the_transpose_and_nothing_else() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for &(rows, cols) in &[(1, 1), (8, 8), (16, 24), (13, 21), (7, 40), (40, 7), (0, 5)] {
+        let (src_ld, dst_ld) = (cols + 3, rows + 5);
+        let src: Vec<f32> = (0..rows * src_ld).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let dst0: Vec<f32> = (0..(cols + 1) * dst_ld).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        for add in [false, true] {
+            let mut dst = dst0.clone();
+            if add {
+                transpose_block::<true>(&src, src_ld, &mut dst, dst_ld, rows, cols);
+            } else {
+                transpose_block::<false>(&src, src_ld, &mut dst, dst_ld, rows, cols);
+            }
+            for (e, (&got, &old)) in dst.iter().zip(&dst0).enumerate() {
+                let (c, r) = (e / dst_ld, e % dst_ld);
+                let want = match (r < rows && c < cols, add) {
+                    (false, _) => old,
+                    (true, false) => src[r * src_ld + c],
+                    (true, true) => old + src[r * src_ld + c],
+                };
+                assert_eq!(got, want, "{rows}x{cols} add {add}: destination row {c}, column {r}");
             }
         }
     }
