@@ -25,7 +25,6 @@
 //! ```
 
 use device::cpu::simd;
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// A read-only matrix operand: a row-major `[rows, cols]` block of `data` whose element
@@ -138,34 +137,25 @@ pub fn gemm(c: MatMut<'_>, alpha: f32, beta: f32, a: MatRef<'_>, b: MatRef<'_>) 
     }
     let (a_rs, a_cs) = a.strides();
     let (b_rs, b_cs) = b.strides();
-    let parallelism = match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        threads => Parallelism::Rayon(threads),
-    };
     // SAFETY: every operand's extent was checked against its slice when the view was
     // made (`check_extent`), the strides are those of the views, and `C` is borrowed
     // mutably so it cannot alias `A` or `B`.
     unsafe {
-        gemm::gemm(
+        device::cpu::gemm_on_threads(
             m,
             n,
             k,
             c.data.as_mut_ptr(),
-            1,
             c.ld as isize,
-            alpha != 0.0,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
             alpha,
             beta,
-            false,
-            false,
-            false,
-            parallelism,
+            a.data.as_ptr(),
+            a_rs,
+            a_cs,
+            b.data.as_ptr(),
+            b_rs,
+            b_cs,
+            rayon::current_num_threads(),
         );
     }
 }

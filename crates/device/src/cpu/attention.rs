@@ -124,7 +124,7 @@ impl ScoresSoftmax {
                         panel.as_ptr(),
                         n as isize,
                         1,
-                        gemm::Parallelism::None,
+                        1,
                     );
                     let y_max = if cols < n {
                         self.row_norms(xb, r0, &mut x_norms[..r1 - r0]);

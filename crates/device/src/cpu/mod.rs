@@ -54,6 +54,7 @@ use mil::{Dialect, Program};
 pub use bench::{bench_gemm, format_gemm_bench, GemmBenchConfig, GemmBenchOp, GemmBenchRow};
 pub use elementwise::simd;
 pub(crate) use elementwise::Ptr;
+pub use linalg::gemm_on_threads;
 
 use crate::{Device, Error, ErrorKind, Kernel, Precision, Result, Weights};
 
