@@ -11,8 +11,9 @@
 //! or a transpose chosen per operand with [`MatRef::t`]. [`matmul`] (`C = A·B`) and
 //! [`matmul_acc`] (`C += A·B`) cover the common cases.
 //!
-//! The products run on rayon's current thread pool (`gemm` splits the work itself and
-//! stays single-threaded for small problems).
+//! The products run on rayon's current thread pool, one band of the output per thread
+//! (`device::cpu::gemm_on_threads`, as the CPU device's own; small problems stay on one
+//! thread).
 //!
 //! ```
 //! use train::linalg::{matmul, MatMut, MatRef};
