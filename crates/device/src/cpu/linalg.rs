@@ -1,6 +1,7 @@
-//! `matmul` and `conv` on the `gemm` crate (packed, multithreaded, runtime-dispatched
-//! SIMD kernels). Both precisions multiply in f32; fp16 mode rounds the finished result
-//! once, as the ANE is reported to accumulate its dot products wider than fp16.
+//! `matmul` and `conv` on the `gemm` crate (packed, runtime-dispatched SIMD kernels), one
+//! band of the output per thread ([`gemm_on_threads`]). Both precisions multiply in f32;
+//! fp16 mode rounds the finished result once, as the ANE is reported to accumulate its
+//! dot products wider than fp16.
 //!
 //! `gemm` takes any row and column strides, so operands are passed as the views they
 //! are: a weight block sliced out of a dynamic-weight surface and transposed is read in
