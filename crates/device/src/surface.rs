@@ -158,6 +158,16 @@ impl Surface {
         }
     }
 
+    /// All of the surface's values into `dst` (which is the surface's length): by
+    /// exchanging buffers when [`swap_f32`](Self::swap_f32) can (the surface then holds
+    /// `dst`'s old values: fit for a kernel output, which the next evaluation overwrites
+    /// in full), else by a copy.
+    pub fn take_f32(&mut self, dst: &mut Vec<f32>) {
+        if !self.swap_f32(dst) {
+            self.read_f32_at(0, dst);
+        }
+    }
+
     pub fn as_f16(&self) -> Option<&[f16]> {
         match &self.data {
             Data::F16(v) => Some(v),
@@ -210,9 +220,10 @@ mod tests {
     use super::*;
 
     /// An fp32 surface of the buffer's length hands its values over by exchanging
-    /// buffers; any other surface leaves both untouched.
+    /// buffers; `swap_f32` leaves any other surface and buffer untouched, `take_f32`
+    /// copies from it.
     #[test]
-    fn swap_hands_over_fp32_values_of_the_same_length() {
+    fn swap_and_take_hand_over_fp32_values_of_the_same_length() {
         let mut s = Surface::from_f32(DType::Fp32, &[1, 2, 1, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let mut buf = vec![9.0; 6];
         assert!(s.swap_f32(&mut buf));
@@ -223,7 +234,13 @@ mod tests {
         let mut h = Surface::from_f32(DType::Fp16, &[1, 1, 1, 2], &[1.0, 2.0]);
         let mut two = vec![0.0; 2];
         assert!(!h.swap_f32(&mut two));
-        assert_eq!((two, h.to_f32()), (vec![0.0; 2], vec![1.0, 2.0]));
+        assert_eq!((&two, h.to_f32()), (&vec![0.0; 2], vec![1.0, 2.0]));
+        // take_f32: the exchange where it can, a copy where it cannot.
+        h.take_f32(&mut two);
+        assert_eq!((two, h.to_f32()), (vec![1.0, 2.0], vec![1.0, 2.0]));
+        let mut six = vec![7.0; 6];
+        s.take_f32(&mut six);
+        assert_eq!((six, s.to_f32()), (vec![9.0; 6], vec![7.0; 6]));
     }
 
     /// Blocks and runs large enough to be copied by several threads land where the

@@ -95,13 +95,10 @@ impl Compiled {
         self.kernel.eval(&ins, &mut outs)
     }
 
-    /// Output `output` into `dst`: by exchanging buffers when the surface is fp32 and
-    /// exactly `dst`'s size (the CPU device's outputs; a kernel overwrites its outputs
-    /// in full, so the surface may keep `dst`'s old buffer), else by a copy.
+    /// Output `output` into `dst`, without a copy where the surface allows
+    /// ([`Surface::take_f32`]: the CPU device's fp32 outputs).
     fn read(&mut self, output: usize, dst: &mut Vec<f32>) {
-        if !self.outputs[output].swap_f32(dst) {
-            self.outputs[output].read_f32_at(0, dst);
-        }
+        self.outputs[output].take_f32(dst);
     }
 }
 

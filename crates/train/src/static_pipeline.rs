@@ -270,12 +270,10 @@ impl Slot {
         self.outputs[output].read_f32_at(0, dst);
     }
 
-    /// As [`read`](Self::read) into a whole buffer, by exchanging buffers when the
-    /// surface is fp32 and exactly `dst`'s size (see the dynamic pipeline's `read`).
+    /// As [`read`](Self::read) into a whole buffer, without a copy where the surface
+    /// allows ([`Surface::take_f32`]).
     fn take(&mut self, output: usize, dst: &mut Vec<f32>) {
-        if !self.outputs[output].swap_f32(dst) {
-            self.outputs[output].read_f32_at(0, dst);
-        }
+        self.outputs[output].take_f32(dst);
     }
 }
 
