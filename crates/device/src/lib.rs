@@ -40,7 +40,7 @@ use std::fmt;
 
 pub use mil::blob::Weights;
 use mil::{Dialect, Program, Var};
-pub use surface::Surface;
+pub use surface::{padded_width, Surface};
 
 /// How a device rounds arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -2,7 +2,8 @@
 //!
 //! Every kernel here takes its weights **inside its input surfaces** (the dynamic-weight
 //! trick of DESIGN.md): an input surface `[1, IC, 1, W]` holds an activation in
-//! positions `0..T` and one or more weight matrices, each stored `[IC, OC]`, after it.
+//! positions `0..T` and one or more weight matrices, each stored `[IC, OC]`, after it;
+//! `W` is padded past the last block to an odd multiple of 32 ([`device::padded_width`]).
 //! The program slices them apart and multiplies. All layers share one compiled kernel,
 //! whatever their weights, so a run compiles a handful of programs once.
 //!
@@ -136,7 +137,8 @@ impl Gen {
     }
 
     /// Declares a surface made of `blocks` laid side by side (each `rows` ≤ channels),
-    /// and returns it as an fp16 `[1, C, 1, W]` value.
+    /// padded to [`device::padded_width`] positions, and returns it as an fp16
+    /// `[1, C, 1, W]` value.
     pub(crate) fn surface(&mut self, name: &str, channels: usize, blocks: &[(&'static str, usize, usize)]) -> Var {
         let mut s0 = 0;
         let mut layout = SurfaceLayout { name: name.to_string(), channels, width: 0, blocks: Vec::new() };
@@ -144,8 +146,8 @@ impl Gen {
             layout.blocks.push(Block { name: bname, rows, s0, width });
             s0 += width;
         }
-        layout.width = s0;
-        let ty = TensorType::surface(self.io.surface_dtype(), channels, s0);
+        layout.width = device::padded_width(s0);
+        let ty = TensorType::surface(self.io.surface_dtype(), channels, layout.width);
         let x = self.b.input(name, ty);
         self.inputs.push(layout);
         match self.io {
@@ -276,8 +278,8 @@ pub(crate) fn causal_mask(g: &mut Gen, seq: usize) -> Var {
 }
 
 /// Attention for decoding: `t` new tokens against a KV cache of `cache` positions.
-/// Inputs: `q: [D, t + D]` = rotated queries then `Woᵀ`; `kv: [KV, 2·cache]` = the key
-/// cache then the value cache (new keys/values already written in); `mask: [t, cache]`
+/// Inputs (widths padded as every surface): `q: [D, t + D]` = rotated queries then `Woᵀ`;
+/// `kv: [KV, 2·cache]` = the key cache then the value cache (new keys/values already written in); `mask: [t, cache]`
 /// additive (0 where query i may see cache position j, [`MASK_NEG`] elsewhere).
 /// Outputs `o [D, t]`, `y [D, t]` as [`attention_forward`].
 pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, dialect: Dialect) -> mil::Result<KernelDef> {

@@ -121,6 +121,7 @@ struct KernelSet {
     attn_q: Vec<Surface>,
     ffn_x: Vec<Surface>,
     mask: Surface,
+    mask_s0: usize,
     q: Surface,
     k: Surface,
     v: Surface,
@@ -148,8 +149,9 @@ struct HeadPart {
     logits: Surface,
 }
 
-/// Rows per classifier kernel: the surface `[D, t + rows]` stays within the ANE's
-/// per-dimension limit with room for a padded token width, and a multiple of 16.
+/// Rows per classifier kernel: the surface `[D, t + rows]`, padded to an odd multiple of
+/// 32 positions ([`device::padded_width`]), stays within the ANE's per-dimension limit
+/// for a token width up to 32; and a multiple of 16.
 pub const HEAD_PART_ROWS: usize = mil::lint::MAX_DIMENSION - 64;
 
 /// Prefill and decode on a device, with a KV cache in the attention kernels' surfaces.
@@ -158,8 +160,10 @@ pub struct Decoder<'w, W: ModelWeights> {
     dims: ModelDims,
     device: &'w dyn Device,
     sets: HashMap<usize, KernelSet>,
-    /// Per layer: `[KV, 2·seq_len]`, keys then values, shared by all kernel sets.
+    /// Per layer: `[KV, 2·seq_len]` (padded), keys then values, shared by all kernel
+    /// sets; laid out as `kv_layout` says.
     kv_cache: Vec<Surface>,
+    kv_layout: SurfaceLayout,
     /// Per layer: the shared `W2ᵀ` surface of the FFN kernel.
     ffn_w2: Vec<Surface>,
     pos: usize,
@@ -176,14 +180,20 @@ pub struct Decoder<'w, W: ModelWeights> {
 impl<'w, W: ModelWeights> Decoder<'w, W> {
     pub fn new(device: &'w dyn Device, weights: &'w W) -> device::Result<Self> {
         let dims = weights.dims();
-        let io = kernels::Io::for_dialect(device.dialect()).surface_dtype();
+        let dialect = device.dialect();
+        let io = kernels::Io::for_dialect(dialect).surface_dtype();
         let d = dims.layer;
+        // The surfaces every kernel set shares take their layouts from the kernels (they
+        // do not depend on the number of tokens per call).
+        let t = token_padding(device, 1);
+        let kv_layout = kernels::attention_decode(&d, t, dims.seq_len, dialect)?.inputs[1].clone();
+        let w2_layout = kernels::ffn_forward(&d, t, dialect)?.inputs[1].clone();
         let mut kv_cache = Vec::new();
         let mut ffn_w2 = Vec::new();
         for l in 0..dims.n_layers {
-            kv_cache.push(Surface::activation(io, d.kv_dim(), 2 * dims.seq_len));
-            let mut w2 = Surface::activation(io, d.hidden, d.dim);
-            write_transposed(&mut w2, 0, weights.layer(l).w2, d.dim, d.hidden);
+            kv_cache.push(Surface::activation(io, kv_layout.channels, kv_layout.width));
+            let mut w2 = Surface::activation(io, w2_layout.channels, w2_layout.width);
+            write_transposed(&mut w2, w2_layout.block("w2").s0, weights.layer(l).w2, d.dim, d.hidden);
             ffn_w2.push(w2);
         }
         Ok(Decoder {
@@ -192,6 +202,7 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
             device,
             sets: HashMap::new(),
             kv_cache,
+            kv_layout,
             ffn_w2,
             pos: 0,
             prefill_chunk: 32,
@@ -302,6 +313,7 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
             attn: attn_k,
             ffn: ffn_k,
             mask: surf(&attn.inputs[2]),
+            mask_s0: attn.inputs[2].block("mask").s0,
             qkv_layout: qkv.inputs[0].clone(),
             attn_layout: attn.inputs[0].clone(),
             ffn_layout: ffn.inputs[0].clone(),
@@ -371,7 +383,7 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
             let visible = if j < n { pos0 + j + 1 } else { 0 };
             mask_row[..visible].fill(0.0);
             mask_row[visible..].fill(MASK_NEG);
-            set.mask.write_f32_at(j * cache, &mask_row);
+            set.mask.write_block(j, set.mask_s0, 1, cache, &mask_row);
         }
 
         let mut xn = vec![0.0f32; dim * t];
@@ -394,9 +406,10 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
             rope_cols(&mut k, d.head_dim(), t, pos0, dims.rope_theta);
             // New keys and values go into the cache at their positions.
             let kv = &mut self.kv_cache[l];
+            let (k_s0, v_s0) = (self.kv_layout.block("k").s0, self.kv_layout.block("v").s0);
             for c in 0..kvd {
-                kv.write_f32_at(c * 2 * cache + pos0, &k[c * t..c * t + n]);
-                kv.write_f32_at(c * 2 * cache + cache + pos0, &v[c * t..c * t + n]);
+                kv.write_block(c, k_s0 + pos0, 1, n, &k[c * t..c * t + n]);
+                kv.write_block(c, v_s0 + pos0, 1, n, &v[c * t..c * t + n]);
             }
             set.attn_q[l].write_block(0, set.attn_layout.block("q").s0, dim, t, &q);
             set.attn.eval(&[&set.attn_q[l], kv, &set.mask], &mut [&mut set.o, &mut set.y])?;

@@ -3,8 +3,9 @@
 //!
 //! For each transformer shape — `x: [1, C_in, 1, S]`, `W: [C_out, C_in]` — it times:
 //! - `matmul` as the dynamic-weight pipeline writes it: one input surface
-//!   `[1, C_in, 1, S + C_out]` holding the activations and `Wᵀ`, sliced, reshaped and
-//!   multiplied with `transpose_x` (all views: no copy before the GEMM);
+//!   `[1, C_in, 1, S + C_out]` (padded as [`padded_width`] says) holding the activations
+//!   and `Wᵀ`, sliced, reshaped and multiplied with `transpose_x` (all views: no copy
+//!   before the GEMM);
 //! - a 1×1 `conv` with the weights baked in as a BLOBFILE constant;
 //! - the `gemm` crate called directly on packed `W · x`, same threads, same process:
 //!   both with the crate's own threading and split into one band per thread as the
@@ -18,7 +19,7 @@ use mil::{DType, Dialect, Program, TensorType};
 
 use super::linalg::gemm_into;
 use super::CpuDevice;
-use crate::{Device, Precision, Surface, Weights};
+use crate::{padded_width, Device, Precision, Surface, Weights};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -129,7 +130,7 @@ pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
 
 pub(crate) fn matmul_program(c_in: usize, c_out: usize, seq: usize) -> Program {
     let mut b = FunctionBuilder::new("main", Dialect::Ios18);
-    let xw = b.input("xw", TensorType::surface(DType::Fp32, c_in, seq + c_out));
+    let xw = b.input("xw", TensorType::surface(DType::Fp32, c_in, padded_width(seq + c_out)));
     let (ci, co, s) = (c_in as i64, c_out as i64, seq as i64);
     let x = b.slice_by_size("x", &xw, &[0, 0, 0, 0], &[1, ci, 1, s]);
     let x = b.reshape("x2", &x, &[ci, s]);
@@ -211,14 +212,14 @@ pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
 
         let program = matmul_program(c_in, c_out, seq);
         let mut mm_kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
-        let mut mm_input = Surface::activation(DType::Fp32, c_in, seq + c_out);
+        let mut mm_input = Surface::activation(DType::Fp32, c_in, padded_width(seq + c_out));
         mm_input.write_block(0, 0, c_in, seq, &x);
         mm_input.write_block(0, seq, c_in, c_out, &values(c_in * c_out, 3));
         let mut mm_output = Surface::activation(DType::Fp32, c_out, seq);
         let mut matmul = || mm_kernel.eval(&[&mm_input], &mut [&mut mm_output]).expect("the benchmark kernel runs");
         // The same product on the surface's memory, without the device.
         let surface = mm_input.as_f32().expect("an fp32 surface").as_ptr() as usize;
-        let ld = (seq + c_out) as isize;
+        let ld = padded_width(seq + c_out) as isize;
         let mut layout_out = vec![0f32; c_out * seq];
         let mut layout = || unsafe {
             let base = surface as *const f32;

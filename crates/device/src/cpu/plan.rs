@@ -797,9 +797,12 @@ mod tests {
         let Step::Matmul(m) = &kernel.steps[0] else { panic!("{:?}", kernel.steps[0]) };
         let input = kernel.input_storage[0].unwrap();
         assert_eq!((m.x.storage, m.y.storage), (input, input));
-        // Wᵀ: rows are weight columns (stride 1), columns step over positions (S + OC).
-        assert_eq!((m.x.offset, m.x.row_stride, m.x.col_stride), (16, 1, 56));
-        assert_eq!((m.y.offset, m.y.row_stride, m.y.col_stride), (0, 56, 1));
+        // Wᵀ: rows are weight columns (stride 1), columns step over the surface's width
+        // (S + OC padded).
+        let width = crate::padded_width(16 + 40) as isize;
+        assert_eq!(width, 96);
+        assert_eq!((m.x.offset, m.x.row_stride, m.x.col_stride), (16, 1, width));
+        assert_eq!((m.y.offset, m.y.row_stride, m.y.col_stride), (0, width, 1));
         assert_eq!(Some(m.dst.0), kernel.output_storage[0]);
         assert!(kernel.arena.len() <= ALIGN, "no temporaries");
     }
