@@ -62,6 +62,11 @@ pub struct GemmBench {
     /// (2048 for Stories15M at batch 8).
     #[arg(long, value_delimiter = ',', default_value = "256", value_parser = positive)]
     seq: Vec<usize>,
+    /// Milliseconds of timed runs per shape (after warm-up; at least 3 runs each). The
+    /// cases of a shape run in turn, so a longer time steadies the medians on a machine
+    /// whose speed drifts.
+    #[arg(long, default_value_t = 2000, value_parser = positive)]
+    time_ms: usize,
 }
 
 /// A clap parser for counts that must be at least 1.
@@ -76,7 +81,11 @@ fn positive(s: &str) -> std::result::Result<usize, String> {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Gemm(args) => {
-            let cfg = device::cpu::GemmBenchConfig { seqs: args.seq, ..Default::default() };
+            let cfg = device::cpu::GemmBenchConfig {
+                seqs: args.seq,
+                time_per_case: std::time::Duration::from_millis(args.time_ms as u64),
+                ..Default::default()
+            };
             print!("{}", device::cpu::format_gemm_bench(&device::cpu::bench_gemm(&cfg)));
             Ok(())
         }

@@ -118,6 +118,7 @@ fn bad_flags_and_failing_scripts_are_clear_errors() {
     args.extend(["--rounds", "0"]);
     failed_with(&anetrain(dir.path(), &args), &["--rounds"]);
     failed_with(&anetrain(dir.path(), &["bench", "gemm", "--seq", "256,0"]), &["--seq", "at least 1"]);
+    failed_with(&anetrain(dir.path(), &["bench", "gemm", "--time-ms", "0"]), &["--time-ms", "at least 1"]);
 
     std::fs::write(dir.path().join("model.py"), "").unwrap();
     let python = fake_python(dir.path(), "cat > /dev/null; echo 'ModuleNotFoundError: torch' >&2; exit 1");

@@ -91,6 +91,11 @@ pub struct GemmBenchRow {
     /// `device_us − layout_us`.
     pub layout_us: f64,
     pub layout_gflops: f64,
+    /// The largest difference between the device's output and the direct GEMM's on the
+    /// same operands (for `conv`: with `W` rounded to fp16, as its BLOBFILE holds it), in
+    /// units of the output's largest magnitude: a check that the figures time the right
+    /// product (0 for [`GemmBenchOp::Dispatch`]).
+    pub max_error: f64,
 }
 
 /// Median times of several functions over `budget` of wall time, run in turn (a, b, c,
@@ -142,10 +147,11 @@ pub(crate) fn matmul_program(c_in: usize, c_out: usize, seq: usize) -> Program {
     Program::new(Dialect::Ios18, b.finish().expect("the benchmark program is valid"))
 }
 
-pub(crate) fn conv_program(c_in: usize, c_out: usize, seq: usize, weights: &mut Weights) -> Program {
+/// A 1×1 conv with `w: [C_out, C_in]` baked in (rounded to fp16 by the BLOBFILE).
+pub(crate) fn conv_program(c_in: usize, c_out: usize, seq: usize, w: &[f32], weights: &mut Weights) -> Program {
     let mut b = FunctionBuilder::new("main", Dialect::Ios18);
     let x = b.input("x", TensorType::surface(DType::Fp32, c_in, seq));
-    let w = weights.add_tensor("w", &[c_out, c_in, 1, 1], &values(c_out * c_in, 7));
+    let w = weights.add_tensor("w", &[c_out, c_in, 1, 1], w);
     let w = b.constant("w", w);
     let w = b.cast("w32", &w, DType::Fp32);
     let y = b.conv1x1("out", &x, &w);
@@ -214,7 +220,8 @@ pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
         let mut mm_kernel = device.compile(&program, &Weights::new()).expect("the benchmark program compiles");
         let mut mm_input = Surface::activation(DType::Fp32, c_in, padded_width(seq + c_out));
         mm_input.write_block(0, 0, c_in, seq, &x);
-        mm_input.write_block(0, seq, c_in, c_out, &values(c_in * c_out, 3));
+        let w_t: Vec<f32> = (0..c_in * c_out).map(|i| w[(i % c_out) * c_in + i / c_out]).collect();
+        mm_input.write_block(0, seq, c_in, c_out, &w_t);
         let mut mm_output = Surface::activation(DType::Fp32, c_out, seq);
         let mut matmul = || mm_kernel.eval(&[&mm_input], &mut [&mut mm_output]).expect("the benchmark kernel runs");
         // The same product on the surface's memory, without the device.
@@ -240,7 +247,7 @@ pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
         };
 
         let mut weights = Weights::new();
-        let program = conv_program(c_in, c_out, seq, &mut weights);
+        let program = conv_program(c_in, c_out, seq, &w, &mut weights);
         let mut conv_kernel = device.compile(&program, &weights).expect("the benchmark program compiles");
         let conv_input = Surface::from_f32(DType::Fp32, &[1, c_in, 1, seq], &x);
         let mut conv_output = Surface::activation(DType::Fp32, c_out, seq);
@@ -251,8 +258,29 @@ pub fn bench_gemm(cfg: &GemmBenchConfig) -> Vec<GemmBenchRow> {
             &mut [&mut direct_crate, &mut direct_bands, &mut matmul, &mut conv, &mut layout],
         );
         let direct = t[0].min(t[1]);
-        rows.push(row(GemmBenchOp::Matmul, c_in, c_out, seq, t[2], direct, t[4], flops));
-        rows.push(row(GemmBenchOp::Conv1x1, c_in, c_out, seq, t[3], direct, t[1], flops));
+        // The checks, after the timing: each device output against the direct GEMM.
+        let mm_error = max_error(&mm_output.to_f32(), &out2);
+        let w16: Vec<f32> = w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let mut conv_want = vec![0f32; c_out * seq];
+        unsafe {
+            gemm_into(
+                c_out,
+                seq,
+                c_in,
+                conv_want.as_mut_ptr(),
+                seq as isize,
+                w16.as_ptr(),
+                c_in as isize,
+                1,
+                x.as_ptr(),
+                seq as isize,
+                1,
+                1,
+            )
+        };
+        let conv_error = max_error(&conv_output.to_f32(), &conv_want);
+        rows.push(row(GemmBenchOp::Matmul, c_in, c_out, seq, t[2], direct, t[4], flops, mm_error));
+        rows.push(row(GemmBenchOp::Conv1x1, c_in, c_out, seq, t[3], direct, t[1], flops, conv_error));
     }
     rows.push(dispatch_row(&device, cfg.time_per_case));
     rows
@@ -268,6 +296,7 @@ fn row(
     direct_s: f64,
     layout_s: f64,
     flops: f64,
+    max_error: f64,
 ) -> GemmBenchRow {
     let (device_gflops, direct_gflops) = (flops / device_s / 1e9, flops / direct_s / 1e9);
     GemmBenchRow {
@@ -282,7 +311,15 @@ fn row(
         ratio: device_gflops / direct_gflops,
         layout_us: layout_s * 1e6,
         layout_gflops: flops / layout_s / 1e9,
+        max_error,
     }
+}
+
+/// `max |got − want|` over `max |want|`.
+fn max_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "the benchmark compares outputs of one shape");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) as f64 / scale as f64
 }
 
 fn dispatch_row(device: &CpuDevice, budget: Duration) -> GemmBenchRow {
@@ -314,6 +351,7 @@ fn dispatch_row(device: &CpuDevice, budget: Duration) -> GemmBenchRow {
         ratio: 0.0,
         layout_us: 0.0,
         layout_gflops: 0.0,
+        max_error: 0.0,
     }
 }
 
@@ -352,6 +390,21 @@ pub fn format_gemm_bench(rows: &[GemmBenchRow]) -> String {
             ));
         }
     }
+    // fp32 products of the same operands, summed in another order at most: a relative
+    // error far above 1e-5 means a case timed the wrong product.
+    let products = rows.iter().filter(|r| r.op != GemmBenchOp::Dispatch);
+    if let Some(w) = products.max_by(|a, b| a.max_error.total_cmp(&b.max_error)) {
+        let verdict = if w.max_error <= 1e-4 { "every output matches" } else { "OUTPUTS DIFFER from" };
+        s.push_str(&format!(
+            "check: {verdict} the direct GEMM's on the same operands (largest difference {:.1e} of the largest value, {} [{}x{}]·[{}x{}])\n",
+            w.max_error,
+            w.op.name(),
+            w.c_in,
+            w.seq,
+            w.c_out,
+            w.c_in
+        ));
+    }
     s
 }
 
@@ -384,9 +437,12 @@ mod tests {
             assert!(r.device_us > 0.0 && r.direct_us > 0.0, "{r:?}");
             assert!((r.device_gflops - flops / r.device_us / 1e3).abs() < 1e-9 * r.device_gflops, "{r:?}");
             assert!((r.ratio - r.direct_us / r.device_us).abs() < 1e-9, "{r:?}");
+            // fp32 sums of at most 32 products, in another order at most.
+            assert!(r.max_error < 1e-5, "the device computed another product: {r:?}");
         }
         let table = format_gemm_bench(&rows);
         assert!(table.contains("[16x24]·[32x16]"), "{table}");
-        assert_eq!(table.lines().count(), 14, "{table}");
+        assert_eq!(table.lines().count(), 15, "{table}");
+        assert!(table.lines().last().unwrap().starts_with("check: every output matches"), "{table}");
     }
 }

@@ -813,7 +813,8 @@ mod tests {
     fn pointwise_conv_is_one_gemm() {
         for precision in [Precision::Fp32, Precision::Fp16] {
             let mut weights = Weights::new();
-            let kernel = plan(&conv_program(32, 24, 16, &mut weights), &weights, precision);
+            let w = crate::cpu::bench::values(24 * 32, 7);
+            let kernel = plan(&conv_program(32, 24, 16, &w, &mut weights), &weights, precision);
             assert_eq!(kernel.steps.len(), 1, "{precision:?}: {:?}", kernel.steps);
             let Step::Conv(c) = &kernel.steps[0] else { panic!("{:?}", kernel.steps[0]) };
             assert_eq!(c.pointwise_col_stride, Some(1));
