@@ -278,9 +278,10 @@ pub(crate) fn causal_mask(g: &mut Gen, seq: usize) -> Var {
 }
 
 /// Attention for decoding: `t` new tokens against a KV cache of `cache` positions.
-/// Inputs (widths padded as every surface): `q: [D, t + D]` = rotated queries then `Woᵀ`;
-/// `kv: [KV, 2·cache]` = the key cache then the value cache (new keys/values already written in); `mask: [t, cache]`
-/// additive (0 where query i may see cache position j, [`MASK_NEG`] elsewhere).
+/// Inputs (widths padded as every surface's): `q: [D, t + D]` = rotated queries then
+/// `Woᵀ`; `kv: [KV, 2·cache]` = the key cache then the value cache (new keys/values
+/// already written in); `mask: [t, cache]` additive (0 where query i may see cache
+/// position j, [`MASK_NEG`] elsewhere).
 /// Outputs `o [D, t]`, `y [D, t]` as [`attention_forward`].
 pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, dialect: Dialect) -> mil::Result<KernelDef> {
     let (dim, kv, hd, nkv, grp) = (d.dim, d.kv_dim(), d.head_dim(), d.n_kv_heads, d.group());
