@@ -243,6 +243,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         initial_params(&args.model, args.seed, tokenizer_vocab)?.config().clone()
     };
     let seq = args.seq.unwrap_or(config.seq_len.min(256));
+    if seq == 0 {
+        bail!("--seq: must be at least 1");
+    }
     if seq > config.seq_len {
         bail!("--seq {seq} is larger than the model's context of {} tokens", config.seq_len);
     }

@@ -168,6 +168,14 @@ fn bad_inputs_get_clear_errors() {
     write_shard(&d.join("short.bin"), &[1, 5, 6, 7]);
     let out = anetrain(d, &train_args(&["--data", "short.bin", "--tokenizer", "tok.bin", "--steps", "2"]));
     failed_with(&out, 1, &["short.bin"]);
+    // A shard that is not there: named, with the system's reason said once.
+    let out = anetrain(d, &train_args(&["--data", "absent.bin", "--tokenizer", "tok.bin", "--steps", "2"]));
+    failed_with(&out, 1, &["absent.bin", "No such file"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    // No positions per sequence.
+    let out = anetrain(d, &["train", "--device", "cpu", "--quiet", "--seq", "0", "--steps", "1"]);
+    failed_with(&out, 1, &["--seq", "at least 1"]);
     // --seq beyond the model's context (tiny: 128).
     let out = anetrain(d, &["train", "--device", "cpu", "--quiet", "--seq", "4096", "--steps", "1"]);
     failed_with(&out, 1, &["--seq", "4096", "128"]);
