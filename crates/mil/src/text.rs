@@ -3,7 +3,7 @@
 //! The ANE compiler takes a program as MIL text. Two dialects matter (DESIGN.md, "MIL
 //! text: the two dialects"): **ios18** (M3 and later: `program(1.3)`, short scalar forms
 //! such as `fp16(0.5)`) and **ios16** (M1/M2: `program(1.0)`, verbose scalars such as
-//! `tensor<fp16, []>(0.5)`). [`print`] writes a program in its own dialect, byte for byte
+//! `tensor<fp16, []>(0.5)`). [`print()`] writes a program in its own dialect, byte for byte
 //! the layout coremltools writes; [`parse`] reads either dialect (and either scalar form
 //! in either), so that `parse(&print(&p)) == p`.
 //!
