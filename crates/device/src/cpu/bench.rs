@@ -390,6 +390,16 @@ pub fn format_gemm_bench(rows: &[GemmBenchRow]) -> String {
             ));
         }
     }
+    // The spread of the ratio per op, the figure to read first.
+    let spread = |op: GemmBenchOp| {
+        let ratios = rows.iter().filter(|r| r.op == op).map(|r| r.ratio * 100.0);
+        let (lo, hi) = ratios.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| (lo.min(r), hi.max(r)));
+        (lo <= hi).then(|| format!("{} {lo:.0}–{hi:.0} %", op.name()))
+    };
+    let spreads: Vec<String> = [GemmBenchOp::Matmul, GemmBenchOp::Conv1x1].into_iter().filter_map(spread).collect();
+    if !spreads.is_empty() {
+        s.push_str(&format!("device / direct GEMM: {}\n", spreads.join(", ")));
+    }
     // fp32 products of the same operands, summed in another order at most: a relative
     // error far above 1e-5 means a case timed the wrong product.
     let products = rows.iter().filter(|r| r.op != GemmBenchOp::Dispatch);
@@ -442,7 +452,12 @@ mod tests {
         }
         let table = format_gemm_bench(&rows);
         assert!(table.contains("[16x24]·[32x16]"), "{table}");
-        assert_eq!(table.lines().count(), 15, "{table}");
+        assert_eq!(table.lines().count(), 16, "{table}");
+        let (lo, hi) = rows[..12]
+            .iter()
+            .filter(|r| r.op == GemmBenchOp::Conv1x1)
+            .fold((f64::INFINITY, 0f64), |(lo, hi), r| (lo.min(r.ratio * 100.0), hi.max(r.ratio * 100.0)));
+        assert!(table.contains(&format!("conv 1x1 {lo:.0}–{hi:.0} %")), "{table}");
         assert!(table.lines().last().unwrap().starts_with("check: every output matches"), "{table}");
     }
 }
