@@ -33,6 +33,10 @@ pub struct DashboardArgs {
     /// Size of the --screenshot in terminal cells.
     #[arg(long, value_name = "COLSxROWS", default_value = "120x36", value_parser = parse_cells)]
     pub screenshot_size: (u16, u16),
+    /// Keep the temporary folder with the training's log and telemetry after a clean
+    /// exit (it is removed then, and kept when the training failed or was stopped).
+    #[arg(long)]
+    pub keep_files: bool,
     /// (testing) panic after the first frame, to check that the terminal is restored.
     #[arg(long = "debug-panic-after-first-frame", hide = true)]
     pub panic_after_first_frame: bool,
@@ -76,6 +80,7 @@ pub fn dashboard(args: DashboardArgs) -> Result<()> {
         sample_every: args.sample_every,
         sample,
         panic_after_first_frame: args.panic_after_first_frame,
+        keep_files: args.keep_files,
     };
     for note in app::run(options)? {
         eprintln!("{note}");

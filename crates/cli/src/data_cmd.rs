@@ -76,6 +76,9 @@ pub struct TokenizerTrainArgs {
     /// The tokenizer.bin to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace --out if it exists (without it, an existing file is refused).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(cmd: DataCommand) -> Result<()> {
@@ -157,6 +160,13 @@ fn pretokenize_cmd(args: PretokenizeArgs) -> Result<()> {
 }
 
 fn train_tokenizer(args: TokenizerTrainArgs) -> Result<()> {
+    // Checked before the (long) training, as pretokenize checks its output.
+    if args.out.is_dir() {
+        bail!("--out {} is a directory; give the tokenizer.bin file to write", args.out.display());
+    }
+    if args.out.exists() && !args.overwrite {
+        bail!("--out {} already exists: pass --overwrite to replace it, or choose another path", args.out.display());
+    }
     let mut texts = Vec::new();
     for input in &args.inputs {
         texts.extend(pretokenize::read_stories(input)?);

@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod bench;
 mod dashboard_cmd;
@@ -116,17 +116,25 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// Loads model parameters from an anetrain checkpoint or a llama2.c model.bin (v0, v1).
+/// Refuses files larger than the memory available (they are read whole) and
+/// non-finite weights (the llama2.c reader scans them itself).
 pub fn load_model(path: &std::path::Path) -> anyhow::Result<llama::Params> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        device::memory::check(&format!("{}", path.display()), meta.len() as usize)?;
+    }
     if train::trainer::is_checkpoint(path) {
-        Ok(train::trainer::load_params(path)?)
+        let params = train::trainer::load_params(path)?;
+        params.check_finite().map_err(|e| e.in_file(path))?;
+        Ok(params)
     } else {
         Ok(llama::llama2c::read_model(path)?)
     }
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
             // --help and --version are not errors; usage mistakes are the user's.
@@ -140,7 +148,11 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::ProbeChild(args) => probe_cmd::probe_child(args),
-        Command::Train(args) => train_cmd::run(*args),
+        Command::Train(mut args) => {
+            // A resumed run compares the flags given (not defaulted) with its checkpoint.
+            args.given = matches.subcommand_matches("train").map(train_cmd::given_flags).unwrap_or_default();
+            train_cmd::run(*args)
+        }
         Command::Export(args) => train_cmd::export(args),
         Command::Sample(args) => sample::run(args),
         Command::Mil(cmd) => mil_cmd::run(cmd),

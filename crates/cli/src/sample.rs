@@ -39,8 +39,9 @@ pub struct SampleArgs {
     pub precision: Precision,
 }
 
-/// The tokenizer for a model: the given file, or tokenizer.bin beside the model.
-pub fn find_tokenizer(model: &Path, given: Option<&Path>) -> Result<Tokenizer> {
+/// The tokenizer for a model (the given file, or tokenizer.bin beside the model) and
+/// the file it was read from.
+pub fn find_tokenizer(model: &Path, given: Option<&Path>) -> Result<(Tokenizer, std::path::PathBuf)> {
     let path = match given {
         Some(p) => p.to_path_buf(),
         None => {
@@ -51,7 +52,20 @@ pub fn find_tokenizer(model: &Path, given: Option<&Path>) -> Result<Tokenizer> {
             beside
         }
     };
-    Ok(Tokenizer::read(&path)?)
+    Ok((Tokenizer::read(&path)?, path))
+}
+
+/// Refuses a model whose decoder would not fit in memory: the KV cache is
+/// `n_layers × kv_dim × 2·seq_len` values (f32 at most), sized by header fields.
+fn check_decoder_memory(config: &llama::Config) -> Result<()> {
+    let kv_dim = config.dim / config.n_heads * config.n_kv_heads;
+    let what = format!(
+        "the model's KV cache (header fields n_layers {}, seq_len {}, kv_dim {kv_dim})",
+        config.n_layers, config.seq_len
+    );
+    let bytes = device::memory::bytes_of(&what, &[config.n_layers, kv_dim, 2, config.seq_len, 4])?;
+    device::memory::check(&what, bytes)?;
+    Ok(())
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
@@ -63,8 +77,11 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     let params = crate::load_model(&args.model)?;
     let config = params.config().clone();
-    let tokenizer = find_tokenizer(&args.model, args.tokenizer.as_deref())?;
-    tokenizer.check_vocab(config.vocab_size).with_context(|| format!("tokenizer for {}", args.model.display()))?;
+    let (tokenizer, tokenizer_path) = find_tokenizer(&args.model, args.tokenizer.as_deref())?;
+    tokenizer
+        .check_vocab(config.vocab_size)
+        .with_context(|| format!("tokenizer {} for the model {}", tokenizer_path.display(), args.model.display()))?;
+    check_decoder_memory(&config)?;
     let steps = if args.steps == 0 || args.steps > config.seq_len { config.seq_len } else { args.steps };
     let prompt = tokenizer.encode(&args.prompt, true, false);
     if prompt.len() > config.seq_len {

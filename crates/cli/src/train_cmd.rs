@@ -83,9 +83,15 @@ pub struct TrainArgs {
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long, default_value_t = 100)]
     pub ckpt_every: u64,
-    /// Continue from --ckpt (same run, bit-identically).
+    /// Continue from --ckpt (same run, bit-identically). --steps, --lr, --min-lr and
+    /// --warmup may change the rest of the run; flags that would change its model or
+    /// batch are refused.
     #[arg(long)]
     pub resume: bool,
+    /// Replace the checkpoint at --ckpt with a new run (without it, an existing
+    /// checkpoint is refused: continue it with --resume).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Stop cleanly after step K (checkpointed), without changing the schedule.
     #[arg(long)]
     pub stop_after: Option<u64>,
@@ -122,6 +128,25 @@ pub struct TrainArgs {
     /// (tens to hundreds), to see what double-buffered compilation hides.
     #[arg(long, value_name = "MS")]
     pub sim_compile_ms: Option<u64>,
+    /// The flags given on the command line (not defaulted), by argument id.
+    #[arg(skip)]
+    pub given: Vec<String>,
+}
+
+impl TrainArgs {
+    /// True when `--flag` (by argument id: `min_lr`) was given on the command line.
+    fn gave(&self, id: &str) -> bool {
+        self.given.iter().any(|g| g == id)
+    }
+}
+
+/// The ids of the arguments given on the command line in `matches`.
+pub fn given_flags(matches: &clap::ArgMatches) -> Vec<String> {
+    matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
 }
 
 /// `--pipeline`.
@@ -214,8 +239,113 @@ fn initial_params(spec: &str, seed: u64, tokenizer_vocab: Option<usize>) -> Resu
     crate::load_model(path)
 }
 
+/// Refuses flags of a resumed run that would change what the checkpoint fixed (model,
+/// batch shape, optimizer), naming each; returns notes for those that change the rest of
+/// the run (steps, learning-rate schedule), which the caller applies.
+fn check_resume_flags(
+    args: &TrainArgs,
+    ckpt: &trainer::CheckpointSummary,
+    tokenizer_vocab: Option<usize>,
+) -> Result<Vec<String>> {
+    let keep = "a resumed run keeps it: drop the flag, or start a new run with --overwrite";
+    if args.gave("model") {
+        let given = match Config::preset(&args.model) {
+            Some(mut c) => {
+                c.vocab_size = tokenizer_vocab.unwrap_or(ckpt.config.vocab_size);
+                c
+            }
+            None => initial_params(&args.model, args.seed, tokenizer_vocab)?.config().clone(),
+        };
+        let shape = |c: &Config| (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len);
+        if shape(&given) != shape(&ckpt.config) {
+            bail!(
+                "--model {}: the checkpoint {} holds another model (dim {}, {} layers, vocabulary {}); {keep}",
+                args.model,
+                args.ckpt.display(),
+                ckpt.config.dim,
+                ckpt.config.n_layers,
+                ckpt.config.vocab_size
+            );
+        }
+    }
+    let t = &ckpt.train;
+    let fixed: [(&str, &str, String, String); 10] = [
+        ("batch", "--batch", args.batch.to_string(), t.batch.to_string()),
+        ("accum", "--accum", args.accum.to_string(), t.accum.to_string()),
+        ("seq", "--seq", args.seq.map_or(String::new(), |s| s.to_string()), t.seq.to_string()),
+        ("clip", "--clip", args.clip.to_string(), t.clip.to_string()),
+        ("weight_decay", "--weight-decay", args.weight_decay.to_string(), t.weight_decay.to_string()),
+        ("beta1", "--beta1", args.beta1.to_string(), t.beta1.to_string()),
+        ("beta2", "--beta2", args.beta2.to_string(), t.beta2.to_string()),
+        ("eps", "--eps", args.eps.to_string(), t.eps.to_string()),
+        ("seed", "--seed", args.seed.to_string(), t.seed.to_string()),
+        ("eval_batches", "--eval-batches", args.eval_batches.to_string(), t.eval_batches.to_string()),
+    ];
+    for (id, flag, given, theirs) in fixed {
+        if args.gave(id) && given != theirs {
+            bail!("{flag} {given}: the checkpoint {} was trained with {flag} {theirs}; {keep}", args.ckpt.display());
+        }
+    }
+    let mut notes = Vec::new();
+    if args.gave("steps") {
+        if args.steps <= ckpt.step && !(args.steps == ckpt.step && ckpt.eval_pending) {
+            bail!(
+                "--steps {}: the checkpoint {} is at step {} already; give --steps above {} to train on",
+                args.steps,
+                args.ckpt.display(),
+                ckpt.step,
+                ckpt.step
+            );
+        }
+        if args.steps != t.steps {
+            notes.push(format!("--steps {}: the run now ends there (it was to end at step {})", args.steps, t.steps));
+        }
+    }
+    let schedule_given = ["lr", "min_lr", "warmup"].iter().any(|id| args.gave(id));
+    if schedule_given {
+        let (lr, min_lr, warmup) = resume_schedule(args, t);
+        if (lr, min_lr, warmup) != (t.lr, t.min_lr, t.warmup) {
+            notes.push(format!(
+                "the learning-rate schedule changes from lr {} → {} (warmup {}) to lr {lr} → {min_lr} (warmup {warmup}) \
+                 for the steps to come",
+                t.lr, t.min_lr, t.warmup
+            ));
+        }
+    }
+    Ok(notes)
+}
+
+/// The schedule of a resumed run: the flags given, the checkpoint's for the others (with
+/// --lr alone, the final rate is lr / 10 as for a new run).
+fn resume_schedule(args: &TrainArgs, t: &TrainConfig) -> (f32, f32, u64) {
+    let lr = if args.gave("lr") { args.lr } else { t.lr };
+    let min_lr = match args.min_lr {
+        Some(m) if args.gave("min_lr") => m,
+        _ if args.gave("lr") => lr / 10.0,
+        _ => t.min_lr,
+    };
+    let warmup = if args.gave("warmup") { args.warmup } else { t.warmup };
+    (lr, min_lr, warmup)
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let process_start = std::time::Instant::now();
+    // Nothing is lost: a checkpoint a kill -9 left half-written goes; an existing
+    // checkpoint is continued (--resume) or replaced (--overwrite), never silently;
+    // and a path that cannot take a checkpoint is found now, not after the run.
+    for stale in train::checkpoint::remove_stale_temps(&args.ckpt) {
+        eprintln!("note: removed {}, a checkpoint write that an ended process left unfinished", stale.display());
+    }
+    if args.ckpt.is_file() && !args.resume && !args.overwrite {
+        let what = trainer::checkpoint_summary(&args.ckpt)
+            .map(|s| format!(" (a checkpoint at step {} of {})", s.step, s.train.steps))
+            .unwrap_or_default();
+        bail!(
+            "--ckpt {} already exists{what}: continue it with --resume, or pass --overwrite to replace it",
+            args.ckpt.display()
+        );
+    }
+    train::checkpoint::check_writable(&args.ckpt).context("--ckpt: cannot write a checkpoint there")?;
     let device = training_device(&args)?;
     let given_tokenizer = match &args.tokenizer {
         Some(p) => Some(Tokenizer::read(p)?),
@@ -237,8 +367,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.resume && !resuming {
         eprintln!("note: --resume: no checkpoint at {} yet, starting a new run", args.ckpt.display());
     }
-    let config = if resuming {
-        trainer::load_params(&args.ckpt)?.config().clone()
+    let summary = if resuming { Some(trainer::checkpoint_summary(&args.ckpt)?) } else { None };
+    let resume_notes = match &summary {
+        Some(s) => check_resume_flags(&args, s, tokenizer_vocab)?,
+        None => Vec::new(),
+    };
+    let config = if let Some(s) = &summary {
+        s.config.clone()
     } else {
         initial_params(&args.model, args.seed, tokenizer_vocab)?.config().clone()
     };
@@ -263,8 +398,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(p) = pipeline {
         p.validate().map_err(anyhow::Error::msg)?;
     }
-    let mut trainer = if resuming {
-        Trainer::resume_with(device.as_ref(), &args.ckpt, Some(args.steps), pipeline, data.train, data.val)?
+    let mut trainer = if let Some(s) = &summary {
+        let steps = args.gave("steps").then_some(args.steps);
+        let mut trainer = Trainer::resume_with(device.as_ref(), &args.ckpt, steps, pipeline, data.train, data.val)?;
+        let (lr, min_lr, warmup) = resume_schedule(&args, &s.train);
+        if (lr, min_lr, warmup) != (s.train.lr, s.train.min_lr, s.train.warmup) {
+            trainer.set_schedule(lr, min_lr, warmup)?;
+        }
+        for note in &resume_notes {
+            eprintln!("note: --resume: {note}");
+        }
+        trainer
     } else {
         let params = initial_params(&args.model, args.seed, tokenizer_vocab)?;
         let settings = TrainConfig {
@@ -306,7 +450,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let bar = progress_bar(args.quiet || args.telemetry.as_deref() == Some(Path::new("-")), trainer.step, last);
     eprintln!(
         "training {} ({:.2} M params) on {} ({}, {} pipeline): {} steps of {}×{} tokens{}",
-        args.model,
+        if resuming { args.ckpt.display().to_string() } else { args.model.clone() },
         trainer.params.len() as f64 / 1e6,
         device.name(),
         args.precision.name(),
@@ -320,30 +464,50 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // included), on top of what earlier processes of the run counted.
     let session_start = process_start;
     let cumulative_wall = trainer.cumulative.wall_seconds;
-    let first_step = trainer.step;
     let mut last_val: Option<f32> = None;
-    while trainer.step < last {
-        if trainer.needs_restart() {
+    // Whether this process did anything: a fresh one always can (its first compiles
+    // bake the checkpoint's parameters), so one that cannot would restart forever.
+    let mut progressed = false;
+    loop {
+        // A step and the evaluation after it need not share a process: when the
+        // evaluation's compiles do not fit after the step's, the next process runs it.
+        let fits = if trainer.eval_pending { trainer.eval_fits() } else { trainer.step >= last || trainer.step_fits() };
+        if !fits {
             bar.finish_and_clear();
-            if trainer.step == first_step {
+            if !progressed {
                 bail!(
                     "the device's compile budget ({} compiles left) cannot fit one step of the {} pipeline, which \
                      needs {}: raise --sim-compile-limit, or train with --pipeline dynamic (compiles once)",
                     device.compiles_left().unwrap_or(0),
                     trainer.pipeline_config().label(),
-                    trainer.compiles_ahead()
+                    trainer.step_compiles_ahead()
                 );
             }
             trainer.cumulative.wall_seconds = cumulative_wall + session_start.elapsed().as_secs_f64();
             return restart(&mut trainer, &args, device.as_ref(), &mut telemetry);
         }
+        if trainer.eval_pending {
+            if let Some(v) = trainer.evaluate()? {
+                telemetry.emit(&Event::Eval { step: trainer.step, val_loss: v })?;
+                last_val = Some(v);
+            }
+            trainer.eval_pending = false;
+            progressed = true;
+            continue;
+        }
+        if trainer.step >= last {
+            break;
+        }
         let info = trainer.step(&mut telemetry)?;
+        progressed = true;
         let step = trainer.step;
-        if trainer.eval_due(step) {
+        trainer.eval_pending = trainer.eval_due(step);
+        if trainer.eval_pending && trainer.eval_fits() {
             if let Some(v) = trainer.evaluate()? {
                 telemetry.emit(&Event::Eval { step, val_loss: v })?;
                 last_val = Some(v);
             }
+            trainer.eval_pending = false;
         }
         trainer.cumulative.wall_seconds = cumulative_wall + session_start.elapsed().as_secs_f64();
         if trainer.train.ckpt_every > 0 && step % trainer.train.ckpt_every == 0 && step < last {
@@ -393,12 +557,16 @@ fn restart(trainer: &mut Trainer<'_>, args: &TrainArgs, device: &dyn Device, tel
     trainer.save(&args.ckpt)?;
     telemetry.emit(&Event::Checkpoint { step, path: args.ckpt.display().to_string() })?;
     telemetry.emit(&Event::Restart { step, compiles_done: device.compiles_done() })?;
+    let (next, needs) = if trainer.eval_pending {
+        ("evaluation", trainer.eval_compiles_ahead())
+    } else {
+        ("step", trainer.step_compiles_ahead())
+    };
     eprintln!(
-        "compile budget: {} compiles done, {} left, the next step needs {}: checkpointed after step {step}, \
+        "compile budget: {} compiles done, {} left, the next {next} needs {needs}: checkpointed after step {step}, \
          restarting the process",
         device.compiles_done(),
         device.compiles_left().unwrap_or(0),
-        trainer.compiles_ahead()
     );
     // Linux's /proc/self/exe still names this very binary when the file on disk was
     // replaced (a rebuild during a long run); elsewhere, the path it was started from.

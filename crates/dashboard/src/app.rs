@@ -57,6 +57,9 @@ pub struct Options {
     pub sample: SampleSettings,
     /// Panics after the first frame (to test that a panic restores the terminal).
     pub panic_after_first_frame: bool,
+    /// Keep the temporary folder of a training the dashboard started (its log and
+    /// telemetry) after a clean exit; it is always kept when the training failed.
+    pub keep_files: bool,
 }
 
 /// Lets a redraw through at most once per interval.
@@ -96,6 +99,10 @@ pub struct TrainChild {
     /// The command as the user gave it (without the `--telemetry` added), for the screen.
     pub command_line: String,
     exit: Option<std::process::ExitStatus>,
+    /// The temporary folder (mode 0700) holding the log and, by default, the telemetry.
+    pub dir: PathBuf,
+    /// Whether `dir` outlives this value (else it is removed when dropped).
+    pub keep: bool,
 }
 
 /// The command to run and the telemetry file it will write: the user's `--telemetry FILE`
@@ -138,14 +145,23 @@ pub fn prepare_command(
 }
 
 impl TrainChild {
-    /// Starts `argv` with its output in a log file, in a fresh temporary directory that is
-    /// kept afterwards (the log and telemetry are worth reading after the dashboard).
-    pub fn spawn(given: &[String]) -> Result<TrainChild, AppError> {
-        let dir = tempfile::Builder::new()
-            .prefix("anetrain-dashboard-")
-            .tempdir()
-            .map_err(io_err("cannot create a temporary directory"))?
-            .keep();
+    /// Starts `argv` with its output in a log file, in a fresh temporary directory that
+    /// only this user can read (0700: a training's log and telemetry are private). The
+    /// directory is removed when the value is dropped unless `keep` is set.
+    pub fn spawn(given: &[String], keep: bool) -> Result<TrainChild, AppError> {
+        TrainChild::spawn_in(given, &std::env::temp_dir(), keep)
+    }
+
+    /// [`TrainChild::spawn`] with the temporary directory inside `parent`.
+    pub fn spawn_in(given: &[String], parent: &Path, keep: bool) -> Result<TrainChild, AppError> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("anetrain-dashboard-");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o700));
+        }
+        let dir = builder.tempdir_in(parent).map_err(io_err("cannot create a temporary directory"))?.keep();
         let exe = std::env::current_exe().ok();
         let (argv, telemetry) = prepare_command(given, &dir.join("telemetry.jsonl"), exe.as_deref())?;
         let log = dir.join("train.log");
@@ -158,7 +174,7 @@ impl TrainChild {
             .stderr(err)
             .spawn()
             .map_err(io_err(format!("cannot start `{}`", argv[0])))?;
-        Ok(TrainChild { child, telemetry, log, command_line: given.join(" "), exit: None })
+        Ok(TrainChild { child, telemetry, log, command_line: given.join(" "), exit: None, dir, keep })
     }
 
     pub fn pid(&self) -> u32 {
@@ -187,6 +203,9 @@ impl TrainChild {
 impl Drop for TrainChild {
     fn drop(&mut self) {
         self.stop();
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -225,7 +244,7 @@ impl Session {
                 (Tail::new(path), None, format!("following {}", path.display()))
             }
             Source::Command(argv) => {
-                let child = TrainChild::spawn(argv)?;
+                let child = TrainChild::spawn(argv, options.keep_files)?;
                 let source = format!("{} (pid {})", child.command_line, child.pid());
                 (Tail::new(&child.telemetry), Some(child), source)
             }
@@ -354,8 +373,24 @@ impl Session {
             } else if let Some(status) = child.exit {
                 notes.push(format!("the training ended: {}", describe_exit(status)));
             }
-            notes.push(format!("training log: {}", child.log.display()));
-            notes.push(format!("telemetry: {}", child.telemetry.display()));
+            // A failed or stopped training's log is worth reading: kept whatever was asked.
+            let clean = child.exit.is_some_and(|s| s.success());
+            if !clean {
+                child.keep = true;
+            }
+            if child.keep {
+                notes.push(format!("training log: {}", child.log.display()));
+                notes.push(format!("telemetry: {}", child.telemetry.display()));
+            } else {
+                notes.push(format!(
+                    "removed {} (the training's log{}; --keep-files keeps them)",
+                    child.dir.display(),
+                    if child.telemetry.starts_with(&child.dir) { " and telemetry" } else { "" }
+                ));
+                if !child.telemetry.starts_with(&child.dir) {
+                    notes.push(format!("telemetry: {}", child.telemetry.display()));
+                }
+            }
         }
         let stats = &self.dashboard.log.stats;
         if stats.malformed > 0 {
@@ -510,6 +545,23 @@ mod tests {
         assert!(err(&["anetrain", "train", "--telemetry"]).contains("needs a FILE"));
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn the_training_folder_is_private_and_removed_unless_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        for keep in [false, true] {
+            let mut child = TrainChild::spawn_in(&strings(&["true"]), parent.path(), keep).unwrap();
+            let dir = child.dir.clone();
+            assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+            while child.poll_exit().is_none() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(child);
+            assert_eq!(dir.exists(), keep, "keep = {keep}");
+        }
+    }
+
     #[test]
     fn frames_are_limited_to_the_rate() {
         let mut limiter = FrameLimiter::new(10);
@@ -545,6 +597,7 @@ mod tests {
             sample_every: 10,
             sample: SampleSettings::default(),
             panic_after_first_frame: false,
+            keep_files: false,
         };
         let mut session = Session::new(&options).unwrap();
         let t0 = Instant::now();
@@ -606,6 +659,7 @@ mod tests {
             sample_every: 0,
             sample: SampleSettings::default(),
             panic_after_first_frame: false,
+            keep_files: false,
         };
         let missing = Session::new(&options(dir.path().join("nope.jsonl"))).err().unwrap().to_string();
         assert!(missing.starts_with("cannot follow ") && missing.contains("nope.jsonl"), "{missing}");

@@ -33,6 +33,7 @@
 pub mod ane;
 pub mod cpu;
 pub mod info;
+pub mod memory;
 pub mod probe;
 mod surface;
 

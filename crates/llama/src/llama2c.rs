@@ -207,6 +207,7 @@ fn read(path: &Path) -> Result<(Params, Version)> {
             }
         }
     }
+    params.check_finite()?;
     Ok((params, version))
 }
 

@@ -335,6 +335,16 @@ impl Params {
         &self.layout
     }
 
+    /// Checks that every weight is finite (one pass over the array; NaN or infinite
+    /// weights make a model print garbage, so they are refused at load). The error
+    /// names the tensor and the element.
+    pub fn check_finite(&self) -> Result<()> {
+        let Some(i) = self.data.iter().position(|v| !v.is_finite()) else { return Ok(()) };
+        let spec = self.layout.specs.iter().find(|s| s.range().contains(&i));
+        let (name, at) = spec.map_or(("?", i), |s| (s.name.as_str(), i - s.offset));
+        Err(err!(Format, "tensor {name} holds {} at element {at}: weights must be finite", self.data[i]))
+    }
+
     /// The whole flat array, in [`Layout`] order.
     pub fn as_slice(&self) -> &[f32] {
         &self.data

@@ -99,10 +99,21 @@ impl Tokenizer {
     }
 
     /// Reads a llama2.c `tokenizer.bin`, every token up to the end of the file.
+    /// A SentencePiece model given instead is named as such.
     pub fn read(path: impl AsRef<Path>) -> Result<Tokenizer> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read", e))?;
-        Tokenizer::parse(&bytes).map_err(|e| e.in_file(path))
+        Tokenizer::parse(&bytes).map_err(|mut e| {
+            if looks_like_sentencepiece(&bytes) {
+                e = err!(
+                    Format,
+                    "this is a SentencePiece model (tokenizer.model), not a llama2.c tokenizer.bin: pass the \
+                     tokenizer.bin that goes with the model (`anetrain import-hf` writes one from a folder's \
+                     tokenizer.model)"
+                );
+            }
+            e.in_file(path)
+        })
     }
 
     /// Parses the bytes of a `tokenizer.bin`.
@@ -114,7 +125,9 @@ impl Tokenizer {
                 bytes.len()
             ));
         }
-        // max_token_length only sizes run.c's merge buffer; it is recomputed on write.
+        // max_token_length only sizes run.c's merge buffer; it is recomputed on write,
+        // but a value no token reaches or beyond the file is a corrupt header.
+        let max_token_length = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
         let mut at = 4;
         let mut pieces = Vec::new();
         let mut scores = Vec::new();
@@ -128,6 +141,9 @@ impl Tokenizer {
                 ));
             }
             let score = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+            if !score.is_finite() {
+                return Err(err!(Format, "token {index} (at byte {at}) has score {score}: scores must be finite"));
+            }
             let len = i32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
             at += 8;
             if len < 0 {
@@ -150,13 +166,34 @@ impl Tokenizer {
         if pieces.is_empty() {
             return Err(err!(Format, "file holds no tokens"));
         }
+        let longest = pieces.iter().map(|p| p.len()).max().unwrap_or(0);
+        if (max_token_length as usize) < longest || max_token_length as usize > bytes.len() {
+            return Err(err!(
+                Format,
+                "header field max_token_length is {max_token_length}, but the longest token is {longest} bytes \
+                 (it must be at least that, and at most the file's {} bytes)",
+                bytes.len()
+            ));
+        }
         Tokenizer::new(pieces, scores)
     }
 
-    /// Writes a llama2.c `tokenizer.bin`.
+    /// Writes a llama2.c `tokenizer.bin`, atomically: to a temporary file beside it,
+    /// synced, then renamed over it (a crash leaves the old file or the new one).
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        std::fs::write(path, self.to_bytes()).map_err(|e| Error::io(path, "cannot write", e))
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &self.to_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(|e| Error::io(path, "cannot write", e))
     }
 
     /// The bytes of a `tokenizer.bin`.
@@ -333,6 +370,21 @@ pub fn printable(piece: &[u8]) -> &[u8] {
 /// C's `isspace` in the "C" locale: space, \t, \n, \v, \f, \r.
 fn is_c_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// True when `bytes` start like a SentencePiece `ModelProto`: field 1 (`pieces`,
+/// length-delimited: tag 0x0A), whose first piece again starts with field 1 (its
+/// `piece` string). A llama2.c tokenizer.bin starts with a small u32 instead.
+fn looks_like_sentencepiece(bytes: &[u8]) -> bool {
+    if bytes.first() != Some(&0x0A) {
+        return false;
+    }
+    // Skip the varint length of the first piece.
+    let mut at = 1;
+    while at < bytes.len() && at < 6 && bytes[at] & 0x80 != 0 {
+        at += 1;
+    }
+    bytes.get(at + 1) == Some(&0x0A)
 }
 
 #[cfg(test)]

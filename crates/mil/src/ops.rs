@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::ir::{Arg, DType, Function, Operation, Program, TensorType, Value};
+use crate::ir::{Arg, DType, Dialect, Function, Operation, Program, TensorType, Value};
 use crate::{mil_err, Error, Result};
 
 /// The arguments an op takes: required, then optional.
@@ -34,7 +34,9 @@ pub fn spec(op: &str) -> Option<OpSpec> {
         o if BINARY_OPS.contains(&o) => s(XY, NONE),
         "rsqrt" | "log" | "inverse" => s(X, &["epsilon"]),
         o if UNARY_OPS.contains(&o) => s(X, NONE),
-        "softmax" => s(X, &["axis"]),
+        // coremltools defaults the axis to -1, but the ANE's compiler is given every
+        // argument explicitly; a missing one is a mistake, not a default.
+        "softmax" => s(&["x", "axis"], NONE),
         o if REDUCE_OPS.contains(&o) => s(X, &["axes", "keep_dims"]),
         "matmul" => s(XY, &["transpose_x", "transpose_y"]),
         "conv" => s(&["x", "weight"], &["bias", "strides", "pad_type", "pad", "dilations", "groups"]),
@@ -766,12 +768,22 @@ fn infer_concat(a: &Args<'_>) -> Result<Vec<TensorType>> {
 /// and its line:column.
 pub fn validate_function(f: &Function) -> Result<Scope> {
     let mut scope = Scope::new();
+    if Dialect::from_name(&f.opset).is_none() {
+        return Err(mil_err!(
+            Syntax,
+            "function `{}` has opset `{}`: expected ios16 or ios18",
+            f.name,
+            f.opset
+        )
+        .at(f.span));
+    }
     for v in &f.inputs {
         if !v.ty.dtype.is_float() {
             return Err(
                 mil_err!(TypeMismatch, "input `{}` is {}: inputs must be fp16 or fp32", v.name, v.ty).at(f.span)
             );
         }
+        too_large(&v.name, &v.ty).map_err(|e| e.at(f.span))?;
         if !scope.define(&v.name, v.ty.clone(), None) {
             return Err(mil_err!(DuplicateName, "input `{}` is declared twice", v.name).at(f.span));
         }
@@ -819,6 +831,7 @@ pub fn validate_function(f: &Function) -> Result<Scope> {
                     ty
                 )));
             }
+            too_large(&out.name, &out.ty).map_err(ctx)?;
             if !scope.define(&out.name, out.ty.clone(), op.const_value().cloned()) {
                 return Err(ctx(mil_err!(DuplicateName, "`{}` is already defined", out.name)));
             }
@@ -841,6 +854,16 @@ pub fn validate_function(f: &Function) -> Result<Scope> {
         }
     }
     Ok(scope)
+}
+
+/// Refuses a tensor whose size in bytes overflows (a shape from input such as
+/// `[1, 1, 2^40, 2^40]`): every later size computation can then be unchecked.
+fn too_large(name: &str, ty: &TensorType) -> Result<()> {
+    let elements = ty.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match elements.and_then(|n| n.checked_mul(8)).filter(|&b| b <= isize::MAX as usize) {
+        Some(_) => Ok(()),
+        None => Err(mil_err!(ShapeMismatch, "`{name}` is {ty}: too large to exist (more than 2^63 bytes)")),
+    }
 }
 
 /// Validates every function of a program (see [`validate_function`]).

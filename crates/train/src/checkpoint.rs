@@ -88,7 +88,7 @@ impl Checkpoint {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io)?;
         let file_name = path.file_name().ok_or_else(|| format_err(path, "a checkpoint path needs a file name"))?;
-        let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+        let tmp = temp_path(dir, &file_name.to_string_lossy(), std::process::id());
         let result = (|| {
             let mut w = BufWriter::new(File::create(&tmp)?);
             match std::env::var(FAIL_AFTER_ENV).ok().and_then(|v| v.parse::<usize>().ok()) {
@@ -117,7 +117,12 @@ impl Checkpoint {
 
     /// Reads and verifies a checkpoint: magic, version, checksum, then structure.
     pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
-        let bytes = fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_path_buf(), source })?;
+        let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+        // The file is read whole, then its arrays copied out: twice its size.
+        let len = fs::metadata(path).map_err(io)?.len();
+        device::memory::check(&format!("{} ({} bytes)", path.display(), len), (len as usize).saturating_mul(2))
+            .map_err(|e| format_err(path, format!("cannot be loaded: {e}")))?;
+        let bytes = fs::read(path).map_err(io)?;
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
             return Err(format_err(path, "not an anetrain checkpoint (it does not start with ANETCKPT)"));
         }
@@ -151,6 +156,72 @@ impl Checkpoint {
         }
         Ok(Checkpoint { meta, arrays })
     }
+}
+
+/// The temporary file process `pid` writes `dir/name` through: `.name.tmp-pid`.
+fn temp_path(dir: &Path, name: &str, pid: u32) -> PathBuf {
+    dir.join(format!(".{name}.tmp-{pid}"))
+}
+
+/// The directory and file name of a checkpoint path.
+fn dir_and_name(path: &Path) -> Result<(&Path, String), CheckpointError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| format_err(path, "a checkpoint path needs a file name"))?;
+    Ok((dir, name.to_string_lossy().into_owned()))
+}
+
+/// Checks, before a run spends any time, that a checkpoint can be written to `path`:
+/// it is not a directory, its folder exists or can be created, and a temporary file
+/// can be created (and is removed again) beside it.
+pub fn check_writable(path: &Path) -> Result<(), CheckpointError> {
+    if path.is_dir() {
+        return Err(format_err(path, "is a directory; give a file path for the checkpoint (e.g. DIR/ckpt.bin)"));
+    }
+    let (dir, name) = dir_and_name(path)?;
+    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+    fs::create_dir_all(dir).map_err(io)?;
+    let tmp = temp_path(dir, &name, std::process::id());
+    File::create(&tmp).map_err(|e| CheckpointError::Io { path: tmp.clone(), source: e })?;
+    fs::remove_file(&tmp).map_err(|e| CheckpointError::Io { path: tmp.clone(), source: e })?;
+    Ok(())
+}
+
+/// Removes the temporary files beside `path` (`.NAME.tmp-PID`) that processes no longer
+/// running left behind: a `kill -9` in the middle of a checkpoint write leaves one, as
+/// large as the checkpoint. Files of running processes are left alone. Returns the files
+/// removed.
+pub fn remove_stale_temps(path: &Path) -> Vec<PathBuf> {
+    let Ok((dir, name)) = dir_and_name(path) else { return Vec::new() };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) && fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
+}
+
+/// True when a process with this id exists (`kill(pid, 0)`: no signal is sent; EPERM
+/// means it exists but belongs to someone else).
+#[cfg(unix)]
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Elsewhere, every process counts as running: stale files are left, never a live one's removed.
+#[cfg(not(unix))]
+fn process_alive(_pid: u32) -> bool {
+    true
 }
 
 /// Bounds-checked little-endian reads.
@@ -215,5 +286,34 @@ mod tests {
         assert!(Checkpoint::read(&path).unwrap_err().to_string().contains("checksum"));
         fs::write(&path, b"hello").unwrap();
         assert!(Checkpoint::read(&path).unwrap_err().to_string().contains("not an anetrain checkpoint"));
+    }
+
+    #[test]
+    fn stale_temp_files_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.bin");
+        // A process that has exited: its id names no running process (until reused).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = temp_path(dir.path(), "ckpt.bin", dead);
+        let own = temp_path(dir.path(), "ckpt.bin", std::process::id());
+        let other = dir.path().join(".other.bin.tmp-1");
+        for p in [&stale, &own, &other] {
+            fs::write(p, b"partial").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&path), vec![stale.clone()]);
+        assert!(!stale.exists() && own.exists() && other.exists());
+    }
+
+    #[test]
+    fn unwritable_paths_are_found_before_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_writable(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let path = dir.path().join("sub/ckpt.bin");
+        check_writable(&path).unwrap();
+        // Nothing is left behind but the folder.
+        assert_eq!(fs::read_dir(dir.path().join("sub")).unwrap().count(), 0);
     }
 }

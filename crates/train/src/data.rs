@@ -132,6 +132,11 @@ impl Shard {
     /// Maps a shard file and checks it.
     fn open(path: &Path, vocab_size: usize) -> Result<Shard, DataError> {
         let io_error = |source| DataError::Io { path: path.to_path_buf(), source };
+        if path.is_dir() {
+            // Mapping a directory fails with "No such device": say what it is instead.
+            let why = "is a directory; give the token shards (*.bin) inside it, e.g. DIR/*.bin";
+            return Err(io_error(std::io::Error::other(why)));
+        }
         let file = File::open(path).map_err(io_error)?;
         let bytes = file.metadata().map_err(io_error)?.len();
         let name = path.display().to_string();

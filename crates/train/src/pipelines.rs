@@ -220,6 +220,16 @@ impl Pipeline {
         }
     }
 
+    /// Compiles an evaluation of the parameters of version `version` will do.
+    pub fn eval_compiles(&self, version: u64) -> usize {
+        match self {
+            Pipeline::Static(p) if p.version() != Some(version) => p.kernels_per_compile(),
+            // The dynamic pipeline compiles once; the double-buffered one evaluates with
+            // the kernels in service.
+            _ => 0,
+        }
+    }
+
     /// One optimizer step's passes: brings the kernels up to `params` (version
     /// `version`), then calls `train` with the passes and the weights they must be given
     /// (`params`, or for the double-buffered pipeline the one-step-old snapshot).

@@ -80,7 +80,26 @@ impl TrainConfig {
         if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return bad("weight-decay", format!("{} must be 0 or positive", self.weight_decay));
         }
+        let needed = self.memory_lower_bound(model)?;
+        device::memory::check(&format!("--batch {} × --seq {}", self.batch, self.seq), needed)
+            .map_err(|e| TrainError::Config(format!("{e} (a lower bound for this model and batch)")))?;
         Ok(())
+    }
+
+    /// Bytes a run needs at the least: parameters, gradients and the two AdamW moments
+    /// (4 × 4 bytes a parameter), and per token of a micro-batch the activations kept for
+    /// the backward pass (8·dim + 3·hidden per layer) and the logits and their gradient
+    /// (2·vocab), all f32. Computed with overflow checks: the sizes come from flags.
+    pub fn memory_lower_bound(&self, model: &Config) -> Result<usize, TrainError> {
+        let overflow = |e: device::memory::AllocError| TrainError::Config(format!("--batch {}: {e}", self.batch));
+        let tokens = device::memory::bytes_of("--batch × --seq", &[self.batch, self.seq]).map_err(overflow)?;
+        let per_layer = 8 * model.dim + 3 * model.hidden_dim;
+        let per_token = model.n_layers.saturating_mul(per_layer).saturating_add(2 * model.vocab_size);
+        let activations = device::memory::bytes_of("activations", &[tokens, per_token, 4]).map_err(overflow)?;
+        let state = device::memory::bytes_of("parameters", &[model.n_params(), 16]).map_err(overflow)?;
+        activations.checked_add(state).ok_or_else(|| {
+            overflow(device::memory::AllocError { what: "--batch".into(), needed: None, available: None })
+        })
     }
 }
 
@@ -135,6 +154,29 @@ struct Meta {
     /// those were dynamic).
     #[serde(default)]
     pipeline: PipelineConfig,
+    /// The evaluation due after `step` has not run yet: a tight compile budget made the
+    /// process restart between the step and its evaluation.
+    #[serde(default)]
+    eval_pending: bool,
+}
+
+/// What a training checkpoint holds about its run, without its arrays' meaning.
+#[derive(Clone, Debug)]
+pub struct CheckpointSummary {
+    pub config: Config,
+    pub train: TrainConfig,
+    /// Steps completed.
+    pub step: u64,
+    /// The evaluation due after `step` has not run yet.
+    pub eval_pending: bool,
+}
+
+/// Reads the run settings of a training checkpoint (to compare them with flags).
+pub fn checkpoint_summary(path: &Path) -> Result<CheckpointSummary, TrainError> {
+    let ckpt = Checkpoint::read(path)?;
+    let meta: Meta = serde_json::from_value(ckpt.meta)
+        .map_err(|e| TrainError::Resume { path: path.into(), message: format!("not a training checkpoint: {e}") })?;
+    Ok(CheckpointSummary { config: meta.config, train: meta.train, step: meta.step, eval_pending: meta.eval_pending })
 }
 
 const CHECKPOINT_KIND: &str = "anetrain-train";
@@ -178,6 +220,8 @@ pub struct Trainer<'d> {
     val_data: Option<Dataset>,
     /// Steps completed.
     pub step: u64,
+    /// The evaluation due after `step` is still to run (see [`Trainer::eval_fits`]).
+    pub eval_pending: bool,
     pub cumulative: Cumulative,
     /// Where the last step's time went, phase by phase (also in its telemetry line).
     pub last_phases: PhasesMs,
@@ -217,7 +261,15 @@ impl<'d> Trainer<'d> {
         let adam = AdamW::new(adam_config, params.len(), decayed).map_err(|e| TrainError::Config(e.to_string()))?;
         let scaler = if train.loss_scaling { LossScaler::fp16() } else { LossScaler::disabled() };
         let sampler = data::Sampler::new(train.seed);
-        let state = RunState { adam, scaler, sampler, step: 0, cumulative: Cumulative::default(), stale: None };
+        let state = RunState {
+            adam,
+            scaler,
+            sampler,
+            step: 0,
+            cumulative: Cumulative::default(),
+            stale: None,
+            eval_pending: false,
+        };
         Trainer::assemble(device, params, train, pipeline, state, train_data, val_data)
     }
 
@@ -230,7 +282,7 @@ impl<'d> Trainer<'d> {
         train_data: Dataset,
         val_data: Option<Dataset>,
     ) -> Result<Trainer<'d>, TrainError> {
-        let RunState { adam, scaler, sampler, step, mut cumulative, stale } = state;
+        let RunState { adam, scaler, sampler, step, mut cumulative, stale, eval_pending } = state;
         pipeline_config.validate().map_err(TrainError::Config)?;
         let config = params.config().clone();
         let (pipeline, cost) = Pipeline::new(device, pipeline_config, &params, step, stale, train.batch, train.seq)?;
@@ -254,6 +306,7 @@ impl<'d> Trainer<'d> {
             train_data,
             val_data,
             step,
+            eval_pending,
             cumulative,
             last_phases: PhasesMs::default(),
             device,
@@ -319,8 +372,15 @@ impl<'d> Trainer<'d> {
             None => None,
         };
         let pipeline = pipeline.unwrap_or(meta.pipeline);
-        let state =
-            RunState { adam, scaler: meta.scaler, sampler, step: meta.step, cumulative: meta.cumulative, stale };
+        let state = RunState {
+            adam,
+            scaler: meta.scaler,
+            sampler,
+            step: meta.step,
+            cumulative: meta.cumulative,
+            stale,
+            eval_pending: meta.eval_pending,
+        };
         Trainer::assemble(device, params, train, pipeline, state, train_data, val_data)
     }
 
@@ -337,6 +397,7 @@ impl<'d> Trainer<'d> {
             sampler: self.sampler.state(),
             cumulative: self.cumulative,
             pipeline: self.pipeline_config,
+            eval_pending: self.eval_pending,
         };
         let mut arrays = vec![
             ("params".into(), self.params.as_slice().to_vec()),
@@ -451,10 +512,10 @@ impl<'d> Trainer<'d> {
     /// Mean validation loss over `eval_batches` batches drawn with a fixed seed (the
     /// same batches at every evaluation), or `None` without a validation split.
     pub fn evaluate(&mut self) -> Result<Option<f32>, TrainError> {
-        let Some(val) = &self.val_data else { return Ok(None) };
+        let Some(val) = self.val_data.as_ref().filter(|_| self.train.eval_batches > 0) else { return Ok(None) };
         let mut sampler = data::Sampler::new(self.train.seed ^ 0x5EED_0F5A_11E5);
         let mut sum = 0.0f64;
-        let n = self.train.eval_batches.max(1);
+        let n = self.train.eval_batches;
         let mut cost = CompileCost::default();
         for _ in 0..n {
             val.sample_batch(&mut sampler, &mut self.inputs, &mut self.targets);
@@ -492,6 +553,7 @@ impl<'d> Trainer<'d> {
     pub fn eval_due(&self, step: u64) -> bool {
         self.val_data.is_some()
             && self.train.eval_every > 0
+            && self.train.eval_batches > 0
             && (step.is_multiple_of(self.train.eval_every) || step == self.train.steps)
     }
 
@@ -504,6 +566,44 @@ impl<'d> Trainer<'d> {
     /// should checkpoint and restart the process (`exec()` itself with `--resume`).
     pub fn needs_restart(&self) -> bool {
         self.device.compiles_left().is_some_and(|left| left < self.compiles_ahead())
+    }
+
+    /// Compiles the next step alone will do (without the evaluation after it).
+    pub fn step_compiles_ahead(&self) -> usize {
+        self.pipeline.compiles_ahead(self.step, false)
+    }
+
+    /// True when the next step alone fits the device's compile budget.
+    pub fn step_fits(&self) -> bool {
+        fits(self.device.compiles_left(), self.step_compiles_ahead())
+    }
+
+    /// True when an evaluation of the current parameters fits the compile budget now.
+    /// (The static pipeline evaluates with kernels baking the current parameters: none
+    /// to compile right after a restart, one set right after a step.)
+    pub fn eval_fits(&self) -> bool {
+        fits(self.device.compiles_left(), self.eval_compiles_ahead())
+    }
+
+    /// Compiles an evaluation of the current parameters will do.
+    pub fn eval_compiles_ahead(&self) -> usize {
+        self.pipeline.eval_compiles(self.step)
+    }
+
+    /// Sets a new learning-rate schedule (a resumed run given other --lr, --min-lr or
+    /// --warmup): the steps still to come follow it.
+    pub fn set_schedule(&mut self, lr: f32, min_lr: f32, warmup: u64) -> Result<(), TrainError> {
+        let mut train = self.train.clone();
+        (train.lr, train.min_lr, train.warmup) = (lr, min_lr, warmup);
+        train.validate(&self.config)?;
+        self.train = train;
+        self.schedule = LrSchedule {
+            max_lr: lr,
+            min_lr,
+            warmup_steps: warmup,
+            total_steps: self.train.steps,
+        };
+        Ok(())
     }
 
     /// The settings for the start event: the training config, plus the pipeline.
@@ -521,6 +621,14 @@ impl<'d> Trainer<'d> {
     }
 }
 
+/// True when `needed` compiles fit in what is `left` (`None`: no budget).
+fn fits(left: Option<usize>, needed: usize) -> bool {
+    match left {
+        Some(left) => left >= needed,
+        None => true,
+    }
+}
+
 /// The optimizer, sampler, position and statistics of a run: what a resume restores.
 struct RunState {
     adam: AdamW,
@@ -530,6 +638,7 @@ struct RunState {
     cumulative: Cumulative,
     /// The double-buffered pipeline's one-step-old weights, when resuming one.
     stale: Option<Params>,
+    eval_pending: bool,
 }
 
 /// FLOPs of one micro-batch by where they run: with the ANE extras the classifier's

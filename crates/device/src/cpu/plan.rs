@@ -151,6 +151,14 @@ pub(crate) fn compile(
     }
     p.check_bounds(f, &outputs)?;
     let (arena_len, temp_offsets) = p.layout_arena();
+    // The arena, and the input and output surfaces every caller allocates to run the
+    // kernel, must fit in memory: sizes from a program are user input.
+    let mut io_elements = f.inputs.iter().map(|v| v.ty.numel()).chain(outputs.iter().map(|v| v.ty.numel()));
+    let elements = io_elements.try_fold(arena_len.saturating_add(ALIGN), |acc, n| acc.checked_add(n));
+    let what = format!("function `{}`: its tensors", f.name);
+    let too_big = |e: crate::memory::AllocError| Error::new(ErrorKind::Program, e.to_string());
+    let bytes = crate::memory::bytes_of(&what, &[elements.unwrap_or(usize::MAX), 4]).map_err(too_big)?;
+    crate::memory::check(&what, bytes).map_err(too_big)?;
     // One spare line so the arena's start can be aligned to 64 bytes.
     let mut arena = vec![0f32; arena_len + ALIGN];
     let shift = arena.as_ptr().align_offset(ALIGN * 4).min(ALIGN);

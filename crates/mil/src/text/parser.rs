@@ -647,6 +647,11 @@ fn push_element(data: &mut Data, token: &Token, dtype: DType) -> Result<()> {
     };
     match (data, dtype) {
         (Data::Float(v), _) => match parse_float(text) {
+            // A finite literal that becomes infinite in its type (`fp16(1e99999)`,
+            // `fp16(70000)`) is a mistake; infinity is spelt `inf`.
+            Some(x) if (x.is_infinite() && !text.contains("inf")) || overflows(x, dtype) => {
+                return bad(format!("`{text}` is out of range for {dtype} (it would become infinity; write `inf` if meant)"));
+            }
             Some(x) => v.push(x),
             None => return bad(format!("`{text}` is not a {dtype} number")),
         },
@@ -674,6 +679,16 @@ fn push_element(data: &mut Data, token: &Token, dtype: DType) -> Result<()> {
         },
     }
     Ok(())
+}
+
+/// True when the finite `x` rounds to infinity in `dtype`.
+fn overflows(x: f64, dtype: DType) -> bool {
+    x.is_finite()
+        && match dtype {
+            DType::Fp16 => half::f16::from_f64(x).is_infinite(),
+            DType::Fp32 => (x as f32).is_infinite(),
+            _ => false,
+        }
 }
 
 /// A float as MIL writes it: decimal (`0.5`, `1e-5`, `2`), hexadecimal (`0x1.8p+1`, as
