@@ -230,6 +230,7 @@ fn the_dashboard_runs_a_training_and_shows_a_sample_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let args = [
         "dashboard",
+        "--keep-files",
         "--sample-every",
         "1",
         "--sample-tokens",
@@ -277,6 +278,13 @@ fn the_dashboard_runs_a_training_and_shows_a_sample_from_its_checkpoint() {
     let log_line = text.lines().find(|l| l.starts_with("training log: ")).expect("the log is named");
     let log = PathBuf::from(log_line["training log: ".len()..].trim());
     assert!(log.starts_with(dir.path()), "the log lives in TMPDIR: {}", log.display());
+    #[cfg(unix)]
+    {
+        // Kept as asked, and private to this user.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(log.parent().unwrap()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", log.display());
+    }
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(log_text.contains("checkpoint: run/ckpt.bin (step 16"), "{log_text}");
     assert!(dir.path().join("run/ckpt.bin").exists());

@@ -127,12 +127,10 @@ fn budget_and_pipeline_mistakes_are_clear_errors() {
     let d = dir.path();
     // The first 21 compiles do not fit in 20.
     failed_with(&anetrain(d, &train_args(&["--pipeline", "static", "--sim-compile-limit", "20"])), &["compile budget"]);
-    // 22 fit the first set, but a step followed by an evaluation needs 20 more, which no
-    // fresh process has: an error, not an endless chain of restarts.
-    failed_with(
-        &anetrain(d, &train_args(&["--pipeline", "static", "--sim-compile-limit", "22", "--eval-every", "1"])),
-        &["cannot fit one step", "--sim-compile-limit"],
-    );
+    // 22 fit the first set, but not a step followed by an evaluation (20 more): the
+    // evaluation runs in the next process, whose first set bakes the same parameters, so
+    // the run finishes (tests/static_budget.rs checks every step count and budget).
+    ok(&anetrain(d, &train_args(&["--pipeline", "static", "--sim-compile-limit", "22", "--eval-every", "1"])));
     failed_with(&anetrain(d, &train_args(&["--sim-compile-limit", "0"])), &["--sim-compile-limit 0"]);
     failed_with(&anetrain(d, &train_args(&["--pipeline", "dynamic", "--ane-extras"])), &["--ane-extras", "static"]);
     failed_with(&anetrain(d, &train_args(&["--ane-extras"])), &["--ane-extras"]);

@@ -457,6 +457,38 @@ fn text_cases() -> Vec<Case> {
             "returns `z`, which is not defined",
         ),
         case("no outputs", main_with(&[TWO, Y_MUL], ""), BadArgument, (4, 5), None, "returns nothing"),
+        case(
+            "an unknown opset",
+            main_with(&[TWO, Y_MUL], "y").replace("main<ios18>", "main<ios99>"),
+            Syntax,
+            (4, 5),
+            None,
+            "opset `ios99`: expected ios16 or ios18",
+        ),
+        case(
+            "a decimal literal beyond f64",
+            main_with(&[&TWO.replace("fp16(2)", "fp16(1e99999)"), Y_MUL], "y"),
+            BadLiteral,
+            (5, 61),
+            None,
+            "`1e99999` is out of range for fp16",
+        ),
+        case(
+            "a literal beyond fp16",
+            main_with(&[&TWO.replace("fp16(2)", "fp16(70000)"), Y_MUL], "y"),
+            BadLiteral,
+            (5, 61),
+            None,
+            "`70000` is out of range for fp16",
+        ),
+        case(
+            "a softmax without its axis",
+            main_with(&[r#"tensor<fp16, [1, 4, 1, 2]> y = softmax(x = x)[name = string("y")];"#], "y"),
+            BadArgument,
+            (5, 9),
+            Some("y"),
+            "`softmax` needs argument `axis`",
+        ),
     ]
 }
 

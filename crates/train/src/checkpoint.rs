@@ -115,6 +115,27 @@ impl Checkpoint {
         result.map_err(io)
     }
 
+    /// Reads only the metadata at the start of a checkpoint, without its arrays and
+    /// without verifying the checksum (for a quick look; [`Checkpoint::read`] verifies).
+    pub fn read_meta(path: &Path) -> Result<serde_json::Value, CheckpointError> {
+        use std::io::Read;
+        let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+        let mut file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut head = [0u8; 20];
+        file.read_exact(&mut head).map_err(|_| format_err(path, format!("truncated: {len} bytes")))?;
+        if &head[..8] != MAGIC {
+            return Err(format_err(path, "not an anetrain checkpoint (it does not start with ANETCKPT)"));
+        }
+        let json_len = u64::from_le_bytes(head[12..20].try_into().unwrap());
+        if json_len > len.saturating_sub(20) {
+            return Err(format_err(path, "truncated: the metadata runs past the end of the file"));
+        }
+        let mut json = vec![0u8; json_len as usize];
+        file.read_exact(&mut json).map_err(io)?;
+        serde_json::from_slice(&json).map_err(|e| format_err(path, format!("bad metadata: {e}")))
+    }
+
     /// Reads and verifies a checkpoint: magic, version, checksum, then structure.
     pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
         let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };

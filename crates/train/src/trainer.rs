@@ -173,8 +173,13 @@ pub struct CheckpointSummary {
 
 /// Reads the run settings of a training checkpoint (to compare them with flags).
 pub fn checkpoint_summary(path: &Path) -> Result<CheckpointSummary, TrainError> {
-    let ckpt = Checkpoint::read(path)?;
-    let meta: Meta = serde_json::from_value(ckpt.meta)
+    // The metadata alone is enough; a file whose metadata does not read is read whole,
+    // so that the error is the verified reader's (checksum, truncation).
+    let value = match Checkpoint::read_meta(path) {
+        Ok(v) => v,
+        Err(_) => Checkpoint::read(path)?.meta,
+    };
+    let meta: Meta = serde_json::from_value(value)
         .map_err(|e| TrainError::Resume { path: path.into(), message: format!("not a training checkpoint: {e}") })?;
     Ok(CheckpointSummary { config: meta.config, train: meta.train, step: meta.step, eval_pending: meta.eval_pending })
 }
