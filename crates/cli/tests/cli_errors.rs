@@ -14,7 +14,8 @@ use llama::{Config, Params};
 
 /// The binary under test: this build's, or `ANETRAIN_BIN`'s.
 fn anetrain(dir: &Path, args: &[String]) -> Output {
-    let bin = std::env::var_os("ANETRAIN_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_anetrain")), PathBuf::from);
+    let bin =
+        std::env::var_os("ANETRAIN_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_anetrain")), PathBuf::from);
     Command::new(bin)
         .args(args)
         .current_dir(dir)
@@ -148,7 +149,13 @@ fn cases(root: bool) -> Vec<Case> {
         // 2. An unwritable checkpoint path is found before training.
         Case {
             lacks: vec!["training tiny"],
-            ..case("--ckpt is a directory", train(&["--steps", "2", "--ckpt", "run"]), 1, &["is a directory"], &["run/ckpt.bin"])
+            ..case(
+                "--ckpt is a directory",
+                train(&["--steps", "2", "--ckpt", "run"]),
+                1,
+                &["is a directory"],
+                &["run/ckpt.bin"],
+            )
         },
         // 3. tokenizer train refuses an existing --out, as train refuses an existing --ckpt.
         case(
@@ -203,7 +210,13 @@ fn cases(root: bool) -> Vec<Case> {
             &["run/ckpt.bin"],
         ),
         // 8. Non-finite weights and invalid tokenizer fields, located.
-        case("sample a model with a NaN weight", sample("nan/model.bin", &[]), 1, &["nan/model.bin", "holds NaN at element", "weights must be finite"], &[]),
+        case(
+            "sample a model with a NaN weight",
+            sample("nan/model.bin", &[]),
+            1,
+            &["nan/model.bin", "holds NaN at element", "weights must be finite"],
+            &[],
+        ),
         case(
             "a tokenizer with a NaN score",
             sample("m/model.bin", &["--tokenizer", "nan-score.bin"]),
@@ -220,7 +233,13 @@ fn cases(root: bool) -> Vec<Case> {
         ),
         // 9. MIL that is not MIL.
         case("mil check of opset ios99", strings(&["mil", "check", "opset.mil"]), 1, &["opset.mil:4:5", "ios99"], &[]),
-        case("mil check of fp16(1e99999)", strings(&["mil", "check", "inf.mil"]), 1, &["inf.mil:5:", "out of range"], &[]),
+        case(
+            "mil check of fp16(1e99999)",
+            strings(&["mil", "check", "inf.mil"]),
+            1,
+            &["inf.mil:5:", "out of range"],
+            &[],
+        ),
         case(
             "mil check of a softmax without axis",
             strings(&["mil", "check", "softmax.mil"]),
@@ -265,7 +284,12 @@ fn cases(root: bool) -> Vec<Case> {
             "--resume with a longer run and another learning rate",
             resume(&["--steps", "4", "--lr", "0.001"]),
             0,
-            &["training run/ckpt.bin", "--steps 4", "learning-rate schedule changes", "checkpoint: run/ckpt.bin (step 4)"],
+            &[
+                "training run/ckpt.bin",
+                "--steps 4",
+                "learning-rate schedule changes",
+                "checkpoint: run/ckpt.bin (step 4)",
+            ],
             &[],
         ),
     ];
@@ -323,7 +347,13 @@ fn every_bad_input_is_refused_by_name_and_nothing_is_lost() {
             }
         }
         if !wrong.is_empty() {
-            failures.push(format!("{}: {}\n  anetrain {}\n  stderr: {}", c.what, wrong.join("; "), c.args.join(" "), stderr.trim()));
+            failures.push(format!(
+                "{}: {}\n  anetrain {}\n  stderr: {}",
+                c.what,
+                wrong.join("; "),
+                c.args.join(" "),
+                stderr.trim()
+            ));
         }
     }
     assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));

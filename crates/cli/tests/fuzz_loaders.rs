@@ -29,8 +29,18 @@ fn budget() -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-const INTERESTING_U32: [u32; 10] =
-    [0, 1, 2, 0x7F, 0xFF, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 0x7FC0_0000 /* NaN */, 0x7F80_0000 /* inf */];
+const INTERESTING_U32: [u32; 10] = [
+    0,
+    1,
+    2,
+    0x7F,
+    0xFF,
+    0x7FFF_FFFF,
+    0x8000_0000,
+    0xFFFF_FFFF,
+    0x7FC0_0000, /* NaN */
+    0x7F80_0000, /* inf */
+];
 
 /// One random mutation of `data` (a few of the kinds libFuzzer uses).
 fn mutate(rng: &mut ChaCha8Rng, data: &mut Vec<u8>, tokens: &[&str]) {

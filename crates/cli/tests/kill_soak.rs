@@ -30,6 +30,10 @@ const ARGS: &[&str] = &[
     "1",
     "--seed",
     "7",
+    "--data",
+    "shards/stories.bin",
+    "--tokenizer",
+    "tok.bin",
 ];
 
 fn command(dir: &Path, ckpt: &str) -> Command {
@@ -57,6 +61,15 @@ fn kills_during_checkpoint_writes_lose_nothing() {
     let wanted: usize = std::env::var("ANETRAIN_SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    // A small pretokenized corpus: processes start in a fraction of a second.
+    std::fs::write(d.join("stories.txt"), train::corpus::generate(300, 7).join("\n\n")).unwrap();
+    for args in [
+        &["tokenizer", "train", "--vocab", "300", "--in", "stories.txt", "--out", "tok.bin"][..],
+        &["data", "pretokenize", "--quiet", "--tokenizer", "tok.bin", "--in", "stories.txt", "--out", "shards"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_anetrain")).args(args).current_dir(d).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     let out = command(d, "a/ckpt.bin").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
@@ -100,7 +113,9 @@ fn kills_during_checkpoint_writes_lose_nothing() {
             assert!(!stale.exists(), "{} outlived the next start", stale.display());
         }
         match finished {
-            Some(status) => panic!("the run ended ({status}) before {wanted} kills caught a write; {partial_kills} did"),
+            Some(status) => {
+                panic!("the run ended ({status}) before {wanted} kills caught a write; {partial_kills} did")
+            }
             None if !temps(&run_dir).is_empty() => partial_kills += 1,
             None => {}
         }

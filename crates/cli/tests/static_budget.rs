@@ -55,6 +55,10 @@ fn run(dir: &Path, steps: u64, budget: &str) -> Outcome {
         &ckpt,
         "--telemetry",
         &telemetry,
+        "--data",
+        "shards/stories.bin",
+        "--tokenizer",
+        "tok.bin",
     ];
     let out = anetrain(dir, &args);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -62,7 +66,8 @@ fn run(dir: &Path, steps: u64, budget: &str) -> Outcome {
     let ev = events(&dir.join(&telemetry));
     let of = |kind: &'static str| ev.iter().filter(move |e| e["event"] == kind);
     let losses: Vec<f64> = of("step").map(|e| e["loss"].as_f64().unwrap()).collect();
-    let evals: Vec<(u64, f64)> = of("eval").map(|e| (e["step"].as_u64().unwrap(), e["val_loss"].as_f64().unwrap())).collect();
+    let evals: Vec<(u64, f64)> =
+        of("eval").map(|e| (e["step"].as_u64().unwrap(), e["val_loss"].as_f64().unwrap())).collect();
     assert_eq!(losses.len() as u64, steps, "{name}: every step ran once:\n{stderr}");
     assert_eq!(evals.last().map(|e| e.0), Some(steps), "{name}: the final evaluation ran:\n{stderr}");
     let ck = Checkpoint::read(&dir.join(&ckpt)).unwrap();
@@ -71,13 +76,29 @@ fn run(dir: &Path, steps: u64, budget: &str) -> Outcome {
     (losses, evals, ck.array("params").unwrap().iter().map(|v| v.to_bits()).collect())
 }
 
+/// A small pretokenized corpus and its tokenizer: each of the ~300 processes then starts
+/// in a fraction of a second (the built-in corpus is generated and encoded anew by each).
+fn small_corpus(d: &Path) {
+    let stories = train::corpus::generate(300, 5);
+    std::fs::write(d.join("stories.txt"), stories.join("\n\n")).unwrap();
+    for args in [
+        &["tokenizer", "train", "--vocab", "300", "--in", "stories.txt", "--out", "tok.bin"][..],
+        &["data", "pretokenize", "--quiet", "--tokenizer", "tok.bin", "--in", "stories.txt", "--out", "shards"],
+    ] {
+        let out = anetrain(d, args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 #[test]
 fn every_step_count_finishes_at_every_budget_with_the_same_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    small_corpus(d);
     // The budgets in parallel, the step counts one after the other.
     let outcomes: Vec<Vec<Outcome>> = std::thread::scope(|s| {
-        let handles: Vec<_> = BUDGETS.iter().map(|b| s.spawn(move || (1..=15).map(|n| run(d, n, b)).collect())).collect();
+        let handles: Vec<_> =
+            BUDGETS.iter().map(|b| s.spawn(move || (1..=15).map(|n| run(d, n, b)).collect())).collect();
         handles.into_iter().map(|h| h.join().expect("a budget's runs")).collect()
     });
     for n in 0..15 {

@@ -34,13 +34,9 @@ impl fmt::Display for AllocError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.needed, self.available) {
             (None, _) => write!(f, "{}: the size overflows (more than 2^64 bytes)", self.what),
-            (Some(n), Some(a)) => write!(
-                f,
-                "{}: needs {} of memory, {} available",
-                self.what,
-                human_bytes(n),
-                human_bytes(a as u128)
-            ),
+            (Some(n), Some(a)) => {
+                write!(f, "{}: needs {} of memory, {} available", self.what, human_bytes(n), human_bytes(a as u128))
+            }
             (Some(n), None) => write!(f, "{}: needs {}, more than this process can address", self.what, human_bytes(n)),
         }
     }
@@ -69,10 +65,11 @@ pub fn human_bytes(n: u128) -> String {
 /// The product of `factors` (element counts and an element size), or an error naming
 /// `what` if it overflows `usize`.
 pub fn bytes_of(what: &str, factors: &[usize]) -> Result<usize, AllocError> {
-    factors
-        .iter()
-        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
-        .ok_or_else(|| AllocError { what: what.to_string(), needed: None, available: available_bytes() })
+    factors.iter().try_fold(1usize, |acc, &f| acc.checked_mul(f)).ok_or_else(|| AllocError {
+        what: what.to_string(),
+        needed: None,
+        available: available_bytes(),
+    })
 }
 
 /// Bytes the system can give this process now, if it says: the smaller of Linux's
@@ -132,7 +129,10 @@ mod tests {
         assert_eq!(e.needed, None);
         assert!(e.to_string().starts_with("--batch: the size overflows"));
         let e = check_with("%y", 6_553_600_000_064, Some(8 << 30)).unwrap_err();
-        assert_eq!(e.to_string(), "%y: needs 6553600000064 bytes (5.96 TiB) of memory, 8589934592 bytes (8.00 GiB) available");
+        assert_eq!(
+            e.to_string(),
+            "%y: needs 6553600000064 bytes (5.96 TiB) of memory, 8589934592 bytes (8.00 GiB) available"
+        );
         assert!(check_with("x", 1 << 20, Some(8 << 30)).is_ok());
         assert!(check_with("x", u64::MAX as u128, None).is_err());
     }

@@ -769,13 +769,9 @@ fn infer_concat(a: &Args<'_>) -> Result<Vec<TensorType>> {
 pub fn validate_function(f: &Function) -> Result<Scope> {
     let mut scope = Scope::new();
     if Dialect::from_name(&f.opset).is_none() {
-        return Err(mil_err!(
-            Syntax,
-            "function `{}` has opset `{}`: expected ios16 or ios18",
-            f.name,
-            f.opset
-        )
-        .at(f.span));
+        return Err(
+            mil_err!(Syntax, "function `{}` has opset `{}`: expected ios16 or ios18", f.name, f.opset).at(f.span)
+        );
     }
     for v in &f.inputs {
         if !v.ty.dtype.is_float() {

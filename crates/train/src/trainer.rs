@@ -602,12 +602,7 @@ impl<'d> Trainer<'d> {
         (train.lr, train.min_lr, train.warmup) = (lr, min_lr, warmup);
         train.validate(&self.config)?;
         self.train = train;
-        self.schedule = LrSchedule {
-            max_lr: lr,
-            min_lr,
-            warmup_steps: warmup,
-            total_steps: self.train.steps,
-        };
+        self.schedule = LrSchedule { max_lr: lr, min_lr, warmup_steps: warmup, total_steps: self.train.steps };
         Ok(())
     }
 

@@ -650,7 +650,9 @@ fn push_element(data: &mut Data, token: &Token, dtype: DType) -> Result<()> {
             // A finite literal that becomes infinite in its type (`fp16(1e99999)`,
             // `fp16(70000)`) is a mistake; infinity is spelt `inf`.
             Some(x) if (x.is_infinite() && !text.contains("inf")) || overflows(x, dtype) => {
-                return bad(format!("`{text}` is out of range for {dtype} (it would become infinity; write `inf` if meant)"));
+                return bad(format!(
+                    "`{text}` is out of range for {dtype} (it would become infinity; write `inf` if meant)"
+                ));
             }
             Some(x) => v.push(x),
             None => return bad(format!("`{text}` is not a {dtype} number")),
