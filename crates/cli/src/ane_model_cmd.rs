@@ -18,6 +18,8 @@ pub struct ModelArgs {
     pub probe_json: Option<PathBuf>,
     pub pipeline: PipelineConfig,
     pub fusions: String,
+    /// Micro-batches per optimizer step (staged weights are copied once per step).
+    pub accum: usize,
     pub json: bool,
 }
 
@@ -37,6 +39,9 @@ pub fn run(a: &ModelArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    if a.accum == 0 {
+        bail!("--accum must be at least 1");
+    }
     a.pipeline.validate().map_err(anyhow::Error::msg)?;
     let Some(mut chip) = Chip::named(&a.chip) else {
         bail!("--chip {}: not a chip the model knows ({})", a.chip, cost_model::chip_names().join(", "));
@@ -46,7 +51,13 @@ pub fn run(a: &ModelArgs) -> Result<()> {
         chip = chip.with_probe(&report, &path.display().to_string()).map_err(anyhow::Error::msg)?.0;
     }
     let fusions = cost_model::parse_fusions(&a.fusions).map_err(|e| anyhow::anyhow!("--fusions: {e}"))?;
-    let shape = StepShape { config: params_config.clone(), batch: a.batch, seq: a.seq, dialect: chip.dialect() };
+    let shape = StepShape {
+        config: params_config.clone(),
+        batch: a.batch,
+        seq: a.seq,
+        dialect: chip.dialect(),
+        accum: a.accum,
+    };
     let plan = cost_model::plan(&shape, a.pipeline, &fusions)?;
     let p = cost_model::predict(&plan, &chip);
     let gains = cost_model::fusion_gains(&shape, a.pipeline, &chip)?;
@@ -90,7 +101,7 @@ fn print_json(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
         "flops_per_token": flops / tokens,
         "floor_ms_per_step": null, "ceiling_tokens_per_s": null,
         "pytorch_reference_tokens_per_s": {},
-        "predicted": true, "chip": p.chip.name, "chip_figures": p.chip.from, "schedule": p.label,
+        "predicted": true, "accum": a.accum, "chip": p.chip.name, "chip_figures": p.chip.from, "schedule": p.label,
         "ane_ms": p.ane_ms(), "ane_tflops_peak": p.chip.ane_tflops, "fraction_of_peak": p.fraction_of_peak(),
         "evals_per_step": p.evals, "background_dw_ms": p.background_ms,
         "compile_ms_per_step": p.compile_ms, "optimizer_ms": optimizer_ms,
@@ -126,7 +137,7 @@ fn print_text(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
          one core streams {:.0} GB/s",
         c.cpu_gemm_gflops, c.cpu_stream_gbs
     );
-    println!("  schedule: {} ({} surfaces)", p.label, c.dialect());
+    println!("  schedule: {} ({} surfaces; {} micro-batches per optimizer step)", p.label, c.dialect(), a.accum);
     println!(
         "  {:<28} {:>5} {:>10} {:>10} {:>9} {:>12} {:>9} {:>8}",
         "kernel", "evals", "GFLOP", "surface MB", "ms/eval", "bound", "ms/step", "of peak"

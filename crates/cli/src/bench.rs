@@ -306,6 +306,10 @@ pub struct TrainBench {
     /// (rmsnorm, wo, classifier, async-dw, fewer-kernels, alpha), `all` or `none`.
     #[arg(long, value_name = "LIST")]
     fusions: Option<String>,
+    /// With --device ane-model: micro-batches per optimizer step (default 10, the seed's);
+    /// staged weights are copied once per optimizer step.
+    #[arg(long)]
+    accum: Option<usize>,
     /// Also measure PyTorch running llama2.c's model.py (the path given) on the same
     /// model, batch and thread count, in rounds alternating with ours
     /// (scripts/bench_pytorch.py; needs a Python with torch).
@@ -378,8 +382,17 @@ fn bench_train(b: &TrainBench) -> Result<()> {
         TrainBenchDevice::Ane => DeviceArg::Ane,
         TrainBenchDevice::Auto => DeviceArg::Auto,
     };
-    if b.chip.is_some() || b.probe_json.is_some() || b.pipeline.is_some() || b.ane_extras || b.fusions.is_some() {
-        bail!("--chip, --probe-json, --pipeline, --ane-extras and --fusions describe a modelled step: they need --device ane-model");
+    if b.chip.is_some()
+        || b.probe_json.is_some()
+        || b.pipeline.is_some()
+        || b.ane_extras
+        || b.fusions.is_some()
+        || b.accum.is_some()
+    {
+        bail!(
+            "--chip, --probe-json, --pipeline, --ane-extras, --fusions and --accum describe a modelled step: they \
+             need --device ane-model"
+        );
     }
     let (spec, batch, seq, steps) = (b.model.as_str(), b.batch.unwrap_or(8), b.seq, b.steps);
     if steps == 0 || b.rounds == 0 {
@@ -547,6 +560,7 @@ fn bench_train_model(b: &TrainBench) -> Result<()> {
         probe_json: b.probe_json.clone(),
         pipeline: train::pipelines::PipelineConfig::new(kind, b.ane_extras),
         fusions: b.fusions.clone().unwrap_or_else(|| "none".into()),
+        accum: b.accum.unwrap_or(10),
         json: b.json,
     })
 }
