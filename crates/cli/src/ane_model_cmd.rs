@@ -70,7 +70,7 @@ pub fn run(a: &ModelArgs) -> Result<()> {
     if a.json {
         print_json(a, &params_config, &p, &gains, optimizer_ms, tokens);
     } else {
-        print_text(a, &params_config, &p, &gains, optimizer_ms, tokens);
+        print_text(a, &params_config, &p, &gains, optimizer_ms, tokens)?;
     }
     Ok(())
 }
@@ -111,9 +111,24 @@ fn print_json(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
     println!("{v}");
 }
 
-fn print_text(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gains, optimizer_ms: f64, tokens: f64) {
+fn print_text(
+    a: &ModelArgs,
+    config: &llama::Config,
+    p: &Prediction,
+    gains: &Gains,
+    optimizer_ms: f64,
+    tokens: f64,
+) -> Result<()> {
+    use std::fmt::Write as _;
+    use std::io::Write as _;
+    // The report is built whole and written once: a closed stdout (`| head`) is then an
+    // error the caller ignores, not a panic.
+    let mut o = String::new();
+    macro_rules! out {
+        ($($arg:tt)*) => { writeln!(o, $($arg)*).expect("writing to a String") };
+    }
     let c = &p.chip;
-    println!(
+    out!(
         "bench train: {} ({:.1} M params), batch {} × seq {}, on the ANE cost model of {}: predicted, not run on hardware",
         a.model,
         config.n_params() as f64 / 1e6,
@@ -121,8 +136,8 @@ fn print_text(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
         a.seq,
         c.label
     );
-    println!("  chip figures: {}", c.from);
-    println!(
+    out!("  chip figures: {}", c.from);
+    out!(
         "    ANE {:.2} TFLOPS fp16 (conv; matmul at 1/{}), dispatch {:.3} ms, surfaces {:.0} GB/s, SRAM cliff {:.0} MiB \
          (compute ×{} past it)",
         c.ane_tflops,
@@ -132,20 +147,28 @@ fn print_text(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
         c.sram_cliff_bytes / (1 << 20) as f64,
         cost_model::SPILL_SLOWDOWN
     );
-    println!(
+    out!(
         "    CPU (Apple-core figures, not this machine's): GEMM {:.0} GFLOP/s (Accelerate on the matrix units), \
          one core streams {:.0} GB/s",
-        c.cpu_gemm_gflops, c.cpu_stream_gbs
+        c.cpu_gemm_gflops,
+        c.cpu_stream_gbs
     );
-    println!("  schedule: {} ({} surfaces; {} micro-batches per optimizer step)", p.label, c.dialect(), a.accum);
-    println!(
+    out!("  schedule: {} ({} surfaces; {} micro-batches per optimizer step)", p.label, c.dialect(), a.accum);
+    out!(
         "  {:<28} {:>5} {:>10} {:>10} {:>9} {:>12} {:>9} {:>8}",
-        "kernel", "evals", "GFLOP", "surface MB", "ms/eval", "bound", "ms/step", "of peak"
+        "kernel",
+        "evals",
+        "GFLOP",
+        "surface MB",
+        "ms/eval",
+        "bound",
+        "ms/step",
+        "of peak"
     );
     for r in &p.kernels {
         let t = r.time;
         let flops_per_s = r.work.flops() / (t.total_ms() * 1e-3);
-        println!(
+        out!(
             "  {:<28} {:>5} {:>10.2} {:>10.1} {:>9.3} {:>12} {:>9.1} {:>7.1}%",
             r.work.name,
             r.evals,
@@ -157,23 +180,23 @@ fn print_text(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
             100.0 * flops_per_s / (c.ane_tflops * 1e12)
         );
     }
-    println!("  ANE busy {:.1} ms in {} evaluations", p.ane_ms(), p.evals);
-    println!("  main thread per phase (ms):");
+    out!("  ANE busy {:.1} ms in {} evaluations", p.ane_ms(), p.evals);
+    out!("  main thread per phase (ms):");
     for (phase, ms) in &p.main_ms {
         if *ms > 0.0 {
-            println!("    {phase:<14} {ms:>9.1}  {:>5.1} %", 100.0 * ms / p.ms_per_step);
+            out!("    {phase:<14} {ms:>9.1}  {:>5.1} %", 100.0 * ms / p.ms_per_step);
         }
     }
     if p.background_ms > 0.0 {
-        println!("    (background dW queue: {:.1} ms, overlapped)", p.background_ms);
+        out!("    (background dW queue: {:.1} ms, overlapped)", p.background_ms);
     }
-    println!("  critical path: {}", p.critical_path());
-    println!(
+    out!("  critical path: {}", p.critical_path());
+    out!(
         "  predicted ms/step      {:>9.1}  (forward + backward, as the seed reports it; AdamW adds {:.1} ms per optimizer step)",
         p.ms_per_step, optimizer_ms
     );
-    println!("  tokens/s               {:>9.1}", tokens / (p.ms_per_step / 1e3));
-    println!(
+    out!("  tokens/s               {:>9.1}", tokens / (p.ms_per_step / 1e3));
+    out!(
         "  ANE TFLOPS             {:>9.2}  = {:.1} % of the {:.1} TFLOPS peak",
         p.ane_flops / (p.ms_per_step * 1e-3) / 1e12,
         100.0 * p.fraction_of_peak(),
@@ -181,12 +204,9 @@ fn print_text(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
     );
     if p.compile_ms > 0.0 {
         if p.background_compile {
-            println!(
-                "  compile per step       {:>9.1}  (in the background; a step waits for it if longer)",
-                p.compile_ms
-            );
+            out!("  compile per step       {:>9.1}  (in the background; a step waits for it if longer)", p.compile_ms);
         } else {
-            println!(
+            out!(
                 "  compile per step       {:>9.1}  (not in ms/step: the seed reports train time only; the budget of ≈119 \
                  compiles per process restarts training)",
                 p.compile_ms
@@ -194,23 +214,25 @@ fn print_text(a: &ModelArgs, config: &llama::Config, p: &Prediction, gains: &Gai
         }
     }
     let base = gains.none_ms;
-    println!(
+    out!(
         "  fusions (issue 25; modelled, not yet in the pipelines), each alone on {} as anetrain runs it ({base:.1} ms/step):",
         a.pipeline.label()
     );
     let row = |name: &str, ms: f64, what: &str| {
-        println!(
+        format!(
             "    {name:<14} {ms:>8.1} ms/step  {:>+7.1} ms ({:>+5.1} %)  {what}",
             ms - base,
             100.0 * (ms - base) / base
-        );
+        )
     };
     for (f, ms) in &gains.each {
         match (ms, f.not_applicable(a.pipeline)) {
-            (Some(ms), None) => row(f.name(), *ms, f.describe()),
-            (_, Some(why)) => println!("    {:<14} {:>8}          n/a: {why}", f.name(), "—"),
+            (Some(ms), None) => out!("{}", row(f.name(), *ms, f.describe())),
+            (_, Some(why)) => out!("    {:<14} {:>8}          n/a: {why}", f.name(), "—"),
             (None, None) => {}
         }
     }
-    row("all", gains.all_ms, "every fusion that applies");
+    out!("{}", row("all", gains.all_ms, "every fusion that applies"));
+    std::io::stdout().write_all(o.as_bytes())?;
+    Ok(())
 }
