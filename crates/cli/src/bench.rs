@@ -108,6 +108,14 @@ pub fn model_or_preset(spec: &str) -> Result<llama::Params> {
     }
 }
 
+/// The config of a preset or a model file (`bench train --device ane-model` needs no weights).
+pub fn model_or_preset_config(spec: &str) -> Result<llama::Config> {
+    match llama::Config::preset(spec) {
+        Some(config) => Ok(config),
+        None => Ok(model_or_preset(spec)?.config().clone()),
+    }
+}
+
 /// Read bandwidth of this machine in GB/s: all threads summing a buffer far larger than
 /// the caches, best of a few runs. The sum keeps 16 independent lanes so the compiler
 /// vectorises it (one running f32 sum would make this a latency test, not a bandwidth one).
@@ -243,13 +251,29 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `--device` of `bench train`: a device, or the ANE cost model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainBenchDevice {
+    /// The CPU device (any machine).
+    Cpu,
+    /// The Apple Neural Engine (macOS on Apple Silicon).
+    Ane,
+    /// The ANE where there is one, else the CPU.
+    Auto,
+    /// No device: the step's time on an ANE, predicted from the kernels and schedule
+    /// (train::cost_model; see --chip, --probe-json, --pipeline, --fusions).
+    AneModel,
+}
+
 /// The flags of `bench train`.
 #[derive(Args, Debug)]
 pub struct TrainBench {
     #[arg(long, default_value = "stories15m")]
     model: String,
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Sequences per step; default 8, or 1 with --device ane-model (the seed's step, whose
+    /// published figures the model reproduces).
+    #[arg(long)]
+    batch: Option<usize>,
     #[arg(long, default_value_t = 256)]
     seq: usize,
     /// Timed steps per round (after one warm-up step).
@@ -261,9 +285,31 @@ pub struct TrainBench {
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     #[arg(long, value_enum, default_value = "cpu")]
-    device: DeviceArg,
+    device: TrainBenchDevice,
     #[arg(long, default_value = "fp32")]
     precision: Precision,
+    /// With --device ane-model: the chip (m1, m1pro, m1max, m2, m3, m3ultra, m4, m4pro,
+    /// m4max, m5); default m4.
+    #[arg(long)]
+    chip: Option<String>,
+    /// With --device ane-model: replace the chip's published figures by those measured by
+    /// `anetrain probe --json` on a Mac (peak TFLOPS, dispatch overhead, surface bandwidth).
+    #[arg(long, value_name = "FILE")]
+    probe_json: Option<std::path::PathBuf>,
+    /// With --device ane-model: the pipeline to model (default dynamic).
+    #[arg(long, value_enum)]
+    pipeline: Option<crate::train_cmd::PipelineArg>,
+    /// With --device ane-model: model the static pipelines' --ane-extras.
+    #[arg(long)]
+    ane_extras: bool,
+    /// With --device ane-model: upstream fusions to add to the schedule, comma-separated
+    /// (rmsnorm, wo, classifier, async-dw, fewer-kernels, alpha), `all` or `none`.
+    #[arg(long, value_name = "LIST")]
+    fusions: Option<String>,
+    /// With --device ane-model: micro-batches per optimizer step (default 10, the seed's);
+    /// staged weights are copied once per optimizer step.
+    #[arg(long)]
+    accum: Option<usize>,
     /// Also measure PyTorch running llama2.c's model.py (the path given) on the same
     /// model, batch and thread count, in rounds alternating with ours
     /// (scripts/bench_pytorch.py; needs a Python with torch).
@@ -294,7 +340,7 @@ fn pytorch_tokens_per_s(b: &TrainBench, model_py: &std::path::Path, threads: usi
         .arg("-")
         .arg("--model-py")
         .arg(model_py)
-        .args(["--model", &b.model, "--batch", &b.batch.to_string(), "--seq", &b.seq.to_string()])
+        .args(["--model", &b.model, "--batch", &b.batch.unwrap_or(8).to_string(), "--seq", &b.seq.to_string()])
         .args(["--steps", &b.steps.to_string(), "--warmup", "2", "--threads", &threads.to_string(), "--json"])
         .args(b.pytorch_compile.then_some("--compile"))
         .stdin(Stdio::piped())
@@ -330,7 +376,25 @@ const MEMORY_BOUND_PHASES: [&str; 4] = ["surface_io", "rmsnorm", "optimizer", "o
 
 fn bench_train(b: &TrainBench) -> Result<()> {
     use train::trainer::Trainer;
-    let (spec, batch, seq, steps) = (b.model.as_str(), b.batch, b.seq, b.steps);
+    let device_arg = match b.device {
+        TrainBenchDevice::AneModel => return bench_train_model(b),
+        TrainBenchDevice::Cpu => DeviceArg::Cpu,
+        TrainBenchDevice::Ane => DeviceArg::Ane,
+        TrainBenchDevice::Auto => DeviceArg::Auto,
+    };
+    if b.chip.is_some()
+        || b.probe_json.is_some()
+        || b.pipeline.is_some()
+        || b.ane_extras
+        || b.fusions.is_some()
+        || b.accum.is_some()
+    {
+        bail!(
+            "--chip, --probe-json, --pipeline, --ane-extras, --fusions and --accum describe a modelled step: they \
+             need --device ane-model"
+        );
+    }
+    let (spec, batch, seq, steps) = (b.model.as_str(), b.batch.unwrap_or(8), b.seq, b.steps);
     if steps == 0 || b.rounds == 0 {
         bail!("--steps and --rounds must be at least 1");
     }
@@ -344,7 +408,7 @@ fn bench_train(b: &TrainBench) -> Result<()> {
     if seq > config.seq_len {
         bail!("--seq {seq} is larger than the model's context of {}", config.seq_len);
     }
-    let device = open_device(b.device, b.precision)?;
+    let device = open_device(device_arg, b.precision)?;
     let tokens = random_tokens(&config, batch, seq);
     let data = train::data::Dataset::from_tokens("random tokens", tokens, config.vocab_size, seq)?;
     let settings = bench_settings(steps * b.rounds as u64 + 1, batch, seq, b.precision);
@@ -480,6 +544,25 @@ fn bench_train(b: &TrainBench) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bench train --device ane-model`: the predicted step (crate::ane_model_cmd).
+fn bench_train_model(b: &TrainBench) -> Result<()> {
+    if b.pytorch.is_some() {
+        bail!("--pytorch measures a real run: it does not go with --device ane-model");
+    }
+    let kind = b.pipeline.map_or(train::pipelines::PipelineKind::Dynamic, Into::into);
+    crate::ane_model_cmd::run(&crate::ane_model_cmd::ModelArgs {
+        model: b.model.clone(),
+        batch: b.batch.unwrap_or(1),
+        seq: b.seq,
+        chip: b.chip.clone().unwrap_or_else(|| "m4".into()),
+        probe_json: b.probe_json.clone(),
+        pipeline: train::pipelines::PipelineConfig::new(kind, b.ane_extras),
+        fusions: b.fusions.clone().unwrap_or_else(|| "none".into()),
+        accum: b.accum.unwrap_or(10),
+        json: b.json,
+    })
 }
 
 /// One column of `bench pipelines`.

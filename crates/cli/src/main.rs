@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod ane_model_cmd;
 mod bench;
 mod dashboard_cmd;
 mod data_cmd;

@@ -9,11 +9,13 @@
 //! ([`model`]: forward and decoding on a device) → pipelines (training steps: dynamic
 //! [`pipeline`], [`static_pipeline`] with [`static_kernels`], [`double_buffer`], one
 //! [`pipelines::Pipeline`] for all three) →
-//! checkpoints, telemetry and the efficiency report.
+//! checkpoints, telemetry and the efficiency report. [`cost_model`] predicts a step's time
+//! on an ANE from the same kernel programs and schedules, for machines without one.
 
 pub mod bpe;
 pub mod checkpoint;
 pub mod corpus;
+pub mod cost_model;
 pub mod cpu_ops;
 pub mod data;
 pub mod double_buffer;
