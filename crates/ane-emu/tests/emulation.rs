@@ -59,9 +59,13 @@ fn serial() -> MutexGuard<'static, ()> {
 /// Runs test `name` of this binary in a child process with `env` added.
 fn run_child(name: &str, env: &[(&str, &str)]) -> Output {
     let log = tempfile::NamedTempFile::new().unwrap();
+    // Its own temporary directory: model directories are named by the program's hash, so
+    // a child compiling the program this process compiles would share (and remove) ours.
+    let tmp = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", name, "--nocapture", "--test-threads", "1"])
         .env(CHILD_ENV, "1")
+        .env("TMPDIR", tmp.path())
         .env(device::ane::runtime::FRAMEWORKS_ENV, library())
         .env(ane_emu::LOG_ENV, log.path());
     for (k, v) in env {

@@ -284,7 +284,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             eval_batches: args.eval_batches,
             ckpt_every: args.ckpt_every,
             seed: args.seed,
-            loss_scaling: args.precision == Precision::Fp16,
+            // The device's precision, not the flag's: the ANE computes in fp16 whatever
+            // --precision says (found by running the ANE path on the emulation).
+            loss_scaling: device.precision() == Precision::Fp16,
         };
         let pipeline = pipeline.unwrap_or_default();
         Trainer::with_pipeline(device.as_ref(), params, settings, pipeline, data.train, data.val)?
