@@ -191,7 +191,9 @@ extern "C" fn descriptor_new(_class: Id, _sel: Sel, text: Id, weights: Id, optio
     let mut s = state();
     let text_arg = arg(CALL, "text");
     if !text.is_null() && s.live(text, &text_arg).class == Class::NSString {
-        fail(format!("{text_arg}: an NSString; the MIL text must be NSData (an NSString reportedly crashes, Orion #9)"));
+        fail(format!(
+            "{text_arg}: an NSString; the MIL text must be NSData (an NSString reportedly crashes, Orion #9)"
+        ));
     }
     let mil = data_bytes(&s, text, &text_arg);
     let weights_arg = arg(CALL, "weights");
@@ -284,11 +286,13 @@ extern "C" fn model_compile(this: Id, _sel: Sel, qos: u32, options: Id, error: *
 /// Reads and checks the model directory, then compiles the program for the CPU device.
 fn compile(dir: &Path, descriptor_mil: &[u8]) -> Result<Compiled, String> {
     let mil_path = dir.join("model.mil");
-    let text = std::fs::read(&mil_path).map_err(|e| format!("{COMPILE_FAILED}: cannot read {}: {e}", mil_path.display()))?;
+    let text =
+        std::fs::read(&mil_path).map_err(|e| format!("{COMPILE_FAILED}: cannot read {}: {e}", mil_path.display()))?;
     if text != descriptor_mil {
         return Err(format!("{COMPILE_FAILED}: {} is not the descriptor's MIL text", mil_path.display()));
     }
-    let text = String::from_utf8(text).map_err(|_| format!("InvalidMILProgram: {} is not UTF-8", mil_path.display()))?;
+    let text =
+        String::from_utf8(text).map_err(|_| format!("InvalidMILProgram: {} is not UTF-8", mil_path.display()))?;
     let program = mil::text::parse_and_validate(&text).map_err(|e| format!("InvalidMILProgram: {e}"))?;
     check_program(&program)?;
     let mut weights = Weights::new();
@@ -423,7 +427,11 @@ fn bound_surfaces(s: &objc::State, array: Id, indices: Id, what: &str) -> Result
         let index = usize::try_from(index).map_err(|_| format!("{what} index {index} is negative"))?;
         out.push((
             index,
-            Bound { label: format!("IOSurface#{}", o.serial), base: sf.memory.as_ptr().cast_mut(), alloc: sf.memory.len() },
+            Bound {
+                label: format!("IOSurface#{}", o.serial),
+                base: sf.memory.as_ptr().cast_mut(),
+                alloc: sf.memory.len(),
+            },
         ));
     }
     Ok(out)
@@ -496,7 +504,10 @@ fn run(compiled: &Compiled, inputs: &[(usize, Bound)], outputs: &[(usize, Bound)
             }
             let need = vars[declared].ty.numel() * vars[declared].ty.dtype.size_bytes();
             if b.alloc < need {
-                return Err(format!("{what} `{}` needs {need} bytes; {} has {}", vars[declared].name, b.label, b.alloc));
+                return Err(format!(
+                    "{what} `{}` needs {need} bytes; {} has {}",
+                    vars[declared].name, b.label, b.alloc
+                ));
             }
             slot[declared] = i;
         }

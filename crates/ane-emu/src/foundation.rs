@@ -21,7 +21,8 @@ pub(crate) fn register(m: &mut HashMap<objc::MethodKey, usize>) {
     method(m, None, false, "retain", retain as Imp);
     method(m, None, false, "release", release as Imp);
     method(m, None, false, "respondsToSelector:", responds_to_selector as Imp);
-    for class in [Class::NSString, Class::NSData, Class::NSNumber, Class::NSArray, Class::NSDictionary, Class::PerfStats]
+    for class in
+        [Class::NSString, Class::NSData, Class::NSNumber, Class::NSArray, Class::NSDictionary, Class::PerfStats]
     {
         method(m, Some(class), true, "alloc", alloc as Imp);
     }

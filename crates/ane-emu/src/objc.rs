@@ -435,7 +435,13 @@ static METHODS: LazyLock<HashMap<MethodKey, usize>> = LazyLock::new(|| {
 });
 
 /// Adds a method. `imp` must be an `extern "C"` function with the method's real prototype.
-pub fn method(m: &mut HashMap<MethodKey, usize>, class: Option<Class>, class_method: bool, sel: &'static str, imp: Imp) {
+pub fn method(
+    m: &mut HashMap<MethodKey, usize>,
+    class: Option<Class>,
+    class_method: bool,
+    sel: &'static str,
+    imp: Imp,
+) {
     m.insert((class, class_method, sel), imp as usize);
 }
 
@@ -472,7 +478,10 @@ extern "C" fn lookup(recv: Id, sel: Sel) -> usize {
         return imp;
     }
     let kind = if class_method { "class" } else { "instance of" };
-    fail(format!("unknown selector `{name}` sent to {kind} {} (the emulation implements what anetrain sends)", class.name()))
+    fail(format!(
+        "unknown selector `{name}` sent to {kind} {} (the emulation implements what anetrain sends)",
+        class.name()
+    ))
 }
 
 extern "C" fn nil_imp() -> usize {
@@ -486,6 +495,10 @@ extern "C" fn nil_imp() -> usize {
 ///
 /// A naked function rather than `global_asm!`: rustc's export list for a cdylib leaves
 /// out symbols defined in `global_asm!`, so `dlsym` would not find them.
+///
+/// # Safety
+/// Called only through a function pointer of the sent method's exact prototype, with a
+/// receiver and a registered selector first.
 #[cfg(target_arch = "x86_64")]
 #[unsafe(naked)]
 #[no_mangle]
@@ -534,6 +547,9 @@ pub unsafe extern "C" fn objc_msgSend() {
 
 /// `objc_msgSend` for arm64: as on x86_64, with x0–x8 and q0–q7 kept; the jump goes
 /// through x16, the intra-procedure-call register the real messenger uses too.
+///
+/// # Safety
+/// As the x86_64 one.
 #[cfg(target_arch = "aarch64")]
 #[unsafe(naked)]
 #[no_mangle]

@@ -359,7 +359,8 @@ fn the_reported_rejections_fail_with_the_reported_errors() {
         println!("{rule}: {:?}: {}", e.kind, e.message);
         return;
     }
-    let out = run_child("the_reported_rejections_fail_with_the_reported_errors", &[(ane_emu::REJECT_ENV, "multi-input")]);
+    let out =
+        run_child("the_reported_rejections_fail_with_the_reported_errors", &[(ane_emu::REJECT_ENV, "multi-input")]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(text.contains("multi-input: Eval: ANE: evaluating `main` failed: "), "{text}");

@@ -411,6 +411,8 @@ fn restart(trainer: &mut Trainer<'_>, args: &TrainArgs, device: &dyn Device, tel
         std::env::current_exe().context("restart: cannot find this program's path")?
     };
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // exec() runs no destructors: the ANE kernels' model directories go now.
+    device::ane::model_dir::remove_all_before_exec();
     if !argv.iter().any(|a| a == "--resume") {
         argv.push("--resume".into());
     }

@@ -11,13 +11,13 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// The emulation library, built because it is a dev-dependency of this package: next to
-/// the binary once uplifted, or in `deps/`.
+/// The emulation library, built because it is a dev-dependency of this package, in
+/// `deps/` (first: a copy next to the binary may be from an older `cargo build`).
 fn library() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_anetrain"));
     let dir = bin.parent().unwrap();
     let name = format!("{}ane_emu{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
-    [dir.join(&name), dir.join("deps").join(&name)]
+    [dir.join("deps").join(&name), dir.join(&name)]
         .into_iter()
         .find(|p| p.exists())
         .unwrap_or_else(|| panic!("{name} not found beside {}: build it with `cargo build -p ane-emu`", bin.display()))
@@ -62,18 +62,17 @@ const TRAIN: &[&str] = &["train", "--quiet", "--batch", "2", "--seq", "32", "--s
 fn devices_and_probes_run_on_the_emulated_ane() {
     let dir = tempfile::tempdir().unwrap();
     let listing = ok(&run(dir.path(), true, &["devices"]));
-    assert!(listing.contains("ane"), "{listing}");
-    assert!(!listing.contains("not available"), "{listing}");
+    assert!(listing.contains("ane   available  Apple Neural Engine, emulated by "), "{listing}");
+    assert!(listing.contains("not run on hardware"), "{listing}");
     let out = run(dir.path(), true, &["probe", "--device", "ane", "--iterations", "1", "--json", "probes.json"]);
     let table = ok(&out);
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("probes.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("probes.json")).unwrap()).unwrap();
     assert_eq!(report["device"], "ane", "{table}");
-    let probes = report["probes"].as_array().unwrap();
-    let failed: Vec<&Value> = probes.iter().filter(|p| p["status"] == "failed").collect();
-    assert!(failed.is_empty(), "probes failed on the emulation:\n{table}");
+    assert!(table.contains(" passed, 0 failed, "), "probes failed on the emulation:\n{table}");
     // The compile-limit probe's child meets the emulated budget: compile 120 fails.
-    let limit = probes.iter().find(|p| p["name"] == "compile-limit").unwrap();
-    assert!(limit.to_string().contains("119"), "{limit}");
+    let limit = table.lines().find(|l| l.starts_with("compile-limit")).unwrap_or_else(|| panic!("{table}"));
+    assert!(limit.contains("119"), "{table}");
 }
 
 #[test]
@@ -113,20 +112,22 @@ fn every_pipeline_trains_on_the_emulated_ane_with_the_cpu_fp16_losses() {
     }
 }
 
+/// llama2.c's stories260K (../shared/fixtures), greedy: the decode kernels on the
+/// emulated ANE give the CPU device's fp16 text.
 #[test]
 fn sampling_on_the_emulated_ane_matches_the_cpu_in_fp16() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures");
+    assert!(fixtures.join("stories260K.bin").exists(), "the fixtures folder {} is missing", fixtures.display());
+    let (model, tokenizer) = (fixtures.join("stories260K.bin"), fixtures.join("tok512.bin"));
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let mut train = TRAIN.to_vec();
-    train.extend_from_slice(&["--device", "cpu", "--steps", "2", "--ckpt", "run/ckpt.bin"]);
-    ok(&run(d, false, &train));
     let sample = |device: &[&str], ane: bool| {
-        let mut args = vec!["sample", "--model", "run/ckpt.bin", "--temperature", "0", "--steps", "24"];
+        let mut args = vec!["sample", "--model", model.to_str().unwrap(), "--tokenizer", tokenizer.to_str().unwrap()];
+        args.extend_from_slice(&["--temperature", "0", "--steps", "48"]);
         args.extend_from_slice(device);
-        ok(&run(d, ane, &args))
+        ok(&run(dir.path(), ane, &args))
     };
     let cpu = sample(&["--device", "cpu", "--precision", "fp16"], false);
     let ane = sample(&["--device", "ane"], true);
-    assert!(!cpu.trim().is_empty());
+    assert!(cpu.split_whitespace().count() > 10, "{cpu}");
     assert_eq!(ane, cpu);
 }

@@ -459,7 +459,9 @@ impl Runtime {
 pub fn framework_paths(value: &str) -> Result<[String; 5], String> {
     let parts: Vec<&str> = value.split(':').collect();
     if parts.iter().any(|p| p.is_empty()) {
-        return Err(format!("{FRAMEWORKS_ENV}=`{value}`: an empty path; give one library path, or five separated by `:`"));
+        return Err(format!(
+            "{FRAMEWORKS_ENV}=`{value}`: an empty path; give one library path, or five separated by `:`"
+        ));
     }
     match parts[..] {
         [one] => Ok([one; 5].map(String::from)),
