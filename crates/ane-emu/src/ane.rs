@@ -140,7 +140,7 @@ fn check_error_out(error: *mut Id, call: &str) {
         return;
     }
     let what = arg(call, "error");
-    if (error as usize) % std::mem::align_of::<Id>() != 0 {
+    if !(error as usize).is_multiple_of(std::mem::align_of::<Id>()) {
         fail(format!("{what}: {error:p} is not an aligned NSError ** (a wrong prototype passes garbage)"));
     }
     let s = state();
@@ -351,7 +351,7 @@ fn check_program(program: &Program) -> Result<(), String> {
         }
     }
     if cfg.rejects(Rule::Width) {
-        if let Some(v) = io.clone().find(|v| v.ty.shape.last().is_some_and(|w| w % WIDTH_MULTIPLE != 0)) {
+        if let Some(v) = io.clone().find(|v| v.ty.shape.last().is_some_and(|w| !w.is_multiple_of(WIDTH_MULTIPLE))) {
             return Err(format!(
                 "{COMPILE_FAILED}: `{}` has spatial width {}, not a multiple of {WIDTH_MULTIPLE}",
                 v.name,

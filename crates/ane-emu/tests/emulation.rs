@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard, Once};
 use device::ane::runtime::{Id, Runtime, Sel};
 use device::ane::{ns, AneConfig, AneDevice, AneKernel};
 use device::cpu::CpuDevice;
-use device::{Device, ErrorKind, Precision, Surface, Weights};
+use device::{Device, Precision, Surface, Weights};
 use mil::builder::FunctionBuilder;
 use mil::{DType, Dialect, Program, TensorType};
 
@@ -378,4 +378,26 @@ fn the_reported_rejections_fail_with_the_reported_errors() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ANECCompile() FAILED (compile 1 of this process"), "{text}");
     assert!(text.contains("hint: the ANE compiler rejects some valid MIL"), "{text}");
+}
+
+/// The emulated ANE binds by the rule in force: with declaration order, anetrain's
+/// default alphabetical plan hands it `bias` for `x` (and `doubled` for `y`), and the
+/// results are not the CPU's. So a binding mistake cannot pass unnoticed.
+#[test]
+fn the_binding_rule_in_force_decides_which_surface_is_which() {
+    if in_child() {
+        setup();
+        let (program, weights) = program();
+        let mut kernel = open(None).compile(&program, &weights).unwrap();
+        let cpu = CpuDevice::new(Precision::Fp16);
+        let same = eval(kernel.as_mut()) == eval(cpu.compile(&program, &weights).unwrap().as_mut());
+        println!("same as the cpu: {same}");
+        return;
+    }
+    for (rule, same) in [("alphabetical", true), ("declaration", false)] {
+        let out = run_child("the_binding_rule_in_force_decides_which_surface_is_which", &[(ane_emu::BIND_ENV, rule)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("same as the cpu: {same}")), "{rule}: {text}");
+    }
 }
