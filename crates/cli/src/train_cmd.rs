@@ -428,7 +428,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             eval_batches: args.eval_batches,
             ckpt_every: args.ckpt_every,
             seed: args.seed,
-            loss_scaling: args.precision == Precision::Fp16,
+            // The device's precision, not the flag's: the ANE computes in fp16 whatever
+            // --precision says (found by running the ANE path on the emulation).
+            loss_scaling: device.precision() == Precision::Fp16,
         };
         let pipeline = pipeline.unwrap_or_default();
         Trainer::with_pipeline(device.as_ref(), params, settings, pipeline, data.train, data.val)?
@@ -577,6 +579,8 @@ fn restart(trainer: &mut Trainer<'_>, args: &TrainArgs, device: &dyn Device, tel
         std::env::current_exe().context("restart: cannot find this program's path")?
     };
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // exec() runs no destructors: the ANE kernels' model directories go now.
+    device::ane::model_dir::remove_all_before_exec();
     if !argv.iter().any(|a| a == "--resume") {
         argv.push("--resume".into());
     }

@@ -55,7 +55,15 @@ pub fn describe_ane(opened: Result<&AneDevice, &Error>) -> DeviceInfo {
         Ok(ane) => DeviceInfo {
             name: "ane".into(),
             available: true,
-            summary: format!("Apple Neural Engine on {}", chip_name().unwrap_or_else(|| "an unknown chip".into())),
+            summary: match std::env::var_os(crate::ane::runtime::FRAMEWORKS_ENV) {
+                // Never let an emulated run pass for one on hardware.
+                Some(images) => format!(
+                    "Apple Neural Engine, emulated by {} ({}; not run on hardware)",
+                    images.to_string_lossy(),
+                    crate::ane::runtime::FRAMEWORKS_ENV
+                ),
+                None => format!("Apple Neural Engine on {}", chip_name().unwrap_or_else(|| "an unknown chip".into())),
+            },
             details: vec![
                 ("dialect".into(), format!("{} — {}", ane.dialect(), ane.dialect_note())),
                 ("precision".into(), "fp16 compute".into()),

@@ -96,7 +96,12 @@ impl Default for AneConfig {
 
 /// Why this system has no ANE device, or `None` if it might (the framework is then
 /// loaded to find out).
+/// Always `None` when [`runtime::FRAMEWORKS_ENV`] names the images to load (the
+/// emulation, on any OS).
 pub fn platform_unavailable_reason() -> Option<String> {
+    if std::env::var_os(runtime::FRAMEWORKS_ENV).is_some() {
+        return None;
+    }
     if !cfg!(target_os = "macos") {
         return Some(format!("AppleNeuralEngine.framework is only on macOS (this is {})", std::env::consts::OS));
     }
@@ -275,6 +280,21 @@ impl Builder<'_> {
         made.map_err(|e| self.fail(step, Some(format!("{what}: {e}"))))
     }
 
+    /// Sends `compileWithQoS:options:error:` or `loadWithQoS:options:error:` to the model.
+    fn send_step(&self, loaded: &LoadedModel, step: Step, selector: &str) -> Result<()> {
+        let rt = self.rt;
+        let mut error: Id = ptr::null_mut();
+        // SAFETY: the model is live; both selectors take (unsigned int, NSDictionary *, NSError **).
+        let ok = unsafe {
+            rt.send_qos_options_error(loaded.model.as_ptr(), selector, loaded.qos, loaded.options.as_ptr(), &mut error)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.fail(step, unsafe { rt.description(error) }))
+        }
+    }
+
     fn build(
         &self,
         program: &Program,
@@ -315,22 +335,12 @@ impl Builder<'_> {
         let dir = ModelDir::create(temp_root, &hex, text, weights)?;
         let options = self.objc(Step::Compile, "the options", rt.make(&ns::no_options()))?;
         let mut loaded = LoadedModel { rt, model, options, qos: self.config.qos, loaded: false, dir };
-        for (step, selector) in
-            [(Step::Compile, "compileWithQoS:options:error:"), (Step::Load, "loadWithQoS:options:error:")]
-        {
-            let mut error: Id = ptr::null_mut();
-            let ok = unsafe {
-                rt.send_qos_options_error(
-                    loaded.model.as_ptr(),
-                    selector,
-                    loaded.qos,
-                    loaded.options.as_ptr(),
-                    &mut error,
-                )
-            };
-            if !ok {
-                return Err(self.fail(step, unsafe { rt.description(error) }));
-            }
+        // Compile once; load, and if that fails, once more after a pause, as the seed's
+        // reference bridge does (a load can fail while the ANE reclaims a slot).
+        self.send_step(&loaded, Step::Compile, "compileWithQoS:options:error:")?;
+        if self.send_step(&loaded, Step::Load, "loadWithQoS:options:error:").is_err() {
+            std::thread::sleep(LOAD_RETRY_PAUSE);
+            self.send_step(&loaded, Step::Load, "loadWithQoS:options:error:")?;
         }
         loaded.loaded = true;
 
@@ -356,10 +366,16 @@ impl Builder<'_> {
         };
         let input_objects = wrap(&input_surfaces)?;
         let output_objects = wrap(&output_surfaces)?;
-        let request = make_request(rt, &input_objects, &output_objects, ptr::null_mut())
+        let perf_stats = match self.config.perf_stats_mask {
+            Some(_) => Some(performance_stats(rt).map_err(|e| self.fail(Step::Request, Some(e)))?),
+            None => None,
+        };
+        let perf_stats_ptr = perf_stats.as_ref().map_or(ptr::null_mut(), ObjcId::as_ptr);
+        let request = make_request(rt, &input_objects, &output_objects, ptr::null_mut(), perf_stats_ptr)
             .map_err(|e| self.fail(Step::Request, Some(e)))?;
         Ok(AneKernel {
             request,
+            perf_stats,
             input_objects,
             output_objects,
             input_surfaces,
@@ -376,19 +392,37 @@ impl Builder<'_> {
     }
 }
 
+/// How long to wait before the one retry of a failed load: the seed's reference bridge
+/// (`bridge/ane_bridge.m`) sleeps 100 ms "for ANE slot reclamation".
+pub const LOAD_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// `[[_ANEPerformanceStats alloc] init]`: what the request's `perfStats:` must be for the
+/// driver to report `hwExecutionTime` (the seed's `training/m5result.md`: set the model's
+/// `perfStatsMask`, pass a stats object to the request, read it after eval).
+fn performance_stats(rt: &'static Runtime) -> std::result::Result<ObjcId, String> {
+    let class = rt.class("_ANEPerformanceStats");
+    if class.is_null() {
+        return Err("this AppleNeuralEngine.framework has no _ANEPerformanceStats class".into());
+    }
+    // SAFETY: +alloc and -init are NSObject's, with these prototypes.
+    let made = unsafe { rt.send_id(rt.send_id(class, "alloc"), "init") };
+    ObjcId::owned(rt, made).ok_or_else(|| "_ANEPerformanceStats init returned nil".into())
+}
+
 /// `_ANERequest` over wrapped surfaces in ANE order, indices `0..n`, procedure 0.
 fn make_request(
     rt: &'static Runtime,
     inputs: &[ObjcId],
     outputs: &[ObjcId],
     weights_buffer: Id,
+    perf_stats: Id,
 ) -> std::result::Result<ObjcId, String> {
     let ins = rt.array(&inputs.iter().map(ObjcId::as_ptr).collect::<Vec<_>>());
     let outs = rt.array(&outputs.iter().map(ObjcId::as_ptr).collect::<Vec<_>>());
     let in_idx = rt.make(&ns::indices(inputs.len()))?;
     let out_idx = rt.make(&ns::indices(outputs.len()))?;
     let procedure = rt.make(&ns::NsValue::Int(0))?;
-    // SAFETY: all arguments are live objects of the kinds the factory takes; perfStats nil.
+    // SAFETY: all arguments are live objects of the kinds the factory takes, or nil.
     let request = unsafe {
         rt.request(
             ins.as_ptr(),
@@ -396,7 +430,7 @@ fn make_request(
             outs.as_ptr(),
             out_idx.as_ptr(),
             weights_buffer,
-            ptr::null_mut(),
+            perf_stats,
             procedure.as_ptr(),
         )
     };
@@ -441,10 +475,14 @@ impl Drop for LoadedModel {
 }
 
 /// A program compiled and loaded on the ANE, with its surfaces and request.
+///
+/// Teardown follows the seed's reference (`ane_bridge_free`): the model is unloaded
+/// first (in `Drop::drop`, before any field goes), then the fields drop in declaration
+/// order: the request, the objects it held, the surfaces, the model, its directory.
 pub struct AneKernel {
-    // Field order is drop order: the request before the objects it holds, the surfaces
-    // before the model, the model (unloaded) before its directory.
     request: ObjcId,
+    /// The `_ANEPerformanceStats` the request reports into, when timing was asked for.
+    perf_stats: Option<ObjcId>,
     input_objects: Vec<ObjcId>,
     output_objects: Vec<ObjcId>,
     input_surfaces: Vec<IoSurface>,
@@ -458,6 +496,13 @@ pub struct AneKernel {
     /// Packed bytes of one surface, reused across evals.
     scratch: Vec<u8>,
     last_hw_time_ns: Option<u64>,
+}
+
+impl Drop for AneKernel {
+    fn drop(&mut self) {
+        // Nothing to report to from a destructor; the process's exit unloads too.
+        let _ = self.loaded.unload();
+    }
 }
 
 impl AneKernel {
@@ -521,7 +566,9 @@ impl AneKernel {
             .map_err(fail)??;
         let object = ObjcId::retained(rt, unsafe { rt.surface_object(surface.as_ptr()) })
             .ok_or_else(|| fail("_ANEIOSurfaceObject returned nil".into()))?;
-        let request = make_request(rt, &self.input_objects, &self.output_objects, object.as_ptr()).map_err(fail)?;
+        let perf_stats = self.perf_stats.as_ref().map_or(ptr::null_mut(), ObjcId::as_ptr);
+        let request =
+            make_request(rt, &self.input_objects, &self.output_objects, object.as_ptr(), perf_stats).map_err(fail)?;
         self.eval_request(inputs, outputs, request.as_ptr())
     }
 

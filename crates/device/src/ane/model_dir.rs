@@ -113,6 +113,18 @@ impl Drop for ModelDir {
     }
 }
 
+/// Removes every model directory this process holds, for a process about to `exec()`
+/// itself: the image is replaced without running destructors, so the kernels' directories
+/// would stay in the temporary directory (one per compiled program, weights included).
+/// No kernel of this process may compile or load after this; evaluating is unaffected
+/// (the compiler reads the directory, not the evaluation).
+pub fn remove_all_before_exec() {
+    let mut registry = live().lock().unwrap_or_else(|e| e.into_inner());
+    for (path, _) in registry.drain() {
+        let _ = fs::remove_dir_all(&path);
+    }
+}
+
 /// The directory name must be one path component: the framework's identifier is hex
 /// (with separators); anything else would write outside the temporary directory.
 fn check_name(name: &str) -> Result<()> {

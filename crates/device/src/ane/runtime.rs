@@ -32,7 +32,14 @@ pub const ANE_FRAMEWORK: &str = "/System/Library/PrivateFrameworks/AppleNeuralEn
 pub const FOUNDATION: &str = "/System/Library/Frameworks/Foundation.framework/Foundation";
 pub const CORE_FOUNDATION: &str = "/System/Library/Frameworks/CoreFoundation.framework/CoreFoundation";
 pub const IOSURFACE: &str = "/System/Library/Frameworks/IOSurface.framework/IOSurface";
-pub const LIBOBJC: &str = "/usr/lib/libobjc.dylib";
+/// The Objective-C runtime's real image (`libobjc.dylib` is a symlink to it; the seed's
+/// reference links this one).
+pub const LIBOBJC: &str = "/usr/lib/libobjc.A.dylib";
+
+/// The environment variable naming other images to load instead of the system's: one
+/// path (used for all five images, as the emulation `crates/ane-emu` is one library), or
+/// five paths separated by `:` in [`Runtime::load`]'s order. Read only when set.
+pub const FRAMEWORKS_ENV: &str = "ANETRAIN_ANE_FRAMEWORKS";
 
 /// `NSUTF8StringEncoding`.
 const UTF8_ENCODING: usize = 4;
@@ -82,7 +89,13 @@ impl Runtime {
     pub fn get() -> Result<&'static Runtime, String> {
         static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
         RUNTIME
-            .get_or_init(|| Runtime::load(&[LIBOBJC, FOUNDATION, CORE_FOUNDATION, IOSURFACE, ANE_FRAMEWORK]))
+            .get_or_init(|| match std::env::var_os(FRAMEWORKS_ENV) {
+                None => Runtime::load(&[LIBOBJC, FOUNDATION, CORE_FOUNDATION, IOSURFACE, ANE_FRAMEWORK]),
+                Some(value) => {
+                    let paths = framework_paths(&value.to_string_lossy())?;
+                    Runtime::load(&paths.each_ref().map(String::as_str))
+                }
+            })
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -154,6 +167,15 @@ impl Runtime {
     pub fn pool(&'static self) -> Pool {
         // SAFETY: push/pop are balanced by `Pool`'s drop, on the same thread (`Pool` is !Send).
         Pool { rt: self, token: unsafe { (self.fns.pool_push)() } }
+    }
+
+    /// The raw `objc_msgSend` address, for a caller that needs a prototype not below (the
+    /// emulation's tests call it with a wrong one on purpose).
+    ///
+    /// # Safety
+    /// Transmute it only to the exact prototype of the method sent.
+    pub unsafe fn msg_send_raw(&self) -> unsafe extern "C" fn() {
+        self.fns.msg_send
     }
 
     // --- objc_msgSend, one exact prototype per call shape -----------------------------
@@ -430,6 +452,27 @@ impl Runtime {
     fn cf_release(&self, p: Id) {
         // SAFETY: only called by owners of a +1 CF reference, once.
         unsafe { (self.fns.cf_release)(p) }
+    }
+}
+
+/// The five image paths [`FRAMEWORKS_ENV`] names: one path for all, or five separated by `:`.
+pub fn framework_paths(value: &str) -> Result<[String; 5], String> {
+    let parts: Vec<&str> = value.split(':').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!(
+            "{FRAMEWORKS_ENV}=`{value}`: an empty path; give one library path, or five separated by `:`"
+        ));
+    }
+    match parts[..] {
+        [one] => Ok([one; 5].map(String::from)),
+        [objc, foundation, core_foundation, iosurface, ane] => {
+            Ok([objc, foundation, core_foundation, iosurface, ane].map(String::from))
+        }
+        _ => Err(format!(
+            "{FRAMEWORKS_ENV}=`{value}` names {} paths; give one library path (for all images), or five separated \
+             by `:` (libobjc, Foundation, CoreFoundation, IOSurface, AppleNeuralEngine)",
+            parts.len()
+        )),
     }
 }
 
