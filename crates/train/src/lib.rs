@@ -11,6 +11,7 @@
 //! [`pipelines::Pipeline`] for all three) →
 //! checkpoints, telemetry and the efficiency report.
 
+pub mod binding;
 pub mod bpe;
 pub mod checkpoint;
 pub mod corpus;
