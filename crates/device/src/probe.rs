@@ -838,7 +838,11 @@ fn io_convention(ctx: &Ctx<'_>) -> ProbeOutcome {
     }
     let packed_ok = r.measurement("packed_correct") == Some(1.0);
     r.status = if packed_ok { ProbeStatus::Passed } else { ProbeStatus::Failed };
-    let works: Vec<&str> = lines.iter().filter(|l| l.ends_with("correct") && !l.contains("WRONG")).map(|l| l.split(':').next().unwrap_or("")).collect();
+    let works: Vec<&str> = IoVariant::ALL
+        .iter()
+        .filter(|v| r.measurement(&format!("{}_correct", v.name())) == Some(1.0))
+        .map(|v| v.name())
+        .collect();
     r.summary = format!("correct: {}", if works.is_empty() { "none".to_string() } else { works.join(", ") });
     r.notes = lines;
     Ok(r)

@@ -22,7 +22,8 @@ use device::Surface;
 use mil::Dialect;
 
 /// How a kernel's inputs and outputs map to surfaces.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum IoConvention {
     /// One input surface, one output surface (the seed's working convention).
     #[default]

@@ -1,11 +1,14 @@
 //! Kernel generators: the MIL programs a Llama layer runs on a device.
 //!
-//! Every kernel here takes its weights **inside its input surfaces** (the dynamic-weight
-//! trick of DESIGN.md): an input surface `[1, IC, 1, W]` holds an activation in
-//! positions `0..T` and one or more weight matrices, each stored `[IC, OC]`, after it;
+//! Every kernel here takes its weights **inside its input surface** (the dynamic-weight
+//! trick of DESIGN.md): one surface `[1, C, 1, W]` holds the activations in positions
+//! `0..T` and the weight matrices (and any other activation) after them, side by side;
 //! `W` is padded past the last block to an odd multiple of 32 ([`device::padded_width`]).
-//! The program slices them apart and multiplies. All layers share one compiled kernel,
-//! whatever their weights, so a run compiles a handful of programs once.
+//! The program slices them apart and multiplies, on rank-4 values throughout, and
+//! returns its results stacked in one output surface — the way the seed's working
+//! pipeline runs on the ANE ([`crate::binding`] has the conventions and the layouts). All
+//! layers share one compiled kernel, whatever their weights, so a run compiles a handful
+//! of programs once.
 //!
 //! Layout of every activation: channel-major `[C, T]` with `T = batch · seq` tokens; a
 //! batch of sequences sits side by side along T (sequence `b` at `b*S..(b+1)*S`).

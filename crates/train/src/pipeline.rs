@@ -18,7 +18,7 @@ use device::{Device, Kernel, Surface};
 use llama::{Config, Params};
 
 use crate::cpu_ops::{self, ClassifierLoss, RopeTable};
-use crate::binding::KernelIo;
+use crate::binding::{IoConvention, KernelIo, Target};
 use crate::kernels::{self, KernelDef, LayerDims};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
 use crate::model::write_transposed;
@@ -198,8 +198,20 @@ pub struct DynamicPipeline {
 }
 
 impl DynamicPipeline {
-    /// Generates and compiles the six kernels for `batch` sequences of `seq` tokens.
+    /// Generates and compiles the six kernels for `batch` sequences of `seq` tokens, with
+    /// the packed I/O convention.
     pub fn new(device: &dyn Device, config: &Config, batch: usize, seq: usize) -> device::Result<DynamicPipeline> {
+        DynamicPipeline::with_io(device, config, batch, seq, IoConvention::Packed)
+    }
+
+    /// [`DynamicPipeline::new`] with the kernels' surfaces bound by `io`.
+    pub fn with_io(
+        device: &dyn Device,
+        config: &Config,
+        batch: usize,
+        seq: usize,
+        io: IoConvention,
+    ) -> device::Result<DynamicPipeline> {
         let dims = LayerDims {
             dim: config.dim,
             hidden: config.hidden_dim,
@@ -207,7 +219,7 @@ impl DynamicPipeline {
             n_kv_heads: config.n_kv_heads,
         };
         let t = batch * seq;
-        let dialect = device.dialect();
+        let dialect = Target::new(device.dialect(), io);
         let start = Instant::now();
         let qkv_fwd = Compiled::new(device, kernels::qkv_forward(&dims, t, dialect)?)?;
         let attn_fwd = Compiled::new(device, kernels::attention_forward(&dims, batch, seq, dialect)?)?;

@@ -32,7 +32,7 @@ use device::{Device, Kernel, Surface};
 use llama::{Config, Params};
 
 use crate::cpu_ops::{self, ClassifierLoss};
-use crate::binding::KernelIo;
+use crate::binding::{IoConvention, KernelIo, Target};
 use crate::kernels::{KernelDef, LayerDims};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
 use crate::pipeline::{LayerActs, PhaseTimes};
@@ -54,11 +54,13 @@ pub struct StaticOptions {
     /// Largest vocabulary chunk of one classifier kernel: [`mil::lint::MAX_DIMENSION`]
     /// for the ANE; smaller in tests, to exercise the chunked softmax.
     pub vocab_chunk: usize,
+    /// How the kernels bind their surfaces (`--ane-io`).
+    pub io: IoConvention,
 }
 
 impl Default for StaticOptions {
     fn default() -> StaticOptions {
-        StaticOptions { ane_extras: false, vocab_chunk: mil::lint::MAX_DIMENSION }
+        StaticOptions { ane_extras: false, vocab_chunk: mil::lint::MAX_DIMENSION, io: IoConvention::Packed }
     }
 }
 
@@ -70,6 +72,7 @@ pub struct StaticShape {
     pub batch: usize,
     pub seq: usize,
     pub dialect: mil::Dialect,
+    pub io: IoConvention,
     pub ane_extras: bool,
     /// Vocabulary rows of each classifier kernel (extras only).
     pub vocab_chunks: Vec<Range<usize>>,
@@ -88,9 +91,15 @@ impl StaticShape {
             batch,
             seq,
             dialect: device.dialect(),
+            io: options.io,
             ane_extras: options.ane_extras,
             vocab_chunks: sk::vocab_chunks(config.vocab_size, options.vocab_chunk),
         }
+    }
+
+    /// The dialect and I/O convention the kernels are generated for.
+    pub fn target(&self) -> Target {
+        Target::new(self.dialect, self.io)
     }
 
     /// Tokens per micro-batch.
@@ -122,7 +131,7 @@ impl StaticShape {
     /// layer attention forward, FFN forward, FFN backward, Woᵀ, QKV backward; then, with
     /// the extras, the final RMSNorm and the classifier chunks.
     pub fn weight_kernels(&self, params: &Params) -> mil::Result<Vec<KernelDef>> {
-        let (d, t, eps, dialect) = (&self.dims, self.tokens(), self.config.norm_eps, self.dialect);
+        let (d, t, eps, dialect) = (&self.dims, self.tokens(), self.config.norm_eps, self.target());
         let mut defs = Vec::with_capacity(self.kernels_per_set());
         for l in 0..self.config.n_layers {
             let aw = self.attention_weights(params, l);
@@ -148,9 +157,9 @@ impl StaticShape {
     /// The weight-free kernels' programs: attention backward, and with the extras the
     /// RMSNorm backward.
     pub fn weight_free_kernel_defs(&self) -> mil::Result<Vec<KernelDef>> {
-        let mut defs = vec![sk::attention_backward_free(&self.dims, self.batch, self.seq, self.dialect)?];
+        let mut defs = vec![sk::attention_backward_free(&self.dims, self.batch, self.seq, self.target())?];
         if self.ane_extras {
-            defs.push(sk::rmsnorm_backward(self.dims.dim, self.tokens(), self.config.norm_eps, self.dialect)?);
+            defs.push(sk::rmsnorm_backward(self.dims.dim, self.tokens(), self.config.norm_eps, self.target())?);
         }
         Ok(defs)
     }

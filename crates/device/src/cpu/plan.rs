@@ -912,6 +912,39 @@ mod tests {
         assert!(kernel.arena.len() <= ALIGN, "no temporaries");
     }
 
+    /// Results returned in one surface, concatenated on the channel axis (the packed
+    /// I/O convention), are computed straight into their windows of it: no copy, and
+    /// each window at its channel offset. A value that is also read by later steps
+    /// stays readable there.
+    #[test]
+    fn concatenated_outputs_are_computed_in_place() {
+        use mil::builder::FunctionBuilder;
+        use mil::{DType, Dialect, TensorType};
+        let (c, s) = (8i64, 32i64);
+        let mut b = FunctionBuilder::new("main", Dialect::Ios18);
+        let x = b.input("x", TensorType::surface(DType::Fp32, c as usize, 2 * s as usize));
+        let xh = b.cast("x_h", &x, DType::Fp16);
+        let a = b.slice_by_size("a_s", &xh, &[0, 0, 0, 0], &[1, c, 1, s]);
+        let a = b.reshape("a", &a, &[1, 1, c, s]);
+        let w = b.slice_by_size("w_s", &xh, &[0, 0, 0, s], &[1, c, 1, c]);
+        let w = b.reshape("w", &w, &[1, 1, c, c]);
+        let y1 = b.matmul("y1", &w, &a, true, false);
+        let y2 = b.sigmoid("y2", &y1); // reads y1 where it was placed
+        let y1s = b.reshape("y1s", &y1, &[1, c, 1, s]);
+        let y2s = b.reshape("y2s", &y2, &[1, c, 1, s]);
+        let both = b.concat("out_h", &[&y1s, &y2s], 1);
+        let out = b.cast("out", &both, DType::Fp32);
+        b.output(&out);
+        let program = mil::Program::new(Dialect::Ios18, b.finish().unwrap());
+        let kernel = plan(&program, &Weights::new(), Precision::Fp32);
+        let out_st = kernel.output_storage[0].unwrap();
+        assert_eq!(kernel.steps.len(), 2, "a matmul and a sigmoid, no copy: {:?}", kernel.steps);
+        let Step::Matmul(m) = &kernel.steps[0] else { panic!("{:?}", kernel.steps[0]) };
+        assert_eq!(m.dst, (out_st, 0));
+        let Step::Unary { map, .. } = &kernel.steps[1] else { panic!("{:?}", kernel.steps[1]) };
+        assert_eq!((map.dst.storage, map.dst.offset), (out_st, (c * s) as usize));
+    }
+
     /// A 1×1 conv on baked weights is one GEMM too, in either precision (the cast of
     /// fp16 weights to fp32 is free: they are fp16 numbers already).
     #[test]
@@ -943,6 +976,7 @@ mod tests {
             uses: HashMap::new(),
             fuse: true,
             last_add: None,
+            placed: HashMap::new(),
         };
         let small = p.new_packed(&[4]);
         let big = p.new_packed(&[8]);
