@@ -16,9 +16,9 @@ use device::probe::{self, IoChoice};
 use device::{cpu::CpuDevice, Device, Precision};
 use indicatif::{ProgressBar, ProgressStyle};
 use llama::{Config, Params, Sampler, Tokenizer};
+use train::binding::IoConvention;
 use train::data::{Dataset, HoldOut};
 use train::model::{generate, Decoder};
-use train::binding::IoConvention;
 use train::pipelines::{PipelineConfig, PipelineKind};
 use train::telemetry::{Event, Telemetry};
 use train::trainer::{self, TrainConfig, Trainer};
@@ -168,7 +168,9 @@ fn ane_io_choice(args: &TrainArgs) -> Result<IoChoice> {
     let want_multi = args.ane_io == Some(AneIoArg::Multi);
     let path = &args.ane_io_probe;
     match std::fs::read_to_string(path) {
-        Ok(text) => probe::choose_io_convention(&text, want_multi).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Ok(text) => {
+            probe::choose_io_convention(&text, want_multi).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !want_multi => Ok(IoChoice::Packed),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
             "--ane-io multi: no io-convention report at {}; run `anetrain probe io-convention --device ane --json {}` \

@@ -684,8 +684,13 @@ pub enum IoVariant {
 }
 
 impl IoVariant {
-    pub const ALL: [IoVariant; 5] =
-        [IoVariant::Packed, IoVariant::MultiDeclaration, IoVariant::MultiAlphabetical, IoVariant::Rank2, IoVariant::Rank5];
+    pub const ALL: [IoVariant; 5] = [
+        IoVariant::Packed,
+        IoVariant::MultiDeclaration,
+        IoVariant::MultiAlphabetical,
+        IoVariant::Rank2,
+        IoVariant::Rank5,
+    ];
 
     /// The measurement name in probe reports (`<name>_correct`).
     pub fn name(self) -> &'static str {
@@ -866,8 +871,7 @@ pub const IO_CONVENTION_FILE: &str = "anetrain-io-convention.json";
 /// writes it). `want_multi`: the user asked for several surfaces (`--ane-io multi`).
 /// Errors say why, naming the probe to run.
 pub fn choose_io_convention(report_json: &str, want_multi: bool) -> Result<IoChoice, String> {
-    let report: ProbeReport =
-        serde_json::from_str(report_json).map_err(|e| format!("not a probe report: {e}"))?;
+    let report: ProbeReport = serde_json::from_str(report_json).map_err(|e| format!("not a probe report: {e}"))?;
     let Some(r) = report.results.iter().find(|r| r.name == "io-convention") else {
         return Err("the report has no `io-convention` result: run `anetrain probe io-convention --device ane`".into());
     };

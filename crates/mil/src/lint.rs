@@ -537,7 +537,9 @@ impl<'a> FunctionLint<'a> {
     fn concat(&mut self, op: &Operation) {
         let rank4 = op.outputs.first().is_some_and(|v| v.ty.rank() == ANE_RANK);
         let axis = match op.arg("axis") {
-            Some(Arg::Var(name)) => self.producers.get(name.as_str()).and_then(|p| p.const_value()).and_then(|v| v.as_int()),
+            Some(Arg::Var(name)) => {
+                self.producers.get(name.as_str()).and_then(|p| p.const_value()).and_then(|v| v.as_int())
+            }
             Some(Arg::Value(v)) => v.as_int(),
             _ => None,
         };
@@ -546,7 +548,8 @@ impl<'a> FunctionLint<'a> {
             self.push(
                 "concat",
                 Some(op),
-                "`concat` off the channel/spatial axis of rank-4 values is reported rejected by the ANE compiler".into(),
+                "`concat` off the channel/spatial axis of rank-4 values is reported rejected by the ANE compiler"
+                    .into(),
             );
         }
     }

@@ -222,7 +222,7 @@ fn conv_bias() -> Program {
     let mut b = FunctionBuilder::new("main", Dialect::Ios18);
     let x = b.input("x", TensorType::surface(DType::Fp16, 256, 128));
     let wv = b.constant("w", w.add_tensor("w", &[256, 256, 1, 1], &vec![0.0; 256 * 256]));
-    let bias = b.constant("bias", w.add_tensor("bias", &[1, 256, 1, 1], &[0.0; 256]));
+    let bias = b.constant("bias", w.add_tensor("bias", &[256], &[0.0; 256]));
     let y = b.op1("conv", "y", vec![("x", (&x).into()), ("weight", (&wv).into()), ("bias", (&bias).into())]);
     b.output(&y);
     program(Dialect::Ios18, b.finish().unwrap())
@@ -284,11 +284,13 @@ fn cases() -> Vec<(&'static str, Program)> {
 }
 
 /// The rules a case's program triggers besides its own: the several-surface rules for
-/// programs that need several surfaces to show their rule.
+/// programs that need several surfaces to show their rule, and `rank` for a conv bias.
 fn companions(rule: &str) -> &'static [&'static str] {
     match rule {
         "sdpa-attn-mask" | "sdpa" | "small-surface" => &["several-inputs"],
         "unequal-surface-sizes" => &["several-inputs", "several-outputs"],
+        // `conv`'s bias is rank 1 by the op's definition.
+        "conv-bias" => &["rank"],
         _ => &[],
     }
 }
@@ -362,14 +364,17 @@ fn findings_name_the_op_and_say_why() {
 
 #[test]
 fn surface_findings_name_the_value_and_its_size() {
-    let findings = lint::lint(&small_surface());
+    let only = |p: &Program, rule: &str| -> Vec<lint::Finding> {
+        lint::lint(p).into_iter().filter(|f| f.rule == rule).collect()
+    };
+    let findings = only(&small_surface(), "small-surface");
     let messages: Vec<&str> = findings.iter().map(|f| f.message.as_str()).collect();
-    assert_eq!(findings.len(), 2, "{messages:?}");
+    assert_eq!(findings.len(), 3, "{messages:?}");
     assert!(messages[0].starts_with("input `x` (tensor<fp16, [1, 64, 1, 64]>) is 8192 bytes"), "{messages:?}");
-    assert!(messages[1].starts_with("output `y`"), "{messages:?}");
+    assert!(messages[2].starts_with("output `y`"), "{messages:?}");
     assert!(findings.iter().all(|f| f.op.is_none()));
 
-    let findings = lint::lint(&unequal_surface_sizes());
+    let findings = only(&unequal_surface_sizes(), "unequal-surface-sizes");
     assert_eq!(findings.len(), 2);
     assert!(findings[0].message.contains("`a` 65536 B, `c` 131072 B"), "{}", findings[0].message);
     assert!(findings[0].message.contains("padded to 131072 bytes"), "{}", findings[0].message);

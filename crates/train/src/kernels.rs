@@ -163,9 +163,7 @@ impl Gen {
                 let mut all = self.groups.iter().flat_map(|g| g.blocks.iter());
                 vec![lay("x", channels, &mut all)]
             }
-            IoConvention::Multi => {
-                self.groups.iter().map(|g| lay(&g.name, g.channels, &mut g.blocks.iter())).collect()
-            }
+            IoConvention::Multi => self.groups.iter().map(|g| lay(&g.name, g.channels, &mut g.blocks.iter())).collect(),
         };
         let mut surfaces = Vec::new();
         for layout in layouts {
@@ -268,7 +266,14 @@ impl Gen {
                         let s = surface(&mut self.b, &hname, &v);
                         self.emit_output(oname, &s);
                         let j = output_surfaces.len();
-                        slots.push(OutputSlot { name: oname.clone(), surface: j, c0: 0, channels: *c, s0: 0, width: w });
+                        slots.push(OutputSlot {
+                            name: oname.clone(),
+                            surface: j,
+                            c0: 0,
+                            channels: *c,
+                            s0: 0,
+                            width: w,
+                        });
                         output_surfaces.push(crate::binding::OutputSurface { channels: *c, width: w });
                     }
                 }
@@ -343,8 +348,8 @@ pub fn qkv_forward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::R
     let w = g.block("wqkv");
     // One GEMM for all three projections: the weights sit side by side.
     let qkv = g.linear_t("qkv", &w, &xn); // [D + 2KV, T]
-    // The three outputs are the three row groups of one result: one output, split by
-    // the host.
+                                          // The three outputs are the three row groups of one result: one output, split by
+                                          // the host.
     g.output_rows(&qkv, &[("q", dim), ("k", kv), ("v", kv)]);
     g.finish("qkv_forward")
 }
@@ -559,7 +564,12 @@ pub fn ffn_backward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::
 /// `dq [D, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values; the CPU applies
 /// RoPE's backward). With grouped-query attention the gradients of the query heads
 /// sharing a KV head are summed ("folded") into it.
-pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
+pub fn attention_backward(
+    d: &LayerDims,
+    batch: usize,
+    seq: usize,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
     let t = batch * seq;
     let h = Heads::new(d, batch, seq);

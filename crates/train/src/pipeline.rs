@@ -17,8 +17,8 @@ use std::time::Instant;
 use device::{Device, Kernel, Surface};
 use llama::{Config, Params};
 
-use crate::cpu_ops::{self, ClassifierLoss, RopeTable};
 use crate::binding::{IoConvention, KernelIo, Target};
+use crate::cpu_ops::{self, ClassifierLoss, RopeTable};
 use crate::kernels::{self, KernelDef, LayerDims};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
 use crate::model::write_transposed;

@@ -188,7 +188,13 @@ pub fn attention_forward(
 /// Fused SwiGLU FFN of one layer: RMSNorm → `h1 = W1·xn`, `h3 = W3·xn` (one GEMM) →
 /// `y = W2 · (silu(h1) ⊙ h3)`. Input `x: [D, T]`, the residual stream after attention.
 /// Outputs `xn [D, T]`, `r [1, T]`, `h1`, `h3` (`[H, T]`, for the backward), `y [D, T]`.
-pub fn ffn_forward(d: &LayerDims, t: usize, eps: f32, w: &FfnWeights<'_>, target: impl Into<Target>) -> mil::Result<KernelDef> {
+pub fn ffn_forward(
+    d: &LayerDims,
+    t: usize,
+    eps: f32,
+    w: &FfnWeights<'_>,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, hid) = (d.dim, d.hidden);
     let mut g = Gen::new(target);
     g.surface("x", dim, &[("x", dim, t)]);
@@ -271,7 +277,12 @@ pub fn attention_backward_wo(d: &LayerDims, t: usize, wo: &[f32], target: impl I
 /// `cos`, `sin` (`[hd/2, T]`); `kv: [KV, 2T]` = rotated keys, values. Outputs `dq [D, T]`,
 /// `dk [KV, T]`, `dv [KV, T]`; with grouped-query attention the query heads sharing a KV
 /// head sum their gradients into it.
-pub fn attention_backward_free(d: &LayerDims, batch: usize, seq: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
+pub fn attention_backward_free(
+    d: &LayerDims,
+    batch: usize,
+    seq: usize,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
     let t = batch * seq;
     let h = Heads::new(d, batch, seq);
@@ -300,7 +311,12 @@ pub fn attention_backward_free(d: &LayerDims, batch: usize, seq: usize, target: 
 /// Backward of the QKV projection with baked weights: `dx = Wqᵀ·dq + Wkᵀ·dk + Wvᵀ·dv`.
 /// Inputs `dq: [D, T]`, `dkv: [KV, 2T]` = `dk`, `dv` (at the unrotated projections).
 /// Output `dx [D, T]` (at the normed input).
-pub fn qkv_backward(d: &LayerDims, t: usize, w: &AttentionWeights<'_>, target: impl Into<Target>) -> mil::Result<KernelDef> {
+pub fn qkv_backward(
+    d: &LayerDims,
+    t: usize,
+    w: &AttentionWeights<'_>,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, kv) = (d.dim, d.kv_dim());
     let mut g = Gen::new(target);
     g.surface("dq", dim, &[("dq", dim, t)]);

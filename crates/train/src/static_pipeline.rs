@@ -31,8 +31,8 @@ use std::time::Instant;
 use device::{Device, Kernel, Surface};
 use llama::{Config, Params};
 
-use crate::cpu_ops::{self, ClassifierLoss};
 use crate::binding::{IoConvention, KernelIo, Target};
+use crate::cpu_ops::{self, ClassifierLoss};
 use crate::kernels::{KernelDef, LayerDims};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
 use crate::pipeline::{LayerActs, PhaseTimes};

@@ -12,7 +12,8 @@ use train::static_kernels as sk;
 
 /// The rules the packed convention exists to satisfy, and the surface rules that only
 /// apply to several surfaces.
-const IO_RULES: [&str; 6] = ["several-inputs", "several-outputs", "rank", "padding", "small-surface", "unequal-surface-sizes"];
+const IO_RULES: [&str; 6] =
+    ["several-inputs", "several-outputs", "rank", "padding", "small-surface", "unequal-surface-sizes"];
 
 struct Shape {
     name: &'static str,
@@ -24,7 +25,13 @@ struct Shape {
 
 fn shapes() -> Vec<Shape> {
     vec![
-        Shape { name: "tiny", d: LayerDims { dim: 64, hidden: 172, n_heads: 8, n_kv_heads: 4 }, batch: 2, seq: 32, vocab: 256 },
+        Shape {
+            name: "tiny",
+            d: LayerDims { dim: 64, hidden: 172, n_heads: 8, n_kv_heads: 4 },
+            batch: 2,
+            seq: 32,
+            vocab: 256,
+        },
         Shape {
             name: "stories110m",
             d: LayerDims { dim: 768, hidden: 2048, n_heads: 12, n_kv_heads: 12 },
@@ -154,7 +161,10 @@ fn packed_and_multi_conventions_agree_through_their_layouts() {
                         // the block's name and the element's position.
                         let seed = b.name.bytes().fold(7u32, |h, c| h.wrapping_mul(31).wrapping_add(c as u32));
                         let data: Vec<f32> = (0..b.rows * b.width)
-                            .map(|j| (((j as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 2001) as f32 / 2000.0 - 0.5)
+                            .map(|j| {
+                                (((j as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 2001) as f32 / 2000.0
+                                    - 0.5
+                            })
                             .collect();
                         ins[i].write_block(0, b.s0, b.rows, b.width, &data);
                     }

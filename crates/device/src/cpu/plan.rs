@@ -134,9 +134,23 @@ pub(crate) fn compile(
             .value(&out.name)?
             .ok_or_else(|| Error::new(ErrorKind::Program, format!("output `{}` is not a tensor value", out.name)))?;
         if let Some(st) = output_storage[j] {
-            // Placed by `place_outputs`: the value is the whole surface already, or is
-            // copied into it.
-            if !(view.storage == st && view.offset == 0 && view.is_packed()) {
+            // Placed by `place_outputs`: the value is the whole surface already; or, if
+            // nothing was computed into the surface after all, a whole temporary that
+            // becomes the surface; or it is copied in.
+            if view.storage == st && view.offset == 0 && view.is_packed() {
+                continue;
+            }
+            let mut used = false;
+            for step in &p.steps {
+                step.visit_storages(&mut |s| used |= s == st);
+            }
+            let whole_temp = matches!(p.kinds[view.storage], StorageKind::Temp { len } if len == view.numel())
+                && view.offset == 0
+                && view.is_packed();
+            if whole_temp && !used {
+                p.kinds[view.storage] = StorageKind::Output(j);
+                output_storage[j] = Some(view.storage);
+            } else {
                 p.copy(&view, &View::packed(st, 0, &out.ty.shape));
             }
             continue;
@@ -223,11 +237,16 @@ fn place_outputs(p: &mut Planner<'_>, f: &Function, outputs: &[mil::Var], output
                     // input surface, and inputs are not placed).
                     let float_view = op.op != "cast" || (xt.dtype.is_float() && op.outputs[0].ty.dtype.is_float());
                     if float_view {
+                        if op.op == "reshape" {
+                            // Where the reshape copies, if its input's strides need it.
+                            p.placed.insert(name.clone(), window.clone());
+                        }
                         work.push((x, View::packed(window.storage, window.offset, &xt.shape)));
                     }
                 }
                 "concat" => {
                     let Some(Arg::List(items)) = op.arg("values") else { continue };
+                    p.placed.insert(name.clone(), window.clone());
                     let shape = &op.outputs[0].ty.shape;
                     let axis = p.int(op, "axis").ok().flatten().unwrap_or(0);
                     let Ok(axis) = ops::norm_axis(axis, shape.len(), "axis") else { continue };
@@ -525,7 +544,17 @@ impl Planner<'_> {
             "reshape" | "expand_dims" | "squeeze" => {
                 // expand_dims and squeeze only add or drop size-1 axes: always a view.
                 let x = self.arg(op, "x")?;
-                let v = self.reshaped(x, &out.ty.shape);
+                let v = match x.reshape(&out.ty.shape) {
+                    Some(v) => v,
+                    // The strides need a copy: into the result's window of an output
+                    // surface when it has one.
+                    None if self.placed.contains_key(&op.outputs[0].name) => {
+                        let window = self.dst(op, &x.shape);
+                        self.copy(&x, &window);
+                        window.reshape(&out.ty.shape).expect("a packed window reshapes")
+                    }
+                    None => self.reshaped(x, &out.ty.shape),
+                };
                 self.define(op, v);
             }
             "transpose" => {
@@ -698,8 +727,8 @@ impl Planner<'_> {
             return None;
         }
         let Some(Step::Matmul(mut mm)) = self.steps.drain(n - 2..).next() else { unreachable!("checked above") };
-        let dst = self.new_packed(&x.shape);
-        mm.dst = (dst.storage, 0);
+        let dst = self.dst(op, &x.shape);
+        mm.dst = (dst.storage, dst.offset);
         let (data, at) = (&self.consts[c], mask.offset as isize);
         let (rs, cs) = (mask.strides[rank - 2], mask.strides[rank - 1]);
         let fused = ScoresSoftmax::new(mm, |i, j| data[(at + i as isize * rs + j as isize * cs) as usize], round);
