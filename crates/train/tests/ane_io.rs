@@ -129,6 +129,9 @@ fn the_multi_surface_convention_is_what_the_lint_warns_about() {
     assert!(!rules.contains(&"rank"), "{rules:?}");
 }
 
+/// A kernel generator for one target.
+type Generator = dyn Fn(Target) -> KernelDef;
+
 /// The same kernel in both conventions gives the same outputs on the CPU device, read
 /// through the layouts (a check of the packed offsets against the multi-surface ones,
 /// which have one block or output per surface at offset 0).
@@ -139,7 +142,7 @@ fn packed_and_multi_conventions_agree_through_their_layouts() {
     let t = batch * seq;
     for precision in [Precision::Fp32, Precision::Fp16] {
         let cpu = CpuDevice::new(precision);
-        let gens: Vec<(&str, Box<dyn Fn(Target) -> KernelDef>)> = vec![
+        let gens: Vec<(&str, Box<Generator>)> = vec![
             ("qkv_forward", Box::new(move |g| kernels::qkv_forward(&d, t, g).unwrap())),
             ("attention_forward", Box::new(move |g| kernels::attention_forward(&d, batch, seq, g).unwrap())),
             ("ffn_forward", Box::new(move |g| kernels::ffn_forward(&d, t, g).unwrap())),
