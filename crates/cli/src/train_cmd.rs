@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use device::ane::binding::BindingRules;
+use device::probe::{self, IoChoice};
 use device::{cpu::CpuDevice, Device, Precision};
 use indicatif::{ProgressBar, ProgressStyle};
 use llama::{Config, Params, Sampler, Tokenizer};
+use train::binding::IoConvention;
 use train::data::{Dataset, HoldOut};
 use train::model::{generate, Decoder};
 use train::pipelines::{PipelineConfig, PipelineKind};
@@ -120,6 +123,16 @@ pub struct TrainArgs {
     /// backward as device kernels (static and double-buffer pipelines).
     #[arg(long)]
     pub ane_extras: bool,
+    /// How kernels bind their surfaces: `packed` (one input and one output surface per
+    /// kernel, as the seed's working ANE pipeline; the default) or `multi` (a surface per
+    /// input group and per output). With --device ane, the binding order of `multi` comes
+    /// from `anetrain probe io-convention --device ane` (see --ane-io-probe).
+    #[arg(long, value_enum)]
+    pub ane_io: Option<AneIoArg>,
+    /// The report of `anetrain probe io-convention --device ane --json FILE` that
+    /// --device ane reads to choose the I/O convention and binding order.
+    #[arg(long, value_name = "FILE", default_value = device::probe::IO_CONVENTION_FILE)]
+    pub ane_io_probe: PathBuf,
     /// CPU device: refuse compiles after N per process, as the ANE does after ≈119;
     /// training then checkpoints and restarts itself to continue.
     #[arg(long, value_name = "N")]
@@ -151,6 +164,12 @@ pub fn given_flags(matches: &clap::ArgMatches) -> Vec<String> {
 
 /// `--pipeline`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AneIoArg {
+    Packed,
+    Multi,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PipelineArg {
     Dynamic,
     Static,
@@ -167,13 +186,54 @@ impl From<PipelineArg> for PipelineKind {
     }
 }
 
-/// The device, with the CPU device's emulated compile budget and latency when asked for.
-fn training_device(args: &TrainArgs) -> Result<Box<dyn Device>> {
+/// The I/O convention for `--device ane`: from the io-convention probe's report when
+/// there is one; without it, packed (the seed's working convention), and `multi` is
+/// refused, naming the probe to run.
+fn ane_io_choice(args: &TrainArgs) -> Result<IoChoice> {
+    let want_multi = args.ane_io == Some(AneIoArg::Multi);
+    let path = &args.ane_io_probe;
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            probe::choose_io_convention(&text, want_multi).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !want_multi => Ok(IoChoice::Packed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "--ane-io multi: no io-convention report at {}; run `anetrain probe io-convention --device ane --json {}` \
+             on this Mac first (it finds the order in which this chip binds several surfaces)",
+            path.display(),
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The device, with the CPU device's emulated compile budget and latency when asked for,
+/// and the I/O convention its kernels use.
+fn training_device(args: &TrainArgs) -> Result<(Box<dyn Device>, IoConvention)> {
+    let requested = match args.ane_io {
+        Some(AneIoArg::Multi) => IoConvention::Multi,
+        _ => IoConvention::Packed,
+    };
+    if args.device == DeviceArg::Ane {
+        if args.sim_compile_limit.is_some() || args.sim_compile_ms.is_some() {
+            bail!("--sim-compile-limit and --sim-compile-ms emulate the ANE on the CPU device; they need --device cpu");
+        }
+        let choice = ane_io_choice(args)?;
+        let ane = device::ane::AneDevice::open()?;
+        return Ok(match choice {
+            IoChoice::Packed => (Box::new(ane.with_binding(BindingRules::exact(false))), IoConvention::Packed),
+            IoChoice::Multi { declaration_order } => {
+                (Box::new(ane.with_binding(BindingRules::exact(!declaration_order))), IoConvention::Multi)
+            }
+        });
+    }
+    Ok((training_cpu_device(args)?, requested))
+}
+
+/// The CPU (or auto) device, with the emulated compile budget and latency when asked for.
+fn training_cpu_device(args: &TrainArgs) -> Result<Box<dyn Device>> {
     if args.sim_compile_limit.is_none() && args.sim_compile_ms.is_none() {
         return open_device(args.device, args.precision);
-    }
-    if args.device == DeviceArg::Ane {
-        bail!("--sim-compile-limit and --sim-compile-ms emulate the ANE on the CPU device; they need --device cpu");
     }
     let mut cpu = CpuDevice::new(args.precision);
     if let Some(n) = args.sim_compile_limit {
@@ -346,7 +406,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     train::checkpoint::check_writable(&args.ckpt).context("--ckpt: cannot write a checkpoint there")?;
-    let device = training_device(&args)?;
+    let (device, io) = training_device(&args)?;
     let given_tokenizer = match &args.tokenizer {
         Some(p) => Some(Tokenizer::read(p)?),
         None if args.resume => {
@@ -394,6 +454,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // A fresh run's default pipeline: `validate` says what --ane-extras needs.
         (None, true) => Some(PipelineConfig::new(PipelineKind::Dynamic, true)),
         (None, false) => None,
+    };
+    let pipeline = match (pipeline, io) {
+        (Some(p), io) => Some(PipelineConfig { io, ..p }),
+        (None, IoConvention::Packed) => None,
+        (None, _) if resuming => {
+            bail!("--ane-io with --resume needs --pipeline too (without it the checkpoint's pipeline continues)")
+        }
+        (None, io) => Some(PipelineConfig { io, ..PipelineConfig::new(PipelineKind::Dynamic, false) }),
     };
     if let Some(p) = pipeline {
         p.validate().map_err(anyhow::Error::msg)?;

@@ -241,3 +241,22 @@ fn a_diverging_run_stops_and_names_the_step() {
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
 }
+
+/// `--ane-io multi` trains with one surface per input group and output, to the same
+/// losses as the packed default (the CPU device binds in declaration order); on the ANE
+/// it needs the io-convention probe's report, and says so.
+#[test]
+fn the_multi_surface_convention_trains_like_the_packed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |io: &str, tel: &str| {
+        ok(&anetrain(dir.path(), &train_args(&["--steps", "3", "--ane-io", io, "--telemetry", tel])));
+        losses(&dir.path().join(tel))
+    };
+    assert_eq!(run("packed", "p.jsonl"), run("multi", "m.jsonl"));
+    let out = anetrain(dir.path(), &["train", "--device", "ane", "--ane-io", "multi", "--ane-io-probe", "none.json"]);
+    failed_with(
+        &out,
+        1,
+        &["--ane-io multi: no io-convention report at none.json", "anetrain probe io-convention --device ane"],
+    );
+}

@@ -43,6 +43,11 @@ pub const PROBES: &[(&str, &str)] = &[
     ("weight-reload", "are BLOBFILE constants baked in at compile time, or does a reload pick up new files?"),
     ("weights-buffer", "does the request's weightsBuffer replace the compiled weights? (ANE)"),
     ("io-order", "are several inputs/outputs bound in alphabetical order with equal allocations? (ANE)"),
+    (
+        "io-convention",
+        "which kernel I/O works: one packed input and output, several inputs (declaration or alphabetical \
+         order), rank 2, rank 5",
+    ),
     ("qos-sweep", "compile, load and eval latency for each QoS class (ANE)"),
     ("perf-stats", "does the device report its own execution time (hwExecutionTime)?"),
     ("compile-limit", "how many programs one process can compile (in a child process)"),
@@ -192,6 +197,7 @@ fn run_one(name: &str, ctx: &Ctx<'_>) -> ProbeResult {
         "weight-reload" => weight_reload(ctx),
         "weights-buffer" => weights_buffer(ctx),
         "io-order" => io_order(ctx),
+        "io-convention" => io_convention(ctx),
         "qos-sweep" => qos_sweep(ctx),
         "perf-stats" => perf_stats(ctx),
         "compile-limit" => compile_limit(ctx),
@@ -649,6 +655,250 @@ fn io_order(ctx: &Ctx<'_>) -> ProbeOutcome {
     .measure("declaration_order_correct", correct[1] as u8 as f64, "bool");
     r.notes = notes;
     Ok(r)
+}
+
+// --- io-convention -------------------------------------------------------------------
+
+/// Channels and positions of the io-convention programs: `a`, `b` are `[C, S]`, `W` is
+/// `[C, C]`; every surface is at least 48 KiB in fp32 and has a width multiple of 32.
+const IO_CONV_CHANNELS: usize = 128;
+const IO_CONV_SEQ: usize = 96;
+
+/// The ways of binding a kernel's data that the io-convention probe tries. Every
+/// variant computes the same `y1 = Wᵀ·a` and `y2 = a + 2·b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoVariant {
+    /// One input `[1, C, 1, 2S + C]` = `a | b | W`, sliced inside; one output
+    /// `[1, 2C, 1, S]` = `y1` over `y2` (concat on channels). Rank 4 throughout: the
+    /// seed's working convention.
+    Packed,
+    /// Inputs `zb` `[1, C, 1, S]` then `aw` `[1, C, 1, S + C]`, outputs `zy` (`y2`) then
+    /// `ay` (`y1`): declared out of alphabetical order, bound in declaration order.
+    MultiDeclaration,
+    /// The same program, bound in alphabetical order of the names.
+    MultiAlphabetical,
+    /// As `Packed`, but the matmul on rank-2 values.
+    Rank2,
+    /// As `Packed`, with a rank-5 reshape and transpose on the way.
+    Rank5,
+}
+
+impl IoVariant {
+    pub const ALL: [IoVariant; 5] = [
+        IoVariant::Packed,
+        IoVariant::MultiDeclaration,
+        IoVariant::MultiAlphabetical,
+        IoVariant::Rank2,
+        IoVariant::Rank5,
+    ];
+
+    /// The measurement name in probe reports (`<name>_correct`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IoVariant::Packed => "packed",
+            IoVariant::MultiDeclaration => "multi_declaration_order",
+            IoVariant::MultiAlphabetical => "multi_alphabetical_order",
+            IoVariant::Rank2 => "rank2",
+            IoVariant::Rank5 => "rank5",
+        }
+    }
+}
+
+/// The program of an io-convention variant (both multi variants share one).
+pub fn io_convention_program(dialect: Dialect, variant: IoVariant) -> Result<Program, Error> {
+    let (c, s) = (IO_CONV_CHANNELS as i64, IO_CONV_SEQ as i64);
+    let mut g = Gen::new(dialect);
+    let slice4 = |g: &mut Gen, name: &str, x: &Var, s0: i64, width: i64| {
+        let v = g.b.slice_by_size(&format!("{name}_s"), x, &[0, 0, 0, s0], &[1, c, 1, width]);
+        g.b.reshape(name, &v, &[1, 1, c, width])
+    };
+    let (a, b, w) = match variant {
+        IoVariant::MultiDeclaration | IoVariant::MultiAlphabetical => {
+            let (_, zb) = g.input("zb", &[1, c as usize, 1, s as usize]);
+            let (_, aw) = g.input("aw", &[1, c as usize, 1, (s + c) as usize]);
+            let b = g.b.reshape("b", &zb, &[1, 1, c, s]);
+            (slice4(&mut g, "a", &aw, 0, s), b, slice4(&mut g, "w", &aw, s, c))
+        }
+        _ => {
+            let (_, x) = g.input("x", &[1, c as usize, 1, (2 * s + c) as usize]);
+            (slice4(&mut g, "a", &x, 0, s), slice4(&mut g, "b", &x, s, s), slice4(&mut g, "w", &x, 2 * s, c))
+        }
+    };
+    let y1 = match variant {
+        IoVariant::Rank2 => {
+            let w2 = g.b.reshape("w2", &w, &[c, c]);
+            let a2 = g.b.reshape("a2", &a, &[c, s]);
+            let y = g.b.matmul("y1_2", &w2, &a2, true, false);
+            g.b.reshape("y1", &y, &[1, 1, c, s])
+        }
+        IoVariant::Rank5 => {
+            let a5 = g.b.reshape("a5", &a, &[1, 2, c / 2, s / 2, 2]);
+            let t5 = g.b.transpose("a5t", &a5, &[0, 1, 2, 4, 3]);
+            let back = g.b.transpose("a5b", &t5, &[0, 1, 2, 4, 3]);
+            let a4 = g.b.reshape("a4", &back, &[1, 1, c, s]);
+            g.b.matmul("y1", &w, &a4, true, false)
+        }
+        _ => g.b.matmul("y1", &w, &a, true, false),
+    };
+    let b2 = g.b.scale("b2", &b, 2.0);
+    let y2 = g.b.add("y2", &a, &b2);
+    let y1s = g.b.reshape("y1s", &y1, &[1, c, 1, s]);
+    let y2s = g.b.reshape("y2s", &y2, &[1, c, 1, s]);
+    match variant {
+        IoVariant::MultiDeclaration | IoVariant::MultiAlphabetical => {
+            g.output("zy", &y2s);
+            g.output("ay", &y1s);
+        }
+        _ => {
+            let both = g.b.concat("y", &[&y1s, &y2s], 1);
+            g.output("out", &both);
+        }
+    }
+    g.finish()
+}
+
+/// Runs one io-convention variant on `device`: `Ok(true)` if it compiled and gave the
+/// right numbers, `Ok(false)` if the numbers were wrong, `Err` if it failed.
+fn io_convention_case(device: &dyn Device, variant: IoVariant) -> Result<bool, Error> {
+    let (c, s) = (IO_CONV_CHANNELS, IO_CONV_SEQ);
+    let program = io_convention_program(device.dialect(), variant)?;
+    let main = program.main().expect("built");
+    let io = main.inputs[0].ty.dtype;
+    let mut rng = Rng(0x5eed_0017);
+    let (a, b, w) = (rng.vec(c * s, 1.0), rng.vec(c * s, 1.0), rng.vec(c * c, 0.1));
+    let fp16 = rounds_inputs(device, io);
+    let h = |v: f32| seen(v, fp16);
+    let mut y1 = vec![0.0f64; c * s];
+    for o in 0..c {
+        for i in 0..c {
+            let wio = h(w[i * c + o]);
+            for t in 0..s {
+                y1[o * s + t] += wio * h(a[i * s + t]);
+            }
+        }
+    }
+    let y2: Vec<f64> = (0..c * s).map(|i| h(a[i]) + 2.0 * h(b[i])).collect();
+    let mut k = device.compile(&program, &Weights::new())?;
+    let rows = |parts: &[&[f32]], width: usize| -> Vec<f32> {
+        // Blocks side by side on the spatial axis, row by row.
+        let mut out = Vec::with_capacity(c * width);
+        for r in 0..c {
+            for p in parts {
+                let pw = p.len() / c;
+                out.extend_from_slice(&p[r * pw..(r + 1) * pw]);
+            }
+        }
+        out
+    };
+    let mut outs = zeros_for(k.outputs());
+    let (got1, got2) = match variant {
+        IoVariant::MultiDeclaration | IoVariant::MultiAlphabetical => {
+            let zb = Surface::from_f32(io, &[1, c, 1, s], &b);
+            let aw = Surface::from_f32(io, &[1, c, 1, s + c], &rows(&[&a, &w], s + c));
+            k.eval(&[&zb, &aw], &mut outs.iter_mut().collect::<Vec<_>>())?;
+            (outs[1].to_f32(), outs[0].to_f32())
+        }
+        _ => {
+            let x = Surface::from_f32(io, &[1, c, 1, 2 * s + c], &rows(&[&a, &b, &w], 2 * s + c));
+            k.eval(&[&x], &mut outs.iter_mut().collect::<Vec<_>>())?;
+            let all = outs[0].to_f32();
+            (all[..c * s].to_vec(), all[c * s..].to_vec())
+        }
+    };
+    let tol = tolerance(device, c);
+    Ok(max_rel_error(&got1, &y1) <= tol && max_rel_error(&got2, &y2) <= tol)
+}
+
+fn io_convention(ctx: &Ctx<'_>) -> ProbeOutcome {
+    const NAME: &str = "io-convention";
+    if let Some(r) = needs_compiles(NAME, ctx, IoVariant::ALL.len()) {
+        return Ok(r);
+    }
+    let mut r = ProbeResult::new(NAME, ProbeStatus::Passed, "");
+    let mut lines = Vec::new();
+    for variant in IoVariant::ALL {
+        let outcome = match (variant, ctx.ane) {
+            (IoVariant::MultiDeclaration, Some(ane)) => {
+                io_convention_case(&ane.with_binding(BindingRules::none()), variant)
+            }
+            (IoVariant::MultiAlphabetical, Some(ane)) => io_convention_case(
+                &ane.with_binding(BindingRules { alphabetical_order: true, ..BindingRules::none() }),
+                variant,
+            ),
+            // Other devices bind in declaration order: there is no alphabetical order
+            // to try.
+            (IoVariant::MultiAlphabetical, None) => {
+                lines.push(format!("{}: not applicable on the {} device", variant.name(), ctx.device.name()));
+                continue;
+            }
+            _ => io_convention_case(ctx.device, variant),
+        };
+        let ok = matches!(outcome, Ok(true));
+        r = r.measure(&format!("{}_correct", variant.name()), ok as u8 as f64, "bool");
+        lines.push(match outcome {
+            Ok(true) => format!("{}: compiles, correct", variant.name()),
+            Ok(false) => format!("{}: compiles, WRONG numbers", variant.name()),
+            Err(e) => format!("{}: {}", variant.name(), first_line(&e.message)),
+        });
+    }
+    let packed_ok = r.measurement("packed_correct") == Some(1.0);
+    r.status = if packed_ok { ProbeStatus::Passed } else { ProbeStatus::Failed };
+    let works: Vec<&str> = IoVariant::ALL
+        .iter()
+        .filter(|v| r.measurement(&format!("{}_correct", v.name())) == Some(1.0))
+        .map(|v| v.name())
+        .collect();
+    r.summary = format!("correct: {}", if works.is_empty() { "none".to_string() } else { works.join(", ") });
+    r.notes = lines;
+    Ok(r)
+}
+
+/// How `train --device ane` binds kernels, as chosen from an io-convention probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoChoice {
+    /// One packed input and output surface.
+    Packed,
+    /// One surface per input and output, bound in declaration order (`true`) or in
+    /// alphabetical order of the names (`false`).
+    Multi { declaration_order: bool },
+}
+
+/// The file `anetrain probe io-convention --device ane` writes and `train --device ane`
+/// reads (in the working directory unless `--ane-io-probe` names another).
+pub const IO_CONVENTION_FILE: &str = "anetrain-io-convention.json";
+
+/// Chooses the I/O convention from a probe report (JSON as [`ProbeReport::to_json`]
+/// writes it). `want_multi`: the user asked for several surfaces (`--ane-io multi`).
+/// Errors say why, naming the probe to run.
+pub fn choose_io_convention(report_json: &str, want_multi: bool) -> Result<IoChoice, String> {
+    let report: ProbeReport = serde_json::from_str(report_json).map_err(|e| format!("not a probe report: {e}"))?;
+    let Some(r) = report.results.iter().find(|r| r.name == "io-convention") else {
+        return Err("the report has no `io-convention` result: run `anetrain probe io-convention --device ane`".into());
+    };
+    if report.device != "ane" {
+        return Err(format!(
+            "the report is from the {} device, not the ANE: run `anetrain probe io-convention --device ane` on the Mac",
+            report.device
+        ));
+    }
+    let ok = |v: IoVariant| r.measurement(&format!("{}_correct", v.name())) == Some(1.0);
+    let multi = if ok(IoVariant::MultiDeclaration) {
+        Some(IoChoice::Multi { declaration_order: true })
+    } else if ok(IoVariant::MultiAlphabetical) {
+        Some(IoChoice::Multi { declaration_order: false })
+    } else {
+        None
+    };
+    match (want_multi, ok(IoVariant::Packed), multi) {
+        (true, _, Some(m)) | (false, false, Some(m)) => Ok(m),
+        (true, _, None) => Err("the io-convention probe found no binding order that gives correct numbers with \
+                                several surfaces on this chip: use the packed convention (`--ane-io packed`)"
+            .into()),
+        (false, true, _) => Ok(IoChoice::Packed),
+        (false, false, None) => Err("the io-convention probe found no convention that gives correct numbers on \
+                                     this chip (see its notes in the report)"
+            .into()),
+    }
 }
 
 // --- qos-sweep and perf-stats --------------------------------------------------------

@@ -3,7 +3,7 @@
 //! they do not apply.
 
 use device::cpu::CpuDevice;
-use device::probe::{self, ProbeOptions, ProbeReport, ProbeResult, ProbeStatus, PROBES};
+use device::probe::{self, IoChoice, IoVariant, ProbeOptions, ProbeReport, ProbeResult, ProbeStatus, PROBES};
 use device::{Device, Kernel, Precision, Result, Surface, Weights};
 use mil::{Dialect, Program, Var};
 
@@ -86,7 +86,7 @@ fn no_names_runs_every_probe_in_order() {
     assert_eq!(got, want);
     let report = ProbeReport::new(&cpu, results);
     assert_eq!(report.exit_code(), 0);
-    assert!(report.table().ends_with("5 passed, 0 failed, 4 not applicable, 1 unavailable\n"), "{}", report.table());
+    assert!(report.table().ends_with("6 passed, 0 failed, 4 not applicable, 1 unavailable\n"), "{}", report.table());
 }
 
 #[test]
@@ -192,9 +192,89 @@ fn probe_programs_respect_the_lint() {
         assert_eq!(mil::lint::lint(&p), vec![], "{dialect}");
         assert_eq!(p.blob_paths().len(), 12);
         assert_eq!(w.files().count(), 12);
-        // io-order is meant to break the reported rules: unequal input sizes, nothing else.
+        // io-order is meant to break the reported rules: several surfaces of unequal
+        // input sizes, nothing else.
         let p = probe::io_order_program(dialect).unwrap();
         let rules: Vec<&str> = mil::lint::lint(&p).iter().map(|f| f.rule).collect();
-        assert_eq!(rules, ["unequal-surface-sizes"], "{dialect}");
+        assert_eq!(rules, ["several-inputs", "several-outputs", "unequal-surface-sizes"], "{dialect}");
+        // io-convention: the packed program is clean; each other variant breaks exactly
+        // the rule it tries.
+        for (variant, want) in [
+            (IoVariant::Packed, vec![]),
+            (IoVariant::MultiDeclaration, vec!["several-inputs", "several-outputs", "unequal-surface-sizes"]),
+            (IoVariant::Rank2, vec!["rank"]),
+            (IoVariant::Rank5, vec!["rank"]),
+        ] {
+            let p = probe::io_convention_program(dialect, variant).unwrap();
+            let mut rules: Vec<&str> = mil::lint::lint(&p).iter().map(|f| f.rule).collect();
+            rules.dedup();
+            assert_eq!(rules, want, "{variant:?} ({dialect})");
+        }
     }
+}
+
+#[test]
+fn io_convention_runs_every_variant_it_can_on_the_cpu() {
+    for precision in [Precision::Fp32, Precision::Fp16] {
+        let cpu = CpuDevice::new(precision);
+        let results = probe::run(&names(&["io-convention"]), &cpu, &quick()).unwrap();
+        let r = &results[0];
+        assert_eq!(r.status, ProbeStatus::Passed, "{r:#?}");
+        for v in ["packed", "multi_declaration_order", "rank2", "rank5"] {
+            assert_eq!(r.measurement(&format!("{v}_correct")), Some(1.0), "{v} ({precision:?}): {r:#?}");
+        }
+        // The CPU device binds in declaration order: there is no alphabetical order.
+        assert_eq!(r.measurement("multi_alphabetical_order_correct"), None);
+        assert!(r.notes.iter().any(|n| n == "multi_alphabetical_order: not applicable on the cpu device"), "{r:#?}");
+        assert_eq!(r.summary, "correct: packed, multi_declaration_order, rank2, rank5");
+    }
+    // A device that computes wrongly is caught by every variant.
+    let bad = Corrupting(CpuDevice::new(Precision::Fp32));
+    let r = &probe::run(&names(&["io-convention"]), &bad, &quick()).unwrap()[0];
+    assert_eq!(r.status, ProbeStatus::Failed);
+    assert_eq!(r.summary, "correct: none");
+}
+
+/// A report as `anetrain probe io-convention --device ane --json` writes it, with the
+/// given variants correct.
+fn ane_report(correct: &[&str], device: &str) -> String {
+    let cpu = CpuDevice::new(Precision::Fp32);
+    let mut results = probe::run(&names(&["io-convention"]), &cpu, &quick()).unwrap();
+    results[0].measurements = IoVariant::ALL
+        .iter()
+        .map(|v| probe::Measurement {
+            name: format!("{}_correct", v.name()),
+            value: if correct.contains(&v.name()) { 1.0 } else { 0.0 },
+            unit: "bool".into(),
+        })
+        .collect();
+    let mut report = ProbeReport::new(&cpu, results);
+    report.device = device.to_string();
+    report.to_json()
+}
+
+#[test]
+fn train_chooses_the_io_convention_from_the_probe_report() {
+    let all = ["packed", "multi_declaration_order", "multi_alphabetical_order"];
+    let choose = probe::choose_io_convention;
+    assert_eq!(choose(&ane_report(&all, "ane"), false), Ok(IoChoice::Packed));
+    assert_eq!(choose(&ane_report(&all, "ane"), true), Ok(IoChoice::Multi { declaration_order: true }));
+    let alpha = ane_report(&["packed", "multi_alphabetical_order"], "ane");
+    assert_eq!(choose(&alpha, true), Ok(IoChoice::Multi { declaration_order: false }));
+    // Packed failing on a chip where several surfaces work: several surfaces.
+    let no_packed = ane_report(&["multi_declaration_order"], "ane");
+    assert_eq!(choose(&no_packed, false), Ok(IoChoice::Multi { declaration_order: true }));
+    // Refusals say why.
+    let e = choose(&ane_report(&["packed"], "ane"), true).unwrap_err();
+    assert!(e.contains("no binding order") && e.contains("--ane-io packed"), "{e}");
+    let e = choose(&ane_report(&[], "ane"), false).unwrap_err();
+    assert!(e.contains("no convention"), "{e}");
+    let e = choose(&ane_report(&all, "cpu"), false).unwrap_err();
+    assert!(e.contains("anetrain probe io-convention --device ane"), "{e}");
+    let e = choose("{}", false).unwrap_err();
+    assert!(e.starts_with("not a probe report"), "{e}");
+    let cpu = CpuDevice::new(Precision::Fp32);
+    let other = ProbeReport::new(&cpu, probe::run(&names(&["dynamic-matmul"]), &cpu, &quick()).unwrap());
+    let e = choose(&other.to_json(), false).unwrap_err();
+    assert!(e.contains("run `anetrain probe io-convention --device ane`"), "{e}");
 }

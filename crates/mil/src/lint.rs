@@ -54,6 +54,16 @@ pub const MAX_DIMENSION: usize = 65536;
 /// contributed by a user on M4 Max and reproduced on M4.
 pub const MAX_BLOB_TENSORS: usize = 16;
 
+/// Every tensor of every program the seed experiments ran on the ANE is rank 4
+/// (`[1, C, 1, S]`, `[1, 1, IC, T]`, `[1, H, T, D]`: maderix/ANE, `training/`): the
+/// rank anetrain's kernels keep to.
+pub const ANE_RANK: usize = 4;
+
+/// Unread positions at the end of an input surface that are not padding worth a
+/// finding: `device::padded_width` rounds a surface's width up to the next odd multiple
+/// of 32 (the spatial multiple, see [`SPATIAL_MULTIPLE`]), which adds fewer than 64.
+pub const SPATIAL_PAD_ALLOWANCE: usize = 64;
+
 /// The `offset` of the first (and, in a one-tensor file, only) chunk in a BLOBFILE.
 const FIRST_CHUNK_OFFSET: u64 = 64;
 
@@ -127,7 +137,30 @@ pub const RULES: &[Rule] = &[
     Rule {
         name: "concat",
         severity: Severity::Warning,
-        reason: "`concat` is reported rejected by the ANE compiler (others use it): prefer several outputs",
+        reason: "`concat` other than on the channel or spatial axis of rank-4 values is reported rejected (the seed \
+                 concatenates outputs on the channel axis)",
+    },
+    Rule {
+        name: "several-inputs",
+        severity: Severity::Warning,
+        reason: "multi-input ANE requests are reported to fail with 0x1d (seed README): pack every input into one \
+                 surface along the spatial axis",
+    },
+    Rule {
+        name: "several-outputs",
+        severity: Severity::Warning,
+        reason: "the seed's working programs return one surface (outputs concatenated on the channel axis); several \
+                 outputs bind in a disputed order",
+    },
+    Rule {
+        name: "rank",
+        severity: Severity::Warning,
+        reason: "every tensor of every program the seed ran on the ANE is rank 4 ([1,C,1,S], [1,1,IC,T], [1,H,T,D])",
+    },
+    Rule {
+        name: "padding",
+        severity: Severity::Warning,
+        reason: "an input surface holds positions the program never reads: the seed allocates exact sizes",
     },
     Rule {
         name: "unequal-surface-sizes",
@@ -137,7 +170,8 @@ pub const RULES: &[Rule] = &[
     Rule {
         name: "small-surface",
         severity: Severity::Warning,
-        reason: "surfaces under ~48 KiB are reported to fail at eval (0x1d): anetrain pads the allocation",
+        reason: "surfaces under ~48 KiB are reported to fail at eval (0x1d) when a program has several inputs or \
+                 outputs (Orion); the seed's single-surface programs use exact sizes",
     },
     Rule {
         name: "spatial-width",
@@ -284,9 +318,22 @@ impl<'a> FunctionLint<'a> {
     fn signature(&mut self) {
         let inputs: Vec<Var> = self.f.inputs.clone();
         let outputs: Vec<Var> = self.f.output_vars();
+        let several = inputs.len() > 1 || outputs.len() > 1;
         for (what, vars) in [("input", &inputs), ("output", &outputs)] {
+            if vars.len() > 1 {
+                let names: Vec<String> = vars.iter().map(|v| format!("`{}`", v.name)).collect();
+                self.push(
+                    if what == "input" { "several-inputs" } else { "several-outputs" },
+                    None,
+                    format!(
+                        "{} {what}s ({}): the seed's working programs have one, with the rest packed into it",
+                        vars.len(),
+                        names.join(", ")
+                    ),
+                );
+            }
             for v in vars {
-                self.surface(what, v);
+                self.surface(what, v, several);
             }
             let sizes: Vec<usize> = vars.iter().map(|v| surface_bytes(&v.ty)).collect();
             if let (Some(min), Some(max)) = (sizes.iter().min(), sizes.iter().max()) {
@@ -307,11 +354,68 @@ impl<'a> FunctionLint<'a> {
         }
         for v in &inputs {
             self.dims(None, &v.name, &v.ty);
+            self.unread_tail(v);
         }
     }
 
+    /// `padding`: an input read only through slices that leave its last positions
+    /// unread, beyond [`SPATIAL_PAD_ALLOWANCE`].
+    fn unread_tail(&mut self, v: &Var) {
+        let Some(&width) = v.ty.shape.last() else { return };
+        // The input itself, or its cast (fp32 surfaces are cast to fp16 first).
+        let mut names = vec![v.name.as_str()];
+        for op in &self.f.ops {
+            if op.op == "cast" && var_name_of(op.arg("x")) == Some(v.name.as_str()) {
+                names.push(op.outputs[0].name.as_str());
+            }
+        }
+        let mut end = 0usize;
+        for op in &self.f.ops {
+            let reads = op.args.iter().any(|(_, a)| match a {
+                Arg::Var(n) => names.contains(&n.as_str()),
+                Arg::List(items) => items.iter().any(|i| matches!(i, Arg::Var(n) if names.contains(&n.as_str()))),
+                Arg::Value(_) => false,
+            });
+            if !reads || names.contains(&op.outputs[0].name.as_str()) {
+                continue;
+            }
+            if op.op != "slice_by_size" {
+                return; // read whole
+            }
+            let (Some(begin), Some(size)) = (self.const_ints(op.arg("begin")), self.const_ints(op.arg("size"))) else {
+                return;
+            };
+            let (Some(&b), Some(&n)) = (begin.last(), size.last()) else { return };
+            if n < 0 {
+                return;
+            }
+            end = end.max((b + n) as usize);
+        }
+        if end > 0 && width >= end + SPATIAL_PAD_ALLOWANCE {
+            self.push(
+                "padding",
+                None,
+                format!(
+                    "input `{}` ({}) is read up to position {end} of {width}: {} positions of padding",
+                    v.name,
+                    v.ty,
+                    width - end
+                ),
+            );
+        }
+    }
+
+    fn const_ints(&self, arg: Option<&Arg>) -> Option<Vec<i64>> {
+        let value = match arg? {
+            Arg::Var(name) => self.producers.get(name.as_str())?.const_value()?,
+            Arg::Value(v) => v,
+            Arg::List(_) => return None,
+        };
+        value.as_ints().map(|v| v.to_vec())
+    }
+
     /// One input or output surface.
-    fn surface(&mut self, what: &str, v: &Var) {
+    fn surface(&mut self, what: &str, v: &Var, several: bool) {
         let name = &v.name;
         if !v.ty.dtype.is_float() {
             self.push("io-dtype", None, format!("{what} `{name}` is {}: surfaces hold fp16 or fp32", v.ty));
@@ -324,8 +428,11 @@ impl<'a> FunctionLint<'a> {
                 format!("{what} `{name}` is {} in an ios16 program: M1/M2 need fp16 I/O", v.ty),
             );
         }
+        if v.ty.rank() != ANE_RANK {
+            self.push("rank", None, format!("{what} `{name}` is {}, rank {} (not {ANE_RANK})", v.ty, v.ty.rank()));
+        }
         let bytes = surface_bytes(&v.ty);
-        if bytes < MIN_SURFACE_BYTES {
+        if several && bytes < MIN_SURFACE_BYTES {
             self.push(
                 "small-surface",
                 None,
@@ -363,6 +470,12 @@ impl<'a> FunctionLint<'a> {
     fn op(&mut self, op: &Operation) {
         for v in &op.outputs {
             self.dims(Some(op), &v.name, &v.ty);
+            // Scalars (rank 0) and the integer parameters of ops (shapes, axes) are not
+            // tensors the ANE lays out.
+            let parameter = op.op == "const" && !v.ty.dtype.is_float();
+            if v.ty.rank() != 0 && v.ty.rank() != ANE_RANK && !parameter {
+                self.push("rank", Some(op), format!("`{}` is {}, rank {} (not {ANE_RANK})", v.name, v.ty, v.ty.rank()));
+            }
         }
         match op.op.as_str() {
             "const" => {
@@ -394,7 +507,7 @@ impl<'a> FunctionLint<'a> {
                     );
                 }
             }
-            "concat" => self.push("concat", Some(op), "`concat` is reported rejected by the ANE compiler".into()),
+            "concat" => self.concat(op),
             "matmul" => self.matmul(op),
             "sqrt" | "rsqrt" => {
                 if let Some(reduction) = self.reduction_behind(op.arg("x")) {
@@ -416,6 +529,28 @@ impl<'a> FunctionLint<'a> {
                 self.push("conv-bias", Some(op), "`conv` with `bias`: add the bias separately".into());
             }
             _ => {}
+        }
+    }
+
+    /// `concat` on the channel axis (1) or the spatial axis (3) of rank-4 values is how
+    /// the seed returns several results in one surface; anything else is warned about.
+    fn concat(&mut self, op: &Operation) {
+        let rank4 = op.outputs.first().is_some_and(|v| v.ty.rank() == ANE_RANK);
+        let axis = match op.arg("axis") {
+            Some(Arg::Var(name)) => {
+                self.producers.get(name.as_str()).and_then(|p| p.const_value()).and_then(|v| v.as_int())
+            }
+            Some(Arg::Value(v)) => v.as_int(),
+            _ => None,
+        };
+        let on_surface_axis = matches!(axis, Some(1) | Some(3) | Some(-1) | Some(-3));
+        if !(rank4 && on_surface_axis) {
+            self.push(
+                "concat",
+                Some(op),
+                "`concat` off the channel/spatial axis of rank-4 values is reported rejected by the ANE compiler"
+                    .into(),
+            );
         }
     }
 
@@ -487,6 +622,10 @@ impl<'a> FunctionLint<'a> {
             Arg::List(_) => false,
         }
     }
+}
+
+fn var_name_of(arg: Option<&Arg>) -> Option<&str> {
+    var_name(arg?)
 }
 
 fn var_name(arg: &Arg) -> Option<&str> {

@@ -97,6 +97,7 @@ fn time_kernel(def: &KernelDef, reps: usize) -> [f64; 2] {
         .map(|fuse| CpuDevice::new(Precision::Fp32).with_fusion(fuse).compile(&def.program, &def.weights).unwrap());
     let dtype = mil::DType::Fp32;
     let inputs: Vec<Surface> = def
+        .io
         .inputs
         .iter()
         .map(|l| {
@@ -106,7 +107,8 @@ fn time_kernel(def: &KernelDef, reps: usize) -> [f64; 2] {
         })
         .collect();
     let inputs: Vec<&Surface> = inputs.iter().collect();
-    let mut outputs: Vec<Surface> = def.outputs.iter().map(|(_, c, w)| Surface::activation(dtype, *c, *w)).collect();
+    let mut outputs: Vec<Surface> =
+        def.io.output_surfaces.iter().map(|o| Surface::activation(dtype, o.channels, o.width)).collect();
     let mut ms = [Vec::new(), Vec::new()];
     for rep in 0..=reps {
         for (kernel, ms) in kernels.iter_mut().zip(ms.iter_mut()) {

@@ -1,11 +1,14 @@
 //! Kernel generators: the MIL programs a Llama layer runs on a device.
 //!
-//! Every kernel here takes its weights **inside its input surfaces** (the dynamic-weight
-//! trick of DESIGN.md): an input surface `[1, IC, 1, W]` holds an activation in
-//! positions `0..T` and one or more weight matrices, each stored `[IC, OC]`, after it;
+//! Every kernel here takes its weights **inside its input surface** (the dynamic-weight
+//! trick of DESIGN.md): one surface `[1, C, 1, W]` holds the activations in positions
+//! `0..T` and the weight matrices (and any other activation) after them, side by side;
 //! `W` is padded past the last block to an odd multiple of 32 ([`device::padded_width`]).
-//! The program slices them apart and multiplies. All layers share one compiled kernel,
-//! whatever their weights, so a run compiles a handful of programs once.
+//! The program slices them apart and multiplies, on rank-4 values throughout, and
+//! returns its results stacked in one output surface — the way the seed's working
+//! pipeline runs on the ANE ([`crate::binding`] has the conventions and the layouts). All
+//! layers share one compiled kernel, whatever their weights, so a run compiles a handful
+//! of programs once.
 //!
 //! Layout of every activation: channel-major `[C, T]` with `T = batch · seq` tokens; a
 //! batch of sequences sits side by side along T (sequence `b` at `b*S..(b+1)*S`).
@@ -72,131 +75,264 @@ impl Io {
     }
 }
 
-/// One named block of an input surface: `rows` channels × `width` positions at position
-/// `s0`. The pipeline writes activations and weights into surfaces through these.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Block {
-    pub name: &'static str,
-    pub rows: usize,
-    pub s0: usize,
-    pub width: usize,
-}
+pub use crate::binding::{Block, IoConvention, KernelIo, OutputSlot, SurfaceLayout, Target};
 
-/// One input surface of a kernel and what it holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SurfaceLayout {
-    pub name: String,
-    pub channels: usize,
-    pub width: usize,
-    pub blocks: Vec<Block>,
-}
-
-impl SurfaceLayout {
-    /// The block with this name. Panics on an unknown name: layouts are fixed by the
-    /// generator, so a miss is a bug in the caller, not a user error.
-    pub fn block(&self, name: &str) -> &Block {
-        self.blocks
-            .iter()
-            .find(|b| b.name == name)
-            .unwrap_or_else(|| panic!("surface `{}` has no block `{name}`", self.name))
-    }
-}
-
-/// A generated kernel: its program, its constant weight files (masks), and the layout
-/// of its input surfaces (in binding order) and outputs (`[1, C, 1, T]` each).
+/// A generated kernel: its program, its constant weight files (masks), and where its
+/// blocks and outputs sit in its surfaces ([`KernelIo`]).
 #[derive(Clone, Debug)]
 pub struct KernelDef {
     pub name: &'static str,
     pub program: Program,
     pub weights: Weights,
-    pub inputs: Vec<SurfaceLayout>,
-    pub outputs: Vec<(String, usize, usize)>,
+    pub io: KernelIo,
 }
 
-/// A builder that knows the I/O variant: inputs are cast to fp16 on entry and outputs
-/// back on exit when the surfaces are fp32. (Also used by `static_kernels`.)
+impl KernelDef {
+    /// The input surface layouts, in binding order.
+    pub fn inputs(&self) -> &[SurfaceLayout] {
+        &self.io.inputs
+    }
+}
+
+/// A declared group of blocks (one surface under [`IoConvention::Multi`]).
+struct Group {
+    name: String,
+    channels: usize,
+    blocks: Vec<(&'static str, usize, usize)>,
+}
+
+/// A builder that knows the target: it lays the declared blocks out in surfaces by the
+/// I/O convention, casts inputs to fp16 on entry and outputs back on exit when the
+/// surfaces are fp32, and keeps every value rank 4 (`[1, 1, C, T]` for a channel-major
+/// matrix), as every program of the seed's working pipeline is. (Also used by
+/// `static_kernels`.)
 pub(crate) struct Gen {
     pub(crate) b: FunctionBuilder,
     io: Io,
-    dialect: Dialect,
-    inputs: Vec<SurfaceLayout>,
-    outputs: Vec<(String, usize, usize)>,
+    target: Target,
+    groups: Vec<Group>,
+    /// The input surfaces, once the first block is read (the layout is then frozen).
+    surfaces: Option<Vec<(SurfaceLayout, Var)>>,
+    /// Each output value and the named row groups it holds.
+    outputs: Vec<(Vec<(String, usize)>, Var)>,
     pub(crate) weights: Weights,
 }
 
 impl Gen {
-    pub(crate) fn new(dialect: Dialect) -> Gen {
+    pub(crate) fn new(target: impl Into<Target>) -> Gen {
+        let target = target.into();
         Gen {
-            b: FunctionBuilder::new("main", dialect),
-            io: Io::for_dialect(dialect),
-            dialect,
-            inputs: Vec::new(),
+            b: FunctionBuilder::new("main", target.dialect),
+            io: Io::for_dialect(target.dialect),
+            target,
+            groups: Vec::new(),
+            surfaces: None,
             outputs: Vec::new(),
             weights: Weights::new(),
         }
     }
 
-    /// Declares a surface made of `blocks` laid side by side (each `rows` ≤ channels),
-    /// padded to [`device::padded_width`] positions, and returns it as an fp16
-    /// `[1, C, 1, W]` value.
-    pub(crate) fn surface(&mut self, name: &str, channels: usize, blocks: &[(&'static str, usize, usize)]) -> Var {
-        let mut s0 = 0;
-        let mut layout = SurfaceLayout { name: name.to_string(), channels, width: 0, blocks: Vec::new() };
-        for &(bname, rows, width) in blocks {
-            layout.blocks.push(Block { name: bname, rows, s0, width });
-            s0 += width;
-        }
-        layout.width = device::padded_width(s0);
-        let ty = TensorType::surface(self.io.surface_dtype(), channels, layout.width);
-        let x = self.b.input(name, ty);
-        self.inputs.push(layout);
-        match self.io {
-            Io::Fp32Cast => self.b.cast(&format!("{name}_h"), &x, DType::Fp16),
-            Io::Fp16 => x,
-        }
+    /// Declares a group of blocks laid side by side (each `(name, rows, width)`,
+    /// `rows ≤ channels`). Under [`IoConvention::Multi`] the group is one surface named
+    /// `name`; under [`IoConvention::Packed`] every group's blocks share one surface.
+    /// Declare every group before reading any block.
+    pub(crate) fn surface(&mut self, name: &str, channels: usize, blocks: &[(&'static str, usize, usize)]) {
+        assert!(self.surfaces.is_none(), "surface `{name}` declared after a block was read");
+        self.groups.push(Group { name: name.to_string(), channels, blocks: blocks.to_vec() });
     }
 
-    /// A block of an input surface as a `[rows, width]` matrix (slice + reshape: views on
-    /// the CPU device, no copy).
-    pub(crate) fn block(&mut self, surf: &Var, input: usize, block: &str) -> Var {
-        let bl = self.inputs[input].block(block).clone();
-        let name = format!("{}_{}", self.inputs[input].name, bl.name);
+    /// Lays the groups out in surfaces and declares the program's inputs.
+    fn layout(&mut self) {
+        if self.surfaces.is_some() {
+            return;
+        }
+        let lay = |name: &str, channels: usize, blocks: &mut dyn Iterator<Item = &(&'static str, usize, usize)>| {
+            let mut layout = SurfaceLayout { name: name.to_string(), channels, width: 0, blocks: Vec::new() };
+            let mut s0 = 0;
+            for &(bname, rows, width) in blocks {
+                assert!(rows <= channels, "block `{bname}` has {rows} rows, its surface {channels}");
+                layout.blocks.push(Block { name: bname, rows, s0, width });
+                s0 += width;
+            }
+            layout.width = device::padded_width(s0);
+            layout
+        };
+        let layouts = match self.target.io {
+            IoConvention::Packed => {
+                let channels = self.groups.iter().map(|g| g.channels).max().unwrap_or(1);
+                let mut all = self.groups.iter().flat_map(|g| g.blocks.iter());
+                vec![lay("x", channels, &mut all)]
+            }
+            IoConvention::Multi => self.groups.iter().map(|g| lay(&g.name, g.channels, &mut g.blocks.iter())).collect(),
+        };
+        let mut surfaces = Vec::new();
+        for layout in layouts {
+            let ty = TensorType::surface(self.io.surface_dtype(), layout.channels, layout.width);
+            let x = self.b.input(&layout.name, ty);
+            let x = match self.io {
+                Io::Fp32Cast => self.b.cast(&format!("{}_h", layout.name), &x, DType::Fp16),
+                Io::Fp16 => x,
+            };
+            surfaces.push((layout, x));
+        }
+        self.surfaces = Some(surfaces);
+    }
+
+    /// Block `name` of the input as a `[1, 1, rows, width]` matrix (slice + reshape:
+    /// views on the CPU device, no copy).
+    pub(crate) fn block(&mut self, name: &str) -> Var {
+        self.layout();
+        let surfaces = self.surfaces.as_ref().expect("laid out");
+        let (layout, surf) = surfaces
+            .iter()
+            .find(|(l, _)| l.find(name).is_some())
+            .unwrap_or_else(|| panic!("no block `{name}` declared"));
+        let bl = layout.block(name).clone();
+        let surf = surf.clone();
         let s = self.b.slice_by_size(
             &format!("{name}_s"),
-            surf,
+            &surf,
             &[0, 0, 0, bl.s0 as i64],
             &[1, bl.rows as i64, 1, bl.width as i64],
         );
-        self.b.reshape(&name, &s, &[bl.rows as i64, bl.width as i64])
+        self.b.reshape(&format!("{name}_m"), &s, &[1, 1, bl.rows as i64, bl.width as i64])
     }
 
-    /// `W^T · x` for `w: [IC, OC]`, `x: [IC, T]` → `[OC, T]`.
+    /// `W^T · x` for `w: [1, 1, IC, OC]`, `x: [1, 1, IC, T]` → `[1, 1, OC, T]`.
     pub(crate) fn linear_t(&mut self, name: &str, w: &Var, x: &Var) -> Var {
         self.b.matmul(name, w, x, true, false)
     }
 
-    /// Marks a `[C, T]` value as an output surface `[1, C, 1, T]` named `name`.
-    pub(crate) fn output(&mut self, name: &str, v: &Var) {
-        let (c, t) = (v.ty.shape[0], v.ty.shape[1]);
-        let out = match self.io {
-            Io::Fp32Cast => {
-                let r = self.b.reshape(&format!("{name}_h"), v, &[1, c as i64, 1, t as i64]);
-                self.b.cast(name, &r, DType::Fp32)
-            }
-            Io::Fp16 => self.b.reshape(name, v, &[1, c as i64, 1, t as i64]),
-        };
-        self.b.output(&out);
-        self.outputs.push((name.to_string(), c, t));
+    /// Splits a `[1, 1, C, T]` matrix into row groups of the given sizes.
+    pub(crate) fn split_rows(&mut self, name: &str, x: &Var, sizes: &[usize]) -> Vec<Var> {
+        let sizes: Vec<i64> = sizes.iter().map(|&s| s as i64).collect();
+        self.b.split(name, x, &sizes, 2)
     }
 
-    pub(crate) fn finish(self, name: &'static str) -> mil::Result<KernelDef> {
+    /// Marks a `[1, 1, C, T]` value as output `name`.
+    pub(crate) fn output(&mut self, name: &str, v: &Var) {
+        self.output_rows(v, &[(name, v.ty.shape[2])]);
+    }
+
+    /// Marks the row groups of a `[1, 1, C, T]` value as outputs, `(name, rows)` each
+    /// (rows summing to `C`): with the packed convention the value goes out whole, with
+    /// no split and no copy; with several surfaces it is split.
+    pub(crate) fn output_rows(&mut self, v: &Var, parts: &[(&str, usize)]) {
+        assert_eq!(v.ty.rank(), 4, "output `{}` is {}", parts[0].0, v.ty);
+        assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), v.ty.shape[2], "row groups of `{}`", v.name);
+        let parts = parts.iter().map(|&(n, r)| (n.to_string(), r)).collect();
+        self.outputs.push((parts, v.clone()));
+    }
+
+    /// The name of the fp16 value that becomes surface `name`: the surface itself with
+    /// fp16 I/O, else the value cast to it.
+    fn fp16_name(&self, name: &str) -> String {
+        match self.io {
+            Io::Fp32Cast => format!("{name}_h"),
+            Io::Fp16 => name.to_string(),
+        }
+    }
+
+    /// `v` (fp16, `[1, C, 1, W]`, named by [`Gen::fp16_name`]) as surface `name`.
+    fn emit_output(&mut self, name: &str, v: &Var) {
+        let out = match self.io {
+            Io::Fp32Cast => self.b.cast(name, v, DType::Fp32),
+            Io::Fp16 => v.clone(),
+        };
+        self.b.output(&out);
+    }
+
+    pub(crate) fn finish(mut self, name: &'static str) -> mil::Result<KernelDef> {
+        self.layout();
+        let mut slots = Vec::new();
+        let mut output_surfaces = Vec::new();
+        let outputs = std::mem::take(&mut self.outputs);
+        let surface = |b: &mut FunctionBuilder, n: &str, v: &Var| {
+            let (c, w) = (v.ty.shape[2] as i64, v.ty.shape[3] as i64);
+            b.reshape(n, v, &[1, c, 1, w])
+        };
+        match self.target.io {
+            IoConvention::Multi => {
+                for (parts, v) in &outputs {
+                    let values = if parts.len() == 1 {
+                        vec![v.clone()]
+                    } else {
+                        let sizes: Vec<usize> = parts.iter().map(|p| p.1).collect();
+                        self.split_rows(&format!("{}_out_parts", v.name), v, &sizes)
+                    };
+                    for ((oname, c), v) in parts.iter().zip(values) {
+                        let w = v.ty.shape[3];
+                        let hname = self.fp16_name(oname);
+                        let s = surface(&mut self.b, &hname, &v);
+                        self.emit_output(oname, &s);
+                        let j = output_surfaces.len();
+                        slots.push(OutputSlot {
+                            name: oname.clone(),
+                            surface: j,
+                            c0: 0,
+                            channels: *c,
+                            s0: 0,
+                            width: w,
+                        });
+                        output_surfaces.push(crate::binding::OutputSurface { channels: *c, width: w });
+                    }
+                }
+            }
+            IoConvention::Packed => {
+                let shape = |i: usize, axis: usize| outputs[i].1.ty.shape[axis];
+                let widths_agree = (0..outputs.len()).all(|i| shape(i, 3) == shape(0, 3));
+                let channels_agree = (0..outputs.len()).all(|i| shape(i, 2) == shape(0, 2));
+                assert!(
+                    widths_agree || channels_agree,
+                    "kernel `{name}`: outputs agree neither in width nor in channels"
+                );
+                // Outputs of one width stack on the channel axis: each is then a
+                // contiguous run of the surface. Else, with one channel count, side by
+                // side on the spatial axis.
+                let axis = if widths_agree { 1 } else { 3 };
+                let (mut c0, mut s0) = (0, 0);
+                let mut values = Vec::new();
+                for (parts, v) in &outputs {
+                    let w = v.ty.shape[3];
+                    let mut row = 0;
+                    for (oname, c) in parts {
+                        slots.push(OutputSlot {
+                            name: oname.clone(),
+                            surface: 0,
+                            c0: c0 + row,
+                            channels: *c,
+                            s0,
+                            width: w,
+                        });
+                        row += c;
+                    }
+                    if axis == 1 {
+                        c0 += row;
+                    } else {
+                        s0 += w;
+                    }
+                    let pname = if outputs.len() == 1 { self.fp16_name("out") } else { format!("{}_out", parts[0].0) };
+                    values.push(surface(&mut self.b, &pname, v));
+                }
+                let (channels, width) = if axis == 1 { (c0, shape(0, 3)) } else { (shape(0, 2), s0) };
+                let whole = if values.len() == 1 {
+                    values.pop().expect("one value")
+                } else {
+                    let refs: Vec<&Var> = values.iter().collect();
+                    let hname = self.fp16_name("out");
+                    self.b.concat(&hname, &refs, axis as i64)
+                };
+                self.emit_output("out", &whole);
+                output_surfaces.push(crate::binding::OutputSurface { channels, width });
+            }
+        }
         let f = self.b.finish()?;
+        let inputs = self.surfaces.take().expect("laid out").into_iter().map(|(l, _)| l).collect();
         Ok(KernelDef {
             name,
-            program: Program::new(self.dialect, f),
+            program: Program::new(self.target.dialect, f),
             weights: self.weights,
-            inputs: self.inputs,
-            outputs: self.outputs,
+            io: KernelIo { convention: self.target.io, inputs, outputs: slots, output_surfaces },
         })
     }
 }
@@ -204,47 +340,46 @@ impl Gen {
 /// QKV projection. Input `x: [D, T + D + 2·KV]` = normed activation `xn [D, T]`, then
 /// `Wqᵀ [D, D]`, `Wkᵀ [D, KV]`, `Wvᵀ [D, KV]` (each weight `W [out, in]` stored
 /// transposed, `[in, out]`). Outputs `q [D, T]`, `k [KV, T]`, `v [KV, T]`, before RoPE.
-pub fn qkv_forward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn qkv_forward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
     let (dim, kv) = (d.dim, d.kv_dim());
-    let mut g = Gen::new(dialect);
-    let x = g.surface("x", dim, &[("xn", dim, t), ("wqkv", dim, dim + 2 * kv)]);
-    let xn = g.block(&x, 0, "xn");
-    let w = g.block(&x, 0, "wqkv");
+    let mut g = Gen::new(target);
+    g.surface("x", dim, &[("xn", dim, t), ("wqkv", dim, dim + 2 * kv)]);
+    let xn = g.block("xn");
+    let w = g.block("wqkv");
     // One GEMM for all three projections: the weights sit side by side.
     let qkv = g.linear_t("qkv", &w, &xn); // [D + 2KV, T]
-    let parts = g.b.split("qkv_parts", &qkv, &[dim as i64, kv as i64, kv as i64], 0);
-    g.output("q", &parts[0]);
-    g.output("k", &parts[1]);
-    g.output("v", &parts[2]);
+                                          // The three outputs are the three row groups of one result: one output, split by
+                                          // the host.
+    g.output_rows(&qkv, &[("q", dim), ("k", kv), ("v", kv)]);
     g.finish("qkv_forward")
 }
 
 /// Causal attention plus the output projection, for `batch` sequences of `seq` tokens.
-/// Inputs: `q: [D, T + D]` = rotated queries `[D, T]` then `Woᵀ [D, D]`;
-/// `kv: [KV, 2T]` = rotated keys then values. Outputs: `o [D, T]` (attention output,
-/// kept for the Wo gradient) and `y [D, T] = Wo · o`.
+/// Blocks: rotated queries `q [D, T]`, `Woᵀ [D, D]`, rotated keys `k [KV, T]` and values
+/// `v [KV, T]`. Outputs: `o [D, T]` (attention output, kept for the Wo gradient) and
+/// `y [D, T] = Wo · o`.
 ///
 /// Written out explicitly — matmul, scale, additive causal mask, softmax, matmul —
 /// because the ANE's `scaled_dot_product_attention` ignores `attn_mask` (DESIGN.md).
-pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
     let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
     let t = batch * seq;
-    let mut g = Gen::new(dialect);
-    let qs = g.surface("q", dim, &[("q", dim, t), ("wo", dim, dim)]);
-    let kvs = g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
-    let q = g.block(&qs, 0, "q");
-    let k = g.block(&kvs, 1, "k");
-    let v = g.block(&kvs, 1, "v");
-    let mask = causal_mask(&mut g, seq);
+    let mut g = Gen::new(target);
+    g.surface("q", dim, &[("q", dim, t), ("wo", dim, dim)]);
+    g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
+    let q = g.block("q");
+    let k = g.block("k");
+    let v = g.block("v");
+    let mask = causal_mask(&mut g, seq, d.group());
 
     let h = Heads::new(d, batch, seq);
-    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
-    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
+    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g·S, hd]
+    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, S, hd]
     let vh = h.kv_rows(&mut g, "vh", &v);
     let (_, probs) = attention_probs(&mut g, &qh, &kh, &mask, hd);
-    let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g, S, hd]
-    let o = h.merge_queries(&mut g, "o2", &oh); // [D, T]
-    let wo = g.block(&qs, 0, "wo");
+    let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g·S, hd]
+    let o = h.merge_queries(&mut g, "o2", &oh); // [1, 1, D, T]
+    let wo = g.block("wo");
     let y = g.linear_t("y2", &wo, &o);
     g.output("o", &o);
     g.output("y", &y);
@@ -252,48 +387,47 @@ pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, dialect: Diale
 }
 
 /// Causal attention probabilities `P = softmax(q·kᵀ·scale + mask)` for queries
-/// `qh: [B, nkv, g, S, hd]` and keys `kh: [B, nkv, 1, S, hd]`. The scale `1/√hd` is applied
-/// to the queries (`[…, S, hd]`) rather than to the scores (`[…, S, S]`): the same
-/// product, with one pass over `hd` columns instead of `S`. Returns the scaled queries
-/// (the backward's `dK = dSᵀ·Q` wants them) and `P`.
+/// `qh: [B, nkv, g·S, hd]` (the `g` query heads of a KV head stacked on the row axis)
+/// and keys `kh: [B, nkv, S, hd]`. The scale `1/√hd` is applied to the queries
+/// (`[…, hd]`) rather than to the scores (`[…, S]`): the same product, with one pass
+/// over `hd` columns instead of `S`. Returns the scaled queries (the backward's
+/// `dK = dSᵀ·Q` wants them) and `P` (`[B, nkv, g·S, S]`).
 pub(crate) fn attention_probs(g: &mut Gen, qh: &Var, kh: &Var, mask: &Var, head_dim: usize) -> (Var, Var) {
     let qs = g.b.scale("qs", qh, 1.0 / (head_dim as f64).sqrt());
-    let scores = g.b.matmul("scores", &qs, kh, false, true); // [B, nkv, g, S, S]
+    let scores = g.b.matmul("scores", &qs, kh, false, true); // [B, nkv, g·S, S]
     let masked = g.b.add("masked", &scores, mask);
     let probs = g.b.softmax("probs", &masked, -1);
     (qs, probs)
 }
 
-/// The additive causal mask `[S, S]` (0 on and below the diagonal, [`MASK_NEG`] above),
-/// as a constant weight file.
-pub(crate) fn causal_mask(g: &mut Gen, seq: usize) -> Var {
-    let mut m = vec![0.0f32; seq * seq];
-    for i in 0..seq {
-        for j in i + 1..seq {
-            m[i * seq + j] = MASK_NEG;
-        }
+/// The additive causal mask `[1, 1, group·S, S]` (0 on and below the diagonal,
+/// [`MASK_NEG`] above), repeated for each of the `group` query heads stacked on the row
+/// axis, as a constant weight file.
+pub(crate) fn causal_mask(g: &mut Gen, seq: usize, group: usize) -> Var {
+    let mut m = vec![0.0f32; group * seq * seq];
+    for (r, row) in m.chunks_mut(seq).enumerate() {
+        row[r % seq + 1..].fill(MASK_NEG);
     }
-    let blob = g.weights.add_tensor("causal_mask", &[seq, seq], &m);
+    let blob = g.weights.add_tensor("causal_mask", &[1, 1, group * seq, seq], &m);
     g.b.constant("causal_mask", blob)
 }
 
 /// Attention for decoding: `t` new tokens against a KV cache of `cache` positions.
-/// Inputs (widths padded as every surface's): `q: [D, t + D]` = rotated queries then
-/// `Woᵀ`; `kv: [KV, 2·cache]` = the key cache then the value cache (new keys/values
-/// already written in); `mask: [t, cache]` additive (0 where query i may see cache
-/// position j, [`MASK_NEG`] elsewhere).
+/// Blocks: rotated queries `q [D, t]`, `Woᵀ [D, D]`, the key cache `k [KV, cache]` and
+/// value cache `v [KV, cache]` (new keys/values already written in), and the additive
+/// mask `[t, cache]` (0 where query i may see cache position j, [`MASK_NEG`] elsewhere).
 /// Outputs `o [D, t]`, `y [D, t]` as [`attention_forward`].
-pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
     let (dim, kv, hd, nkv, grp) = (d.dim, d.kv_dim(), d.head_dim(), d.n_kv_heads, d.group());
     let (t_, c_, hd_, nkv_, g_) = (t as i64, cache as i64, hd as i64, nkv as i64, grp as i64);
-    let mut g = Gen::new(dialect);
-    let qs = g.surface("q", dim, &[("q", dim, t), ("wo", dim, dim)]);
-    let kvs = g.surface("kv", kv, &[("k", kv, cache), ("v", kv, cache)]);
-    let ms = g.surface("mask", t, &[("mask", t, cache)]);
-    let q = g.block(&qs, 0, "q");
-    let k = g.block(&kvs, 1, "k");
-    let v = g.block(&kvs, 1, "v");
-    let mask = g.block(&ms, 2, "mask"); // [t, cache]
+    let mut g = Gen::new(target);
+    g.surface("q", dim, &[("q", dim, t), ("wo", dim, dim)]);
+    g.surface("kv", kv, &[("k", kv, cache), ("v", kv, cache)]);
+    g.surface("mask", t, &[("mask", t, cache)]);
+    let q = g.block("q");
+    let k = g.block("k");
+    let v = g.block("v");
+    let mask = g.block("mask"); // [1, 1, t, cache]
 
     let q4 = g.b.reshape("q4", &q, &[nkv_, g_, hd_, t_]);
     let qt = g.b.transpose("qt", &q4, &[0, 1, 3, 2]); // [nkv, g, t, hd]
@@ -306,8 +440,8 @@ pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, dialect: Dialect)
     let probs = g.b.softmax("probs", &masked, -1);
     let o4 = g.b.matmul("o4", &probs, &vt, false, false); // [nkv, g, t, hd]
     let ot = g.b.transpose("ot", &o4, &[0, 1, 3, 2]); // [nkv, g, hd, t]
-    let o = g.b.reshape("o2", &ot, &[dim as i64, t_]);
-    let wo = g.block(&qs, 0, "wo");
+    let o = g.b.reshape("o2", &ot, &[1, 1, dim as i64, t_]);
+    let wo = g.block("wo");
     let y = g.linear_t("y2", &wo, &o);
     g.output("o", &o);
     g.output("y", &y);
@@ -315,31 +449,33 @@ pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, dialect: Dialect)
 }
 
 /// SwiGLU FFN: `y = W2 · (silu(W1 x) ⊙ W3 x)`.
-/// Inputs: `x: [D, T + 2H]` = normed activation, `W1ᵀ [D, H]`, `W3ᵀ [D, H]`;
-/// `w2: [H, D]` = `W2ᵀ`. Outputs `h1 = W1 x`, `h3 = W3 x` (`[H, T]`, kept for backward)
-/// and `y [D, T]`.
-pub fn ffn_forward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+/// Blocks: normed activation `xn [D, T]`, `W1ᵀ [D, H]`, `W3ᵀ [D, H]` side by side, and
+/// `W2 [D, H]` as stored (so every block has `D` rows). Outputs `h1 = W1 x`, `h3 = W3 x`
+/// (`[H, T]`, kept for backward) and `y [D, T]`.
+pub fn ffn_forward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
     let (dim, hid) = (d.dim, d.hidden);
-    let mut g = Gen::new(dialect);
-    let xs = g.surface("x", dim, &[("xn", dim, t), ("w13", dim, 2 * hid)]);
-    let w2s = g.surface("w2", hid, &[("w2", hid, dim)]);
-    let xn = g.block(&xs, 0, "xn");
-    let w13 = g.block(&xs, 0, "w13");
+    let mut g = Gen::new(target);
+    g.surface("x", dim, &[("xn", dim, t), ("w13", dim, 2 * hid)]);
+    g.surface("w2", dim, &[("w2", dim, hid)]);
+    let xn = g.block("xn");
+    let w13 = g.block("w13");
     let h13 = g.linear_t("h13", &w13, &xn); // [2H, T]
-    let parts = g.b.split("h13_parts", &h13, &[hid as i64, hid as i64], 0);
+    let parts = g.split_rows("h13_parts", &h13, &[hid, hid]);
     let (h1, h3) = (&parts[0], &parts[1]);
     let act = g.b.silu("act", h1);
     let gate = g.b.mul("gate", &act, h3);
-    let w2 = g.block(&w2s, 1, "w2");
-    let y = g.linear_t("y2", &w2, &gate);
-    g.output("h1", h1);
-    g.output("h3", h3);
+    let w2 = g.block("w2");
+    let y = g.b.matmul("y2", &w2, &gate, false, false);
+    g.output_rows(&h13, &[("h1", hid), ("h3", hid)]);
     g.output("y", &y);
     g.finish("ffn_forward")
 }
 
-/// Reshapes a channel-major `[heads·hd, B·S]` value to `[B, heads, S, hd]`-like 5-D
-/// layouts and back: the attention kernels' bookkeeping, in one place.
+/// Reshapes a channel-major `[1, 1, heads·hd, B·S]` value to the rank-4 head layouts
+/// of attention and back: the attention kernels' bookkeeping, in one place. Queries go
+/// to `[B, nkv, g·S, hd]`, the `g` query heads sharing a KV head stacked on the row
+/// axis, so that one batched matmul against that KV head's `[B, nkv, S, hd]` serves the
+/// group, and the products over the group (`dK`, `dV`) sum it in the contraction.
 pub(crate) struct Heads {
     b: i64,
     s: i64,
@@ -353,48 +489,51 @@ impl Heads {
         Heads { b: batch as i64, s: seq as i64, hd: d.head_dim() as i64, nkv: d.n_kv_heads as i64, g: d.group() as i64 }
     }
 
-    /// Queries `[D, T]` → `[B, nkv, g, S, hd]` (head h = kv_head·g + i, as llama2.c).
+    /// Queries `[1, 1, D, T]` → `[B, nkv, g·S, hd]` (head h = kv_head·g + i, as llama2.c).
     pub(crate) fn queries(&self, g: &mut Gen, name: &str, q: &Var) -> Var {
-        let q5 = g.b.reshape(&format!("{name}_5"), q, &[self.nkv, self.g, self.hd, self.b, self.s]);
-        g.b.transpose(name, &q5, &[3, 0, 1, 4, 2])
+        let heads = self.nkv * self.g;
+        let q4 = g.b.reshape(&format!("{name}_4"), q, &[heads, self.hd, self.b, self.s]);
+        let qt = g.b.transpose(&format!("{name}_t"), &q4, &[2, 0, 3, 1]); // [B, H, S, hd]
+        g.b.reshape(name, &qt, &[self.b, self.nkv, self.g * self.s, self.hd])
     }
 
-    /// Keys or values `[KV, T]` → `[B, nkv, 1, S, hd]`.
+    /// Keys or values `[1, 1, KV, T]` → `[B, nkv, S, hd]`.
     pub(crate) fn kv_rows(&self, g: &mut Gen, name: &str, k: &Var) -> Var {
         let k4 = g.b.reshape(&format!("{name}_4"), k, &[self.nkv, self.hd, self.b, self.s]);
-        let kt = g.b.transpose(&format!("{name}_t"), &k4, &[2, 0, 3, 1]);
-        g.b.reshape(name, &kt, &[self.b, self.nkv, 1, self.s, self.hd])
+        g.b.transpose(name, &k4, &[2, 0, 3, 1])
     }
 
-    /// `[B, nkv, g, S, hd]` → channel-major `[D, T]`.
+    /// `[B, nkv, g·S, hd]` → channel-major `[1, 1, D, T]`.
     pub(crate) fn merge_queries(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
-        let t = g.b.transpose(&format!("{name}_t"), x, &[1, 2, 4, 0, 3]);
-        g.b.reshape(name, &t, &[self.nkv * self.g * self.hd, self.b * self.s])
+        let heads = self.nkv * self.g;
+        let x4 = g.b.reshape(&format!("{name}_4"), x, &[self.b, heads, self.s, self.hd]);
+        let t = g.b.transpose(&format!("{name}_t"), &x4, &[1, 3, 0, 2]); // [H, hd, B, S]
+        g.b.reshape(name, &t, &[1, 1, heads * self.hd, self.b * self.s])
     }
 
-    /// `[B, nkv, S, hd]` → channel-major `[KV, T]`.
+    /// `[B, nkv, S, hd]` → channel-major `[1, 1, KV, T]`.
     pub(crate) fn merge_kv(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
         let t = g.b.transpose(&format!("{name}_t"), x, &[1, 3, 0, 2]);
-        g.b.reshape(name, &t, &[self.nkv * self.hd, self.b * self.s])
+        g.b.reshape(name, &t, &[1, 1, self.nkv * self.hd, self.b * self.s])
     }
 }
 
-/// Backward of the SwiGLU FFN. Inputs: `dy: [D, T + H]` = the gradient at the FFN's
-/// output, then `W2 [D, H]` (as stored, untransposed); `h: [H, 2T + 2D]` = `h1`, `h3`
-/// from the forward pass, then `W1 [H, D]`, `W3 [H, D]`. Outputs: `dx [D, T]` (at the
-/// FFN's normed input), `dh1`, `dh3` and `gate = silu(h1)·h3` (`[H, T]`, for the weight
-/// gradients on the CPU).
-pub fn ffn_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+/// Backward of the SwiGLU FFN. Blocks: `dy [D, T]` (the gradient at the FFN's output),
+/// `W2 [D, H]` (as stored, untransposed), `h1`, `h3` (`[H, T]`, from the forward pass),
+/// `W1 [H, D]`, `W3 [H, D]`. Outputs: `dx [D, T]` (at the FFN's normed input), `dh1`,
+/// `dh3` and `gate = silu(h1)·h3` (`[H, T]`, for the weight gradients on the CPU).
+pub fn ffn_backward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
     let (dim, hid) = (d.dim, d.hidden);
-    let mut g = Gen::new(dialect);
-    let dys = g.surface("dy", dim, &[("dy", dim, t), ("w2", dim, hid)]);
-    let hs = g.surface("h", hid, &[("h1", hid, t), ("h3", hid, t), ("w1", hid, dim), ("w3", hid, dim)]);
-    let dy = g.block(&dys, 0, "dy");
-    let w2 = g.block(&dys, 0, "w2");
-    let h1 = g.block(&hs, 1, "h1");
-    let h3 = g.block(&hs, 1, "h3");
+    let mut g = Gen::new(target);
+    g.surface("dy", dim, &[("dy", dim, t), ("w2", dim, hid)]);
+    g.surface("h", hid, &[("h1", hid, t), ("h3", hid, t), ("w1", hid, dim), ("w3", hid, dim)]);
+    let dy = g.block("dy");
+    let w2 = g.block("w2");
+    let h1 = g.block("h1");
+    let h3 = g.block("h3");
     let dgate = g.linear_t("dgate", &w2, &dy); // [H, T]
-                                               // silu(h1) = h1·σ(h1); silu'(h1) = σ(h1)·(1 + h1·(1 − σ(h1))).
+
+    // silu(h1) = h1·σ(h1); silu'(h1) = σ(h1)·(1 + h1·(1 − σ(h1))).
     let sig = g.b.sigmoid("sig", &h1);
     let act = g.b.mul("act", &h1, &sig);
     let gate = g.b.mul("gate2", &act, &h3);
@@ -406,8 +545,8 @@ pub fn ffn_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<Ke
     let dsilu = g.b.mul("dsilu", &sig, &inner);
     let dact = g.b.mul("dact", &dgate, &h3);
     let dh1 = g.b.mul("dh1_2", &dact, &dsilu);
-    let w1 = g.block(&hs, 1, "w1");
-    let w3 = g.block(&hs, 1, "w3");
+    let w1 = g.block("w1");
+    let w3 = g.block("w3");
     let dx1 = g.linear_t("dx1", &w1, &dh1);
     let dx3 = g.linear_t("dx3", &w3, &dh3);
     let dx = g.b.add("dx2", &dx1, &dx3);
@@ -419,26 +558,32 @@ pub fn ffn_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<Ke
 }
 
 /// Backward of attention and its output projection, recomputing the probabilities.
-/// Inputs: `dy: [D, 3T + D]` = the gradient at the projection's output, the rotated
-/// queries `q [D, T]`, the forward's attention output `o [D, T]` (before Wo), then
-/// `Wo [D, D]` (untransposed); `kv: [KV, 2T]` = rotated keys then values. Outputs `dq [D, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values;
-/// the CPU applies RoPE's backward). With grouped-query attention the gradients of the
-/// query heads sharing a KV head are summed ("folded") into it.
-pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+/// Blocks: `dy [D, T]` (the gradient at the projection's output), the rotated queries
+/// `q [D, T]`, the forward's attention output `o [D, T]` (before Wo), `Wo [D, D]`
+/// (untransposed), rotated keys `k [KV, T]` and values `v [KV, T]`. Outputs
+/// `dq [D, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values; the CPU applies
+/// RoPE's backward). With grouped-query attention the gradients of the query heads
+/// sharing a KV head are summed ("folded") into it.
+pub fn attention_backward(
+    d: &LayerDims,
+    batch: usize,
+    seq: usize,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
     let t = batch * seq;
     let h = Heads::new(d, batch, seq);
-    let mut g = Gen::new(dialect);
-    let dys = g.surface("dy", dim, &[("dy", dim, t), ("q", dim, t), ("o", dim, t), ("wo", dim, dim)]);
-    let kvs = g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
-    let dy = g.block(&dys, 0, "dy");
-    let wo = g.block(&dys, 0, "wo");
-    let q = g.block(&dys, 0, "q");
-    let o = g.block(&dys, 0, "o");
-    let k = g.block(&kvs, 1, "k");
-    let v = g.block(&kvs, 1, "v");
+    let mut g = Gen::new(target);
+    g.surface("dy", dim, &[("dy", dim, t), ("q", dim, t), ("o", dim, t), ("wo", dim, dim)]);
+    g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
+    let dy = g.block("dy");
+    let wo = g.block("wo");
+    let q = g.block("q");
+    let o = g.block("o");
+    let k = g.block("k");
+    let v = g.block("v");
     let d_o = g.linear_t("do", &wo, &dy); // [D, T] gradient at the attention output
-    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, [&q, &k, &v, &o, &d_o]);
+    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, d.group(), hd, seq, [&q, &k, &v, &o, &d_o]);
     let dq = h.merge_queries(&mut g, "dq2", &dqh);
     let dk = h.merge_kv(&mut g, "dk2", &dkh);
     let dv = h.merge_kv(&mut g, "dv2", &dvh);
@@ -449,54 +594,54 @@ pub fn attention_backward(d: &LayerDims, batch: usize, seq: usize, dialect: Dial
 }
 
 /// The core of every attention backward: recompute `P = softmax(q·kᵀ·scale + mask)`,
-/// then `dV = Σ_g Pᵀ·dO`, `dP = dO·Vᵀ`, the softmax backward `dS = P ⊙ (dP − Σ_j dP⊙P)`,
-/// `dQ = dS·K·scale` and `dK = Σ_g dSᵀ·(Q·scale)`. The row sums `Σ_j dP_ij·P_ij` are
-/// taken as `dO_i · O_i` (FlashAttention's identity: `Σ_j (dO_i·V_j) P_ij = dO_i·O_i`),
-/// over `hd` columns instead of `S`. Takes channel-major `[q, k, v, o, d_o]`: rotated
-/// `q [D, T]`, `k`, `v [KV, T]`, the forward's attention output `o [D, T]` and its
-/// gradient `d_o [D, T]`; returns `(dQ, dK, dV)` in head layout
-/// (`[B, nkv, g, S, hd]`, `[B, nkv, S, hd]`, `[B, nkv, S, hd]`), the query heads of a KV
-/// head folded (summed) into it.
+/// then `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, the softmax backward `dS = P ⊙ (dP − Σ_j dP⊙P)`,
+/// `dQ = dS·K·scale` and `dK = dSᵀ·(Q·scale)`. With the query heads of a KV head stacked
+/// on the row axis, `Pᵀ·dO` and `dSᵀ·Q` sum over the group in their contraction. The
+/// row sums `Σ_j dP_ij·P_ij` are taken as `dO_i · O_i` (FlashAttention's identity:
+/// `Σ_j (dO_i·V_j) P_ij = dO_i·O_i`), over `hd` columns instead of `S`. Takes
+/// channel-major `[1, 1, C, T]` values `[q, k, v, o, d_o]`: rotated `q [D, T]`, `k`,
+/// `v [KV, T]`, the forward's attention output `o [D, T]` and its gradient `d_o`;
+/// returns `(dQ, dK, dV)` in head layout (`[B, nkv, g·S, hd]`, `[B, nkv, S, hd]`,
+/// `[B, nkv, S, hd]`).
 pub(crate) fn attention_grads(
     g: &mut Gen,
     h: &Heads,
+    group: usize,
     head_dim: usize,
     seq: usize,
     [q, k, v, o, d_o]: [&Var; 5],
 ) -> (Var, Var, Var) {
-    let mask = causal_mask(g, seq);
-    let qh = h.queries(g, "qh", q); // [B, nkv, g, S, hd]
-    let kh = h.kv_rows(g, "kh", k); // [B, nkv, 1, S, hd]
+    let mask = causal_mask(g, seq, group);
+    let qh = h.queries(g, "qh", q); // [B, nkv, g·S, hd]
+    let kh = h.kv_rows(g, "kh", k); // [B, nkv, S, hd]
     let vh = h.kv_rows(g, "vh", v);
     let doh = h.queries(g, "doh", d_o);
     let (qs, p) = attention_probs(g, &qh, &kh, &mask, head_dim);
-    let dv_g = g.b.matmul("dv_g", &p, &doh, true, false); // [B, nkv, g, S, hd]
-    let dvh = g.b.reduce_sum("dvh", &dv_g, &[2], false); // [B, nkv, S, hd]
-    let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g, S, S]
+    let dvh = g.b.matmul("dvh", &p, &doh, true, false); // [B, nkv, S, hd]
+    let dp = g.b.matmul("dp", &doh, &vh, false, true); // [B, nkv, g·S, S]
     let oh = h.queries(g, "oh", o);
-    let doo = g.b.mul("doo", &doh, &oh); // [B, nkv, g, S, hd]
-    let rowsum = g.b.reduce_sum("rowsum", &doo, &[-1], true); // [B, nkv, g, S, 1]
+    let doo = g.b.mul("doo", &doh, &oh); // [B, nkv, g·S, hd]
+    let rowsum = g.b.reduce_sum("rowsum", &doo, &[-1], true); // [B, nkv, g·S, 1]
     let centered = g.b.sub("centered", &dp, &rowsum);
     // dS without the scale: the scale goes on dQ (an [S, hd] pass, not [S, S]), and dK
     // takes it from the scaled queries.
     let ds = g.b.mul("ds", &p, &centered);
-    let dq0 = g.b.matmul("dq0", &ds, &kh, false, false); // [B, nkv, g, S, hd]
+    let dq0 = g.b.matmul("dq0", &ds, &kh, false, false); // [B, nkv, g·S, hd]
     let dqh = g.b.scale("dqh", &dq0, 1.0 / (head_dim as f64).sqrt());
-    let dk_g = g.b.matmul("dk_g", &ds, &qs, true, false); // [B, nkv, g, S, hd]
-    let dkh = g.b.reduce_sum("dkh", &dk_g, &[2], false);
+    let dkh = g.b.matmul("dkh", &ds, &qs, true, false); // [B, nkv, S, hd]
     (dqh, dkh, dvh)
 }
 
 /// One part of the classifier: `logits [V_p, T] = W_p · xn` for `V_p` rows of the
-/// `[vocab, D]` classifier. Input `x: [D, T + V_p]` = normed activation `xn [D, T]`, then
+/// `[vocab, D]` classifier. Blocks: normed activation `xn [D, T]`, then
 /// `W_pᵀ [D, V_p]`. The decoder splits the vocabulary into parts so that no dimension
 /// passes the ANE's limit ([`mil::lint::MAX_DIMENSION`]; Qwen2.5's head has 151936 rows):
 /// see [`classifier_parts`].
-pub fn classifier_part(dim: usize, part: usize, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
-    let mut g = Gen::new(dialect);
-    let xs = g.surface("x", dim, &[("xn", dim, t), ("wcls", dim, part)]);
-    let xn = g.block(&xs, 0, "xn");
-    let w = g.block(&xs, 0, "wcls");
+pub fn classifier_part(dim: usize, part: usize, t: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
+    let mut g = Gen::new(target);
+    g.surface("x", dim, &[("xn", dim, t), ("wcls", dim, part)]);
+    let xn = g.block("xn");
+    let w = g.block("wcls");
     let y = g.linear_t("logits2", &w, &xn);
     g.output("logits", &y);
     g.finish("classifier_part")
@@ -510,19 +655,19 @@ pub fn classifier_parts(vocab: usize, max_part: usize) -> Vec<(usize, usize)> {
 }
 
 /// Backward of the QKV projection: `dx = Wqᵀ·dq + Wkᵀ·dk + Wvᵀ·dv`.
-/// Inputs: `dq: [D, T + D]` = `dq`, then `Wq [D, D]`; `dkv: [KV, 2T + 2D]` = `dk`,
-/// `dv`, then `Wk [KV, D]`, `Wv [KV, D]` (all untransposed). Output `dx [D, T]`.
-pub fn qkv_backward(d: &LayerDims, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+/// Blocks: `dq [D, T]`, `Wq [D, D]`, `dk`, `dv` (`[KV, T]`), `Wk [KV, D]`, `Wv [KV, D]`
+/// (all untransposed). Output `dx [D, T]`.
+pub fn qkv_backward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
     let (dim, kv) = (d.dim, d.kv_dim());
-    let mut g = Gen::new(dialect);
-    let dqs = g.surface("dq", dim, &[("dq", dim, t), ("wq", dim, dim)]);
-    let dkvs = g.surface("dkv", kv, &[("dk", kv, t), ("dv", kv, t), ("wk", kv, dim), ("wv", kv, dim)]);
-    let dq = g.block(&dqs, 0, "dq");
-    let wq = g.block(&dqs, 0, "wq");
-    let dk = g.block(&dkvs, 1, "dk");
-    let dv = g.block(&dkvs, 1, "dv");
-    let wk = g.block(&dkvs, 1, "wk");
-    let wv = g.block(&dkvs, 1, "wv");
+    let mut g = Gen::new(target);
+    g.surface("dq", dim, &[("dq", dim, t), ("wq", dim, dim)]);
+    g.surface("dkv", kv, &[("dk", kv, t), ("dv", kv, t), ("wk", kv, dim), ("wv", kv, dim)]);
+    let dq = g.block("dq");
+    let wq = g.block("wq");
+    let dk = g.block("dk");
+    let dv = g.block("dv");
+    let wk = g.block("wk");
+    let wv = g.block("wv");
     let a = g.linear_t("dxq", &wq, &dq);
     let b = g.linear_t("dxk", &wk, &dk);
     let c = g.linear_t("dxv", &wv, &dv);

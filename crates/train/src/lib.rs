@@ -12,6 +12,7 @@
 //! checkpoints, telemetry and the efficiency report. [`cost_model`] predicts a step's time
 //! on an ANE from the same kernel programs and schedules, for machines without one.
 
+pub mod binding;
 pub mod bpe;
 pub mod checkpoint;
 pub mod corpus;

@@ -19,7 +19,8 @@ use std::collections::HashMap;
 use device::{Device, Kernel, Surface};
 use rayon::prelude::*;
 
-use crate::kernels::{self, KernelDef, LayerDims, SurfaceLayout, MASK_NEG};
+use crate::binding::KernelIo;
+use crate::kernels::{self, KernelDef, LayerDims, MASK_NEG};
 use crate::linalg;
 
 /// Model hyperparameters the device model needs.
@@ -108,27 +109,54 @@ pub fn write_transposed(surface: &mut Surface, s0: usize, w: &[f32], out: usize,
     });
 }
 
+/// One compiled kernel with its layout, and its output surfaces.
+struct Compiled {
+    kernel: Box<dyn Kernel>,
+    io: KernelIo,
+    outputs: Vec<Surface>,
+}
+
+impl Compiled {
+    fn new(device: &dyn Device, def: &KernelDef) -> device::Result<Compiled> {
+        let kernel = device.compile(&def.program, &def.weights)?;
+        let outputs = kernel.outputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect();
+        Ok(Compiled { kernel, io: def.io.clone(), outputs })
+    }
+
+    /// Fresh input surfaces for this kernel.
+    fn input_surfaces(&self) -> Vec<Surface> {
+        self.kernel.inputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect()
+    }
+
+    fn eval(&mut self, inputs: &[Surface]) -> device::Result<()> {
+        let ins: Vec<&Surface> = inputs.iter().collect();
+        let mut outs: Vec<&mut Surface> = self.outputs.iter_mut().collect();
+        self.kernel.eval(&ins, &mut outs)
+    }
+
+    /// Output `name` into `dst` (a `[C, t]` matrix).
+    fn read(&self, name: &str, dst: &mut [f32]) {
+        self.io.read_into(&self.outputs, name, dst);
+    }
+}
+
+/// Writes `W [out, in]` transposed into block `block` of a kernel's input surfaces, at
+/// column `col` of the block.
+fn write_block_t(io: &KernelIo, surfaces: &mut [Surface], block: &str, col: usize, w: &[f32], out: usize, inp: usize) {
+    let (i, b) = io.block(block);
+    write_transposed(&mut surfaces[i], b.s0 + col, w, out, inp);
+}
+
 /// Kernels compiled for one token count.
 struct KernelSet {
-    qkv: Box<dyn Kernel>,
-    attn: Box<dyn Kernel>,
-    ffn: Box<dyn Kernel>,
-    qkv_layout: SurfaceLayout,
-    attn_layout: SurfaceLayout,
-    ffn_layout: SurfaceLayout,
-    /// Per layer: the packed input surfaces (weights written once).
-    qkv_in: Vec<Surface>,
-    attn_q: Vec<Surface>,
-    ffn_x: Vec<Surface>,
-    mask: Surface,
-    mask_s0: usize,
-    q: Surface,
-    k: Surface,
-    v: Surface,
-    o: Surface,
-    y: Surface,
-    h1: Surface,
-    h3: Surface,
+    qkv: Compiled,
+    attn: Compiled,
+    ffn: Compiled,
+    /// Per layer: each kernel's input surfaces (weights written once; the attention
+    /// kernel's also hold this layer's KV cache and the mask).
+    qkv_in: Vec<Vec<Surface>>,
+    attn_in: Vec<Vec<Surface>>,
+    ffn_in: Vec<Vec<Surface>>,
 }
 
 /// The classifier as device kernels, one per part of the vocabulary (see
@@ -141,12 +169,9 @@ struct Head {
 
 struct HeadPart {
     rows: (usize, usize),
-    kernel: Box<dyn Kernel>,
-    xn_s0: usize,
-    /// `[D, t + V_p]`: the normed activation, then `W_pᵀ` (written once).
-    input: Surface,
-    /// `[V_p, t]`.
-    logits: Surface,
+    kernel: Compiled,
+    /// The normed activation, then `W_pᵀ` (written once).
+    input: Vec<Surface>,
 }
 
 /// Rows per classifier kernel: the surface `[D, t + rows]`, padded to an odd multiple of
@@ -160,12 +185,11 @@ pub struct Decoder<'w, W: ModelWeights> {
     dims: ModelDims,
     device: &'w dyn Device,
     sets: HashMap<usize, KernelSet>,
-    /// Per layer: `[KV, 2·seq_len]` (padded), keys then values, shared by all kernel
-    /// sets; laid out as `kv_layout` says.
-    kv_cache: Vec<Surface>,
-    kv_layout: SurfaceLayout,
-    /// Per layer: the shared `W2ᵀ` surface of the FFN kernel.
-    ffn_w2: Vec<Surface>,
+    /// Per layer: the keys and the values so far, `[KV, seq_len]` each. Every kernel
+    /// set's attention surfaces hold a copy (each kernel reads one packed surface); this
+    /// one fills the surfaces of a set compiled later.
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
     pos: usize,
     /// How many tokens prefill processes per kernel call.
     pub prefill_chunk: usize,
@@ -180,30 +204,14 @@ pub struct Decoder<'w, W: ModelWeights> {
 impl<'w, W: ModelWeights> Decoder<'w, W> {
     pub fn new(device: &'w dyn Device, weights: &'w W) -> device::Result<Self> {
         let dims = weights.dims();
-        let dialect = device.dialect();
-        let io = kernels::Io::for_dialect(dialect).surface_dtype();
-        let d = dims.layer;
-        // The surfaces every kernel set shares take their layouts from the kernels (they
-        // do not depend on the number of tokens per call).
-        let t = token_padding(device, 1);
-        let kv_layout = kernels::attention_decode(&d, t, dims.seq_len, dialect)?.inputs[1].clone();
-        let w2_layout = kernels::ffn_forward(&d, t, dialect)?.inputs[1].clone();
-        let mut kv_cache = Vec::new();
-        let mut ffn_w2 = Vec::new();
-        for l in 0..dims.n_layers {
-            kv_cache.push(Surface::activation(io, kv_layout.channels, kv_layout.width));
-            let mut w2 = Surface::activation(io, w2_layout.channels, w2_layout.width);
-            write_transposed(&mut w2, w2_layout.block("w2").s0, weights.layer(l).w2, d.dim, d.hidden);
-            ffn_w2.push(w2);
-        }
+        let cache = dims.layer.kv_dim() * dims.seq_len;
         Ok(Decoder {
             weights,
             dims,
             device,
             sets: HashMap::new(),
-            kv_cache,
-            kv_layout,
-            ffn_w2,
+            k_cache: vec![vec![0.0; cache]; dims.n_layers],
+            v_cache: vec![vec![0.0; cache]; dims.n_layers],
             pos: 0,
             prefill_chunk: 32,
             compile_seconds: 0.0,
@@ -227,17 +235,14 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         let (dim, vocab) = (self.dims.layer.dim, self.dims.vocab);
         let t = token_padding(self.device, 1);
         let dialect = self.device.dialect();
-        let io = kernels::Io::for_dialect(dialect).surface_dtype();
         let wcls = self.weights.classifier();
         let mut parts = Vec::new();
         for (lo, hi) in kernels::classifier_parts(vocab, self.head_part_rows) {
             let def = kernels::classifier_part(dim, hi - lo, t, dialect)?;
-            let kernel = self.device.compile(&def.program, &def.weights)?;
-            let layout = &def.inputs[0];
-            let mut input = Surface::activation(io, layout.channels, layout.width);
-            write_transposed(&mut input, layout.block("wcls").s0, &wcls[lo * dim..hi * dim], hi - lo, dim);
-            let logits = Surface::activation(io, hi - lo, t);
-            parts.push(HeadPart { rows: (lo, hi), kernel, xn_s0: layout.block("xn").s0, input, logits });
+            let kernel = Compiled::new(self.device, &def)?;
+            let mut input = kernel.input_surfaces();
+            write_block_t(&def.io, &mut input, "wcls", 0, &wcls[lo * dim..hi * dim], hi - lo, dim);
+            parts.push(HeadPart { rows: (lo, hi), kernel, input });
         }
         self.head = Some(Head { t, parts });
         self.compile_seconds += start.elapsed().as_secs_f64();
@@ -249,16 +254,18 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         self.compile_head()?;
         let head = self.head.as_mut().expect("compiled just above");
         let mut logits = vec![0.0f32; self.dims.vocab];
-        let mut column = vec![0.0f32; head.t];
+        // Column 0 holds the token; padded columns stay zero.
+        let mut xn = vec![0.0f32; normed.len() * head.t];
+        for (c, &v) in normed.iter().enumerate() {
+            xn[c * head.t] = v;
+        }
+        let mut out = Vec::new();
         for part in &mut head.parts {
-            // Column 0 holds the token; padded columns stay zero.
-            for (c, &v) in normed.iter().enumerate() {
-                column[0] = v;
-                part.input.write_f32_at(c * part.input.shape()[3] + part.xn_s0, &column);
-            }
-            part.kernel.eval(&[&part.input], &mut [&mut part.logits])?;
+            part.kernel.io.write(&mut part.input, "xn", &xn);
+            part.kernel.eval(&part.input)?;
             let (lo, hi) = part.rows;
-            let out = part.logits.to_f32();
+            out.resize((hi - lo) * head.t, 0.0);
+            part.kernel.read("logits", &mut out);
             for (v, l) in logits[lo..hi].iter_mut().enumerate() {
                 *l = out[v * head.t];
             }
@@ -282,52 +289,34 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         }
         let start = std::time::Instant::now();
         let (d, dialect) = (self.dims.layer, self.device.dialect());
+        let cache = self.dims.seq_len;
         let qkv = kernels::qkv_forward(&d, t, dialect)?;
-        let attn = kernels::attention_decode(&d, t, self.dims.seq_len, dialect)?;
+        let attn = kernels::attention_decode(&d, t, cache, dialect)?;
         let ffn = kernels::ffn_forward(&d, t, dialect)?;
-        let compile = |k: &KernelDef| self.device.compile(&k.program, &k.weights);
-        let (qkv_k, attn_k, ffn_k) = (compile(&qkv)?, compile(&attn)?, compile(&ffn)?);
-        let io = kernels::Io::for_dialect(dialect).surface_dtype();
-        let surf = |l: &SurfaceLayout| Surface::activation(io, l.channels, l.width);
-        let (mut qkv_in, mut attn_q, mut ffn_x) = (Vec::new(), Vec::new(), Vec::new());
+        let (qkv, attn, ffn) =
+            (Compiled::new(self.device, &qkv)?, Compiled::new(self.device, &attn)?, Compiled::new(self.device, &ffn)?);
+        let (mut qkv_in, mut attn_in, mut ffn_in) = (Vec::new(), Vec::new(), Vec::new());
         let (dim, kvd, hid) = (d.dim, d.kv_dim(), d.hidden);
         for l in 0..self.dims.n_layers {
             let w = self.weights.layer(l);
-            let mut s = surf(&qkv.inputs[0]);
-            let s0 = qkv.inputs[0].block("wqkv").s0;
-            write_transposed(&mut s, s0, w.wq, dim, dim);
-            write_transposed(&mut s, s0 + dim, w.wk, kvd, dim);
-            write_transposed(&mut s, s0 + dim + kvd, w.wv, kvd, dim);
+            let mut s = qkv.input_surfaces();
+            write_block_t(&qkv.io, &mut s, "wqkv", 0, w.wq, dim, dim);
+            write_block_t(&qkv.io, &mut s, "wqkv", dim, w.wk, kvd, dim);
+            write_block_t(&qkv.io, &mut s, "wqkv", dim + kvd, w.wv, kvd, dim);
             qkv_in.push(s);
-            let mut s = surf(&attn.inputs[0]);
-            write_transposed(&mut s, attn.inputs[0].block("wo").s0, w.wo, dim, dim);
-            attn_q.push(s);
-            let mut s = surf(&ffn.inputs[0]);
-            let s0 = ffn.inputs[0].block("w13").s0;
-            write_transposed(&mut s, s0, w.w1, hid, dim);
-            write_transposed(&mut s, s0 + hid, w.w3, hid, dim);
-            ffn_x.push(s);
+            let mut s = attn.input_surfaces();
+            write_block_t(&attn.io, &mut s, "wo", 0, w.wo, dim, dim);
+            // The keys and values so far (a set compiled after some decoding).
+            attn.io.write(&mut s, "k", &self.k_cache[l]);
+            attn.io.write(&mut s, "v", &self.v_cache[l]);
+            attn_in.push(s);
+            let mut s = ffn.input_surfaces();
+            write_block_t(&ffn.io, &mut s, "w13", 0, w.w1, hid, dim);
+            write_block_t(&ffn.io, &mut s, "w13", hid, w.w3, hid, dim);
+            ffn.io.write(&mut s, "w2", w.w2);
+            ffn_in.push(s);
         }
-        let set = KernelSet {
-            qkv: qkv_k,
-            attn: attn_k,
-            ffn: ffn_k,
-            mask: surf(&attn.inputs[2]),
-            mask_s0: attn.inputs[2].block("mask").s0,
-            qkv_layout: qkv.inputs[0].clone(),
-            attn_layout: attn.inputs[0].clone(),
-            ffn_layout: ffn.inputs[0].clone(),
-            qkv_in,
-            attn_q,
-            ffn_x,
-            q: Surface::activation(io, dim, t),
-            k: Surface::activation(io, kvd, t),
-            v: Surface::activation(io, kvd, t),
-            o: Surface::activation(io, dim, t),
-            y: Surface::activation(io, dim, t),
-            h1: Surface::activation(io, hid, t),
-            h3: Surface::activation(io, hid, t),
-        };
+        let set = KernelSet { qkv, attn, ffn, qkv_in, attn_in, ffn_in };
         self.sets.insert(t, set);
         self.compile_seconds += start.elapsed().as_secs_f64();
         Ok(())
@@ -366,7 +355,6 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         let (dim, kvd) = (d.dim, d.kv_dim());
         let pos0 = self.pos;
         let cache = dims.seq_len;
-        let set = self.sets.get_mut(&t).expect("compiled above");
 
         // x: [D, t] residual stream, channel-major; padded columns stay zero.
         let mut x = vec![0.0f32; dim * t];
@@ -378,12 +366,9 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
             }
         }
         // mask: [t, cache], query j sees cache positions 0..=pos0+j.
-        let mut mask_row = vec![MASK_NEG; cache];
-        for j in 0..t {
-            let visible = if j < n { pos0 + j + 1 } else { 0 };
-            mask_row[..visible].fill(0.0);
-            mask_row[visible..].fill(MASK_NEG);
-            set.mask.write_block(j, set.mask_s0, 1, cache, &mask_row);
+        let mut mask = vec![MASK_NEG; t * cache];
+        for (j, row) in mask.chunks_mut(cache).enumerate().take(n) {
+            row[..pos0 + j + 1].fill(0.0);
         }
 
         let mut xn = vec![0.0f32; dim * t];
@@ -391,35 +376,45 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         let mut k = vec![0.0f32; kvd * t];
         let mut v = vec![0.0f32; kvd * t];
         let mut y = vec![0.0f32; dim * t];
+        let (mut k_new, mut v_new) = (vec![0.0f32; kvd * n], vec![0.0f32; kvd * n]);
         for l in 0..dims.n_layers {
             let w = self.weights.layer(l);
             rmsnorm_cols(&x, w.rms_att, dims.norm_eps, dim, t, &mut xn);
-            set.qkv_in[l].write_block(0, set.qkv_layout.block("xn").s0, dim, t, &xn);
-            set.qkv.eval(&[&set.qkv_in[l]], &mut [&mut set.q, &mut set.k, &mut set.v])?;
-            set.q.read_f32_at(0, &mut q);
-            set.k.read_f32_at(0, &mut k);
-            set.v.read_f32_at(0, &mut v);
+            let set = self.sets.get_mut(&t).expect("compiled above");
+            set.qkv.io.write(&mut set.qkv_in[l], "xn", &xn);
+            set.qkv.eval(&set.qkv_in[l])?;
+            set.qkv.read("q", &mut q);
+            set.qkv.read("k", &mut k);
+            set.qkv.read("v", &mut v);
             add_bias(&mut q, w.bq, t);
             add_bias(&mut k, w.bk, t);
             add_bias(&mut v, w.bv, t);
             rope_cols(&mut q, d.head_dim(), t, pos0, dims.rope_theta);
             rope_cols(&mut k, d.head_dim(), t, pos0, dims.rope_theta);
-            // New keys and values go into the cache at their positions.
-            let kv = &mut self.kv_cache[l];
-            let (k_s0, v_s0) = (self.kv_layout.block("k").s0, self.kv_layout.block("v").s0);
+            // New keys and values go into the cache at their positions: the host copy
+            // and every compiled set's attention surfaces.
             for c in 0..kvd {
-                kv.write_block(c, k_s0 + pos0, 1, n, &k[c * t..c * t + n]);
-                kv.write_block(c, v_s0 + pos0, 1, n, &v[c * t..c * t + n]);
+                k_new[c * n..(c + 1) * n].copy_from_slice(&k[c * t..c * t + n]);
+                v_new[c * n..(c + 1) * n].copy_from_slice(&v[c * t..c * t + n]);
+                self.k_cache[l][c * cache + pos0..c * cache + pos0 + n].copy_from_slice(&k_new[c * n..(c + 1) * n]);
+                self.v_cache[l][c * cache + pos0..c * cache + pos0 + n].copy_from_slice(&v_new[c * n..(c + 1) * n]);
             }
-            set.attn_q[l].write_block(0, set.attn_layout.block("q").s0, dim, t, &q);
-            set.attn.eval(&[&set.attn_q[l], kv, &set.mask], &mut [&mut set.o, &mut set.y])?;
-            set.y.read_f32_at(0, &mut y);
+            for s in self.sets.values_mut() {
+                s.attn.io.write_at(&mut s.attn_in[l], "k", pos0, kvd, n, &k_new);
+                s.attn.io.write_at(&mut s.attn_in[l], "v", pos0, kvd, n, &v_new);
+            }
+            let set = self.sets.get_mut(&t).expect("compiled above");
+            let attn_in = &mut set.attn_in[l];
+            set.attn.io.write(attn_in, "q", &q);
+            set.attn.io.write(attn_in, "mask", &mask);
+            set.attn.eval(attn_in)?;
+            set.attn.read("y", &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
 
             rmsnorm_cols(&x, w.rms_ffn, dims.norm_eps, dim, t, &mut xn);
-            set.ffn_x[l].write_block(0, set.ffn_layout.block("xn").s0, dim, t, &xn);
-            set.ffn.eval(&[&set.ffn_x[l], &self.ffn_w2[l]], &mut [&mut set.h1, &mut set.h3, &mut set.y])?;
-            set.y.read_f32_at(0, &mut y);
+            set.ffn.io.write(&mut set.ffn_in[l], "xn", &xn);
+            set.ffn.eval(&set.ffn_in[l])?;
+            set.ffn.read("y", &mut y);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         }
         self.pos += n;

@@ -17,8 +17,9 @@ use std::time::Instant;
 use device::{Device, Kernel, Surface};
 use llama::{Config, Params};
 
+use crate::binding::{IoConvention, KernelIo, Target};
 use crate::cpu_ops::{self, ClassifierLoss, RopeTable};
-use crate::kernels::{self, KernelDef, LayerDims, SurfaceLayout};
+use crate::kernels::{self, KernelDef, LayerDims};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
 use crate::model::write_transposed;
 
@@ -59,10 +60,10 @@ fn lap(t: &mut Instant, slot: &mut f64) {
     *t = now;
 }
 
-/// A compiled kernel and the layout of its inputs.
+/// A compiled kernel, its surfaces and where its blocks and outputs sit in them.
 struct Compiled {
     kernel: Box<dyn Kernel>,
-    inputs: Vec<SurfaceLayout>,
+    io: KernelIo,
     /// Input surfaces, reused by every layer.
     surfaces: Vec<Surface>,
     /// Output surfaces `[1, C, 1, T]`.
@@ -74,19 +75,18 @@ impl Compiled {
         let kernel = device.compile(&def.program, &def.weights)?;
         let surfaces = kernel.inputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect();
         let outputs = kernel.outputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect();
-        Ok(Compiled { kernel, inputs: def.inputs, surfaces, outputs })
+        Ok(Compiled { kernel, io: def.io, surfaces, outputs })
     }
 
-    /// Writes a `[rows, width]` row-major matrix into block `block` of input `input`.
-    fn write(&mut self, input: usize, block: &str, data: &[f32]) {
-        let b = self.inputs[input].block(block);
-        self.surfaces[input].write_block(0, b.s0, b.rows, b.width, data);
+    /// Writes a `[rows, width]` row-major matrix into block `block`.
+    fn write(&mut self, block: &str, data: &[f32]) {
+        self.io.write(&mut self.surfaces, block, data);
     }
 
     /// Writes `W [out, in]` transposed (as `[in, out]`) into block `block` at column `col`.
-    fn write_t(&mut self, input: usize, block: &str, col: usize, w: &[f32], out: usize, inp: usize) {
-        let s0 = self.inputs[input].block(block).s0 + col;
-        write_transposed(&mut self.surfaces[input], s0, w, out, inp);
+    fn write_t(&mut self, block: &str, col: usize, w: &[f32], out: usize, inp: usize) {
+        let (i, b) = self.io.block(block);
+        write_transposed(&mut self.surfaces[i], b.s0 + col, w, out, inp);
     }
 
     fn eval(&mut self) -> device::Result<()> {
@@ -95,10 +95,20 @@ impl Compiled {
         self.kernel.eval(&ins, &mut outs)
     }
 
-    /// Output `output` into `dst`, without a copy where the surface allows
-    /// ([`Surface::take_f32`]: the CPU device's fp32 outputs).
-    fn read(&mut self, output: usize, dst: &mut Vec<f32>) {
-        self.outputs[output].take_f32(dst);
+    /// Output `output` into `dst` ([`KernelIo::take`]: without a copy where it has a
+    /// surface of its own, the CPU device's fp32 outputs).
+    fn read(&mut self, output: &str, dst: &mut Vec<f32>) {
+        self.io.take(&mut self.outputs, output, dst);
+    }
+
+    /// `f` of output `output`, read in place where the surface allows (fp32, a channel
+    /// range), else through a copy into `scratch`.
+    fn with<R>(&mut self, output: &str, scratch: &mut Vec<f32>, f: impl FnOnce(&[f32]) -> R) -> R {
+        if let Some(v) = self.io.view(&self.outputs, output) {
+            return f(v);
+        }
+        self.io.read(&self.outputs, output, scratch);
+        f(scratch)
     }
 }
 
@@ -188,8 +198,20 @@ pub struct DynamicPipeline {
 }
 
 impl DynamicPipeline {
-    /// Generates and compiles the six kernels for `batch` sequences of `seq` tokens.
+    /// Generates and compiles the six kernels for `batch` sequences of `seq` tokens, with
+    /// the packed I/O convention.
     pub fn new(device: &dyn Device, config: &Config, batch: usize, seq: usize) -> device::Result<DynamicPipeline> {
+        DynamicPipeline::with_io(device, config, batch, seq, IoConvention::Packed)
+    }
+
+    /// [`DynamicPipeline::new`] with the kernels' surfaces bound by `io`.
+    pub fn with_io(
+        device: &dyn Device,
+        config: &Config,
+        batch: usize,
+        seq: usize,
+        io: IoConvention,
+    ) -> device::Result<DynamicPipeline> {
         let dims = LayerDims {
             dim: config.dim,
             hidden: config.hidden_dim,
@@ -197,7 +219,7 @@ impl DynamicPipeline {
             n_kv_heads: config.n_kv_heads,
         };
         let t = batch * seq;
-        let dialect = device.dialect();
+        let dialect = Target::new(device.dialect(), io);
         let start = Instant::now();
         let qkv_fwd = Compiled::new(device, kernels::qkv_forward(&dims, t, dialect)?)?;
         let attn_fwd = Compiled::new(device, kernels::attention_forward(&dims, batch, seq, dialect)?)?;
@@ -297,16 +319,16 @@ impl DynamicPipeline {
 
             // QKV projection.
             let k = &mut self.qkv_fwd;
-            k.write(0, "xn", &a.xn1);
-            k.write_t(0, "wqkv", 0, w.wq(), dim, dim);
-            k.write_t(0, "wqkv", dim, w.wk(), kv, dim);
-            k.write_t(0, "wqkv", dim + kv, w.wv(), kv, dim);
+            k.write("xn", &a.xn1);
+            k.write_t("wqkv", 0, w.wq(), dim, dim);
+            k.write_t("wqkv", dim, w.wk(), kv, dim);
+            k.write_t("wqkv", dim + kv, w.wv(), kv, dim);
             lap(&mut t, &mut times.surface_io);
             k.eval()?;
             lap(&mut t, &mut times.device_forward);
-            k.read(0, &mut a.q);
-            k.read(1, &mut a.k);
-            k.read(2, &mut a.v);
+            k.read("q", &mut a.q);
+            k.read("k", &mut a.k);
+            k.read("v", &mut a.v);
             lap(&mut t, &mut times.surface_io);
             if let Some((bq, bk, bv)) = w.qkv_bias() {
                 add_bias(&mut a.q, bq, t_len);
@@ -319,39 +341,39 @@ impl DynamicPipeline {
 
             // Attention and Wo.
             let k = &mut self.attn_fwd;
-            k.write(0, "q", &a.q);
-            k.write_t(0, "wo", 0, w.wo(), dim, dim);
-            k.write(1, "k", &a.k);
-            k.write(1, "v", &a.v);
+            k.write("q", &a.q);
+            k.write_t("wo", 0, w.wo(), dim, dim);
+            k.write("k", &a.k);
+            k.write("v", &a.v);
             lap(&mut t, &mut times.surface_io);
             k.eval()?;
             lap(&mut t, &mut times.device_forward);
-            k.read(0, &mut a.o);
-            k.read(1, &mut self.scratch.y);
-            lap(&mut t, &mut times.surface_io);
-            for ((xm, xi), y) in a.x_mid.iter_mut().zip(&a.x_in).zip(&self.scratch.y) {
-                *xm = xi + y;
-            }
+            k.read("o", &mut a.o);
+            k.with("y", &mut self.scratch.y, |y| {
+                for ((xm, xi), y) in a.x_mid.iter_mut().zip(&a.x_in).zip(y) {
+                    *xm = xi + y;
+                }
+            });
             lap(&mut t, &mut times.other_cpu);
             cpu_ops::rmsnorm_forward(&mut a.xn2, &mut a.inv_rms2, &a.x_mid, w.rms_ffn(), eps);
             lap(&mut t, &mut times.rmsnorm);
 
             // SwiGLU FFN.
             let k = &mut self.ffn_fwd;
-            k.write(0, "xn", &a.xn2);
-            k.write_t(0, "w13", 0, w.w1(), hid, dim);
-            k.write_t(0, "w13", hid, w.w3(), hid, dim);
-            k.write_t(1, "w2", 0, w.w2(), dim, hid);
+            k.write("xn", &a.xn2);
+            k.write_t("w13", 0, w.w1(), hid, dim);
+            k.write_t("w13", hid, w.w3(), hid, dim);
+            k.write("w2", w.w2());
             lap(&mut t, &mut times.surface_io);
             k.eval()?;
             lap(&mut t, &mut times.device_forward);
-            k.read(0, &mut a.h1);
-            k.read(1, &mut a.h3);
-            k.read(2, &mut self.scratch.y);
-            lap(&mut t, &mut times.surface_io);
-            for ((xo, xm), y) in x.iter_mut().zip(&a.x_mid).zip(&self.scratch.y) {
-                *xo = xm + y;
-            }
+            k.read("h1", &mut a.h1);
+            k.read("h3", &mut a.h3);
+            k.with("y", &mut self.scratch.y, |y| {
+                for ((xo, xm), y) in x.iter_mut().zip(&a.x_mid).zip(y) {
+                    *xo = xm + y;
+                }
+            });
             lap(&mut t, &mut times.other_cpu);
         }
         cpu_ops::rmsnorm_forward(
@@ -412,19 +434,19 @@ impl DynamicPipeline {
             // FFN backward: s.dx is the gradient at the layer's output (= at the FFN's
             // output, through the residual).
             let k = &mut self.ffn_bwd;
-            k.write(0, "dy", &s.dx);
-            k.write(0, "w2", w.w2());
-            k.write(1, "h1", &a.h1);
-            k.write(1, "h3", &a.h3);
-            k.write(1, "w1", w.w1());
-            k.write(1, "w3", w.w3());
+            k.write("dy", &s.dx);
+            k.write("w2", w.w2());
+            k.write("h1", &a.h1);
+            k.write("h3", &a.h3);
+            k.write("w1", w.w1());
+            k.write("w3", w.w3());
             lap(&mut t, &mut times.surface_io);
             k.eval()?;
             lap(&mut t, &mut times.device_backward);
-            k.read(0, &mut s.dxn);
-            k.read(1, &mut s.dh1);
-            k.read(2, &mut s.dh3);
-            k.read(3, &mut s.gate);
+            k.read("dx", &mut s.dxn);
+            k.read("dh1", &mut s.dh1);
+            k.read("dh3", &mut s.dh3);
+            k.read("gate", &mut s.gate);
             lap(&mut t, &mut times.surface_io);
             s.dy_ffn.copy_from_slice(&s.dx);
             let ffn_dw = |g: &mut llama::LayerMut<'_>, dy: &[f32], gate: &[f32], dh1: &[f32], dh3: &[f32]| {
@@ -453,12 +475,12 @@ impl DynamicPipeline {
 
             // Attention backward (with Woᵀ): s.dx is now the gradient at x_mid.
             let k = &mut self.attn_bwd;
-            k.write(0, "dy", &s.dx);
-            k.write(0, "q", &a.q);
-            k.write(0, "o", &a.o);
-            k.write(0, "wo", w.wo());
-            k.write(1, "k", &a.k);
-            k.write(1, "v", &a.v);
+            k.write("dy", &s.dx);
+            k.write("q", &a.q);
+            k.write("o", &a.o);
+            k.write("wo", w.wo());
+            k.write("k", &a.k);
+            k.write("v", &a.v);
             lap(&mut t, &mut times.surface_io);
             if self.overlap_dw {
                 let (dy, gate, dh1, dh3) = (&s.dy_ffn, &s.gate, &s.dh1, &s.dh3);
@@ -468,9 +490,9 @@ impl DynamicPipeline {
                 k.eval()?;
             }
             lap(&mut t, &mut times.device_backward);
-            k.read(0, &mut s.dq);
-            k.read(1, &mut s.dk);
-            k.read(2, &mut s.dv);
+            k.read("dq", &mut s.dq);
+            k.read("dk", &mut s.dk);
+            k.read("dv", &mut s.dv);
             lap(&mut t, &mut times.surface_io);
             // dWo [D, D] += dy [D, T] · oᵀ (s.dx stays the gradient at x_mid until the
             // attention branch's RMSNorm backward below).
@@ -489,12 +511,12 @@ impl DynamicPipeline {
 
             // QKV backward.
             let k = &mut self.qkv_bwd;
-            k.write(0, "dq", &s.dq);
-            k.write(0, "wq", w.wq());
-            k.write(1, "dk", &s.dk);
-            k.write(1, "dv", &s.dv);
-            k.write(1, "wk", w.wk());
-            k.write(1, "wv", w.wv());
+            k.write("dq", &s.dq);
+            k.write("wq", w.wq());
+            k.write("dk", &s.dk);
+            k.write("dv", &s.dv);
+            k.write("wk", w.wk());
+            k.write("wv", w.wv());
             lap(&mut t, &mut times.surface_io);
             if self.overlap_dw {
                 let dy = &s.dx;
@@ -504,7 +526,7 @@ impl DynamicPipeline {
                 k.eval()?;
             }
             lap(&mut t, &mut times.device_backward);
-            k.read(0, &mut s.dxn);
+            k.read("dx", &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
             // dWq [D, D] += dq · xn1ᵀ ; dWk, dWv [KV, D] += dk/dv · xn1ᵀ
             let xn1 = MatRef::new(&a.xn1, dim, t_len).t();

@@ -62,11 +62,15 @@ pub struct PipelineConfig {
     /// (static and double-buffer only).
     #[serde(default)]
     pub ane_extras: bool,
+    /// How kernels bind their surfaces (`--ane-io`; checkpoints from before it was
+    /// recorded read as packed).
+    #[serde(default)]
+    pub io: crate::binding::IoConvention,
 }
 
 impl PipelineConfig {
     pub fn new(kind: PipelineKind, ane_extras: bool) -> PipelineConfig {
-        PipelineConfig { kind, ane_extras }
+        PipelineConfig { kind, ane_extras, io: Default::default() }
     }
 
     /// Checks the combination; the error names the flags.
@@ -89,7 +93,7 @@ impl PipelineConfig {
     }
 
     fn static_options(&self) -> StaticOptions {
-        StaticOptions { ane_extras: self.ane_extras, ..StaticOptions::default() }
+        StaticOptions { ane_extras: self.ane_extras, io: self.io, ..StaticOptions::default() }
     }
 }
 
@@ -167,7 +171,7 @@ impl Pipeline {
         let start = std::time::Instant::now();
         let (pipeline, kernels) = match config.kind {
             PipelineKind::Dynamic => {
-                let p = DynamicPipeline::new(device, params.config(), batch, seq)?;
+                let p = DynamicPipeline::with_io(device, params.config(), batch, seq, config.io)?;
                 (Pipeline::Dynamic(p), DynamicPipeline::KERNELS)
             }
             PipelineKind::Static => {

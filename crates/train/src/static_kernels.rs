@@ -36,9 +36,9 @@
 
 use std::ops::Range;
 
-use mil::{DType, Dialect, TensorType, Value, Var};
+use mil::{DType, TensorType, Value, Var};
 
-use crate::kernels::{attention_grads, attention_probs, causal_mask, Gen, Heads, KernelDef, LayerDims};
+use crate::kernels::{attention_grads, attention_probs, causal_mask, Gen, Heads, KernelDef, LayerDims, Target};
 
 /// The weights one layer's attention-forward kernel bakes in (`llama::Layer` views).
 #[derive(Clone, Copy, Debug)]
@@ -84,7 +84,7 @@ fn rmsnorm_in(g: &mut Gen, name: &str, x: &Var, gain: &Var, eps: f32) -> (Var, V
 /// `(mean_c x² + eps)^(-1/2)` of `x: [C, T]`, as `[1, T]`.
 fn inv_rms(g: &mut Gen, name: &str, x: &Var, eps: f32) -> Var {
     let sq = g.b.mul(&format!("{name}_sq"), x, x);
-    let ms = g.b.reduce_mean(&format!("{name}_ms"), &sq, &[0], true); // [1, T]
+    let ms = g.b.reduce_mean(&format!("{name}_ms"), &sq, &[2], true); // [1, 1, 1, T]
     let e = g.b.scalar(DType::Fp16, eps as f64);
     let mse = g.b.add(&format!("{name}_mse"), &ms, &e);
     let p = g.b.scalar(DType::Fp16, -0.5);
@@ -96,7 +96,7 @@ fn inv_rms(g: &mut Gen, name: &str, x: &Var, eps: f32) -> Var {
 /// backward of the rotation, which is orthogonal). Elementwise only, no `concat`.
 #[allow(clippy::too_many_arguments)] // the value, its head split, the two tables, the direction
 fn rope(g: &mut Gen, name: &str, x: &Var, heads: usize, hd: usize, cos: &Var, sin: &Var, inverse: bool) -> Var {
-    let (h, p, t) = (heads as i64, (hd / 2) as i64, x.ty.shape[1] as i64);
+    let (h, p, t) = (heads as i64, (hd / 2) as i64, x.ty.shape[3] as i64);
     let x4 = g.b.reshape(&format!("{name}_4"), x, &[h, p, 2, t]); // [h, p, 2, T]
     let e = g.b.slice_by_size(&format!("{name}_e"), &x4, &[0, 0, 0, 0], &[h, p, 1, t]);
     let o = g.b.slice_by_size(&format!("{name}_o"), &x4, &[0, 0, 1, 0], &[h, p, 1, t]);
@@ -119,7 +119,7 @@ fn rope(g: &mut Gen, name: &str, x: &Var, heads: usize, hd: usize, cos: &Var, si
     let re2 = g.b.mul(&format!("{name}_re2"), &re, &first);
     let ro2 = g.b.mul(&format!("{name}_ro2"), &ro, &second);
     let r4 = g.b.add(&format!("{name}_r4"), &re2, &ro2);
-    g.b.reshape(name, &r4, &[h * 2 * p, t])
+    g.b.reshape(name, &r4, &[1, 1, h * 2 * p, t])
 }
 
 /// Fused attention forward of one layer: RMSNorm → QKV (+ biases) → RoPE → causal
@@ -136,28 +136,28 @@ pub fn attention_forward(
     seq: usize,
     eps: f32,
     w: &AttentionWeights<'_>,
-    dialect: Dialect,
+    target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
     let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
     let t = batch * seq;
-    let mut g = Gen::new(dialect);
-    let xs = g.surface("x", dim, &[("x", dim, t), ("cos", hd / 2, t), ("sin", hd / 2, t)]);
-    let x = g.block(&xs, 0, "x");
-    let cos = g.block(&xs, 0, "cos");
-    let sin = g.block(&xs, 0, "sin");
-    let gain = bake(&mut g, "rms_att", &[dim, 1], w.rms);
+    let mut g = Gen::new(target);
+    g.surface("x", dim, &[("x", dim, t), ("cos", hd / 2, t), ("sin", hd / 2, t)]);
+    let x = g.block("x");
+    let cos = g.block("cos");
+    let sin = g.block("sin");
+    let gain = bake(&mut g, "rms_att", &[1, 1, dim, 1], w.rms);
     let (xn, r) = rmsnorm_in(&mut g, "norm", &x, &gain, eps);
 
     // One GEMM for the three projections: Wq, Wk, Wv stacked as [D + 2KV, D].
     let wqkv: Vec<f32> = [w.wq, w.wk, w.wv].concat();
-    let wqkv = bake(&mut g, "wqkv", &[dim + 2 * kv, dim], &wqkv);
+    let wqkv = bake(&mut g, "wqkv", &[1, 1, dim + 2 * kv, dim], &wqkv);
     let qkv = g.b.matmul("qkv", &wqkv, &xn, false, false); // [D + 2KV, T]
-    let parts = g.b.split("qkv_parts", &qkv, &[dim as i64, kv as i64, kv as i64], 0);
+    let parts = g.split_rows("qkv_parts", &qkv, &[dim, kv, kv]);
     let (mut q, mut k, mut v) = (parts[0].clone(), parts[1].clone(), parts[2].clone());
     if let Some((bq, bk, bv)) = w.bias {
-        let bq = bake(&mut g, "bq", &[dim, 1], bq);
-        let bk = bake(&mut g, "bk", &[kv, 1], bk);
-        let bv = bake(&mut g, "bv", &[kv, 1], bv);
+        let bq = bake(&mut g, "bq", &[1, 1, dim, 1], bq);
+        let bk = bake(&mut g, "bk", &[1, 1, kv, 1], bk);
+        let bv = bake(&mut g, "bv", &[1, 1, kv, 1], bv);
         q = g.b.add("q_b", &q, &bq);
         k = g.b.add("k_b", &k, &bk);
         v = g.b.add("v_b", &v, &bv);
@@ -165,15 +165,15 @@ pub fn attention_forward(
     let q = rope(&mut g, "q_rot", &q, d.n_heads, hd, &cos, &sin, false);
     let k = rope(&mut g, "k_rot", &k, d.n_kv_heads, hd, &cos, &sin, false);
 
-    let mask = causal_mask(&mut g, seq);
+    let mask = causal_mask(&mut g, seq, d.group());
     let h = Heads::new(d, batch, seq);
-    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g, S, hd]
-    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, 1, S, hd]
+    let qh = h.queries(&mut g, "qh", &q); // [B, nkv, g·S, hd]
+    let kh = h.kv_rows(&mut g, "kh", &k); // [B, nkv, S, hd]
     let vh = h.kv_rows(&mut g, "vh", &v);
     let (_, probs) = attention_probs(&mut g, &qh, &kh, &mask, hd);
-    let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g, S, hd]
+    let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g·S, hd]
     let o = h.merge_queries(&mut g, "o2", &oh); // [D, T]
-    let wo = bake(&mut g, "wo", &[dim, dim], w.wo);
+    let wo = bake(&mut g, "wo", &[1, 1, dim, dim], w.wo);
     let y = g.b.matmul("y2", &wo, &o, false, false);
     g.output("xn", &xn);
     g.output("r", &r);
@@ -188,26 +188,31 @@ pub fn attention_forward(
 /// Fused SwiGLU FFN of one layer: RMSNorm → `h1 = W1·xn`, `h3 = W3·xn` (one GEMM) →
 /// `y = W2 · (silu(h1) ⊙ h3)`. Input `x: [D, T]`, the residual stream after attention.
 /// Outputs `xn [D, T]`, `r [1, T]`, `h1`, `h3` (`[H, T]`, for the backward), `y [D, T]`.
-pub fn ffn_forward(d: &LayerDims, t: usize, eps: f32, w: &FfnWeights<'_>, dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn ffn_forward(
+    d: &LayerDims,
+    t: usize,
+    eps: f32,
+    w: &FfnWeights<'_>,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, hid) = (d.dim, d.hidden);
-    let mut g = Gen::new(dialect);
-    let xs = g.surface("x", dim, &[("x", dim, t)]);
-    let x = g.block(&xs, 0, "x");
-    let gain = bake(&mut g, "rms_ffn", &[dim, 1], w.rms);
+    let mut g = Gen::new(target);
+    g.surface("x", dim, &[("x", dim, t)]);
+    let x = g.block("x");
+    let gain = bake(&mut g, "rms_ffn", &[1, 1, dim, 1], w.rms);
     let (xn, r) = rmsnorm_in(&mut g, "norm", &x, &gain, eps);
     let w13: Vec<f32> = [w.w1, w.w3].concat();
-    let w13 = bake(&mut g, "w13", &[2 * hid, dim], &w13);
+    let w13 = bake(&mut g, "w13", &[1, 1, 2 * hid, dim], &w13);
     let h13 = g.b.matmul("h13", &w13, &xn, false, false); // [2H, T]
-    let parts = g.b.split("h13_parts", &h13, &[hid as i64, hid as i64], 0);
+    let parts = g.split_rows("h13_parts", &h13, &[hid, hid]);
     let (h1, h3) = (&parts[0], &parts[1]);
     let act = g.b.silu("act", h1);
     let gate = g.b.mul("gate", &act, h3);
-    let w2 = bake(&mut g, "w2", &[dim, hid], w.w2);
+    let w2 = bake(&mut g, "w2", &[1, 1, dim, hid], w.w2);
     let y = g.b.matmul("y2", &w2, &gate, false, false);
     g.output("xn", &xn);
     g.output("r", &r);
-    g.output("h1", h1);
-    g.output("h3", h3);
+    g.output_rows(&h13, &[("h1", hid), ("h3", hid)]);
     g.output("y", &y);
     g.finish("static_ffn_forward")
 }
@@ -215,15 +220,15 @@ pub fn ffn_forward(d: &LayerDims, t: usize, eps: f32, w: &FfnWeights<'_>, dialec
 /// Backward of the SwiGLU FFN with baked weights. Inputs `dy: [D, T]` (the gradient at
 /// the FFN's output) and `h: [H, 2T]` = `h1`, `h3` from the forward. Outputs `dx [D, T]`
 /// (at the normed input), `dh1`, `dh3`, `gate` (`[H, T]`, for dW on the CPU).
-pub fn ffn_backward(d: &LayerDims, t: usize, w: &FfnWeights<'_>, dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn ffn_backward(d: &LayerDims, t: usize, w: &FfnWeights<'_>, target: impl Into<Target>) -> mil::Result<KernelDef> {
     let (dim, hid) = (d.dim, d.hidden);
-    let mut g = Gen::new(dialect);
-    let dys = g.surface("dy", dim, &[("dy", dim, t)]);
-    let hs = g.surface("h", hid, &[("h1", hid, t), ("h3", hid, t)]);
-    let dy = g.block(&dys, 0, "dy");
-    let h1 = g.block(&hs, 1, "h1");
-    let h3 = g.block(&hs, 1, "h3");
-    let w2 = bake(&mut g, "w2", &[dim, hid], w.w2);
+    let mut g = Gen::new(target);
+    g.surface("dy", dim, &[("dy", dim, t)]);
+    g.surface("h", hid, &[("h1", hid, t), ("h3", hid, t)]);
+    let dy = g.block("dy");
+    let h1 = g.block("h1");
+    let h3 = g.block("h3");
+    let w2 = bake(&mut g, "w2", &[1, 1, dim, hid], w.w2);
     let dgate = g.b.matmul("dgate", &w2, &dy, true, false); // [H, T]
                                                             // silu(h1) = h1·σ(h1); silu'(h1) = σ(h1)·(1 + h1·(1 − σ(h1))).
     let sig = g.b.sigmoid("sig", &h1);
@@ -237,8 +242,8 @@ pub fn ffn_backward(d: &LayerDims, t: usize, w: &FfnWeights<'_>, dialect: Dialec
     let dsilu = g.b.mul("dsilu", &sig, &inner);
     let dact = g.b.mul("dact", &dgate, &h3);
     let dh1 = g.b.mul("dh1_2", &dact, &dsilu);
-    let w1 = bake(&mut g, "w1", &[hid, dim], w.w1);
-    let w3 = bake(&mut g, "w3", &[hid, dim], w.w3);
+    let w1 = bake(&mut g, "w1", &[1, 1, hid, dim], w.w1);
+    let w3 = bake(&mut g, "w3", &[1, 1, hid, dim], w.w3);
     let dx1 = g.b.matmul("dx1", &w1, &dh1, true, false);
     let dx3 = g.b.matmul("dx3", &w3, &dh3, true, false);
     let dx = g.b.add("dx2", &dx1, &dx3);
@@ -251,12 +256,12 @@ pub fn ffn_backward(d: &LayerDims, t: usize, w: &FfnWeights<'_>, dialect: Dialec
 
 /// The weight-bearing part of attention backward: `do = Woᵀ · dy`. Input `dy: [D, T]`,
 /// output `do [D, T]` (the gradient at the attention output).
-pub fn attention_backward_wo(d: &LayerDims, t: usize, wo: &[f32], dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn attention_backward_wo(d: &LayerDims, t: usize, wo: &[f32], target: impl Into<Target>) -> mil::Result<KernelDef> {
     let dim = d.dim;
-    let mut g = Gen::new(dialect);
-    let dys = g.surface("dy", dim, &[("dy", dim, t)]);
-    let dy = g.block(&dys, 0, "dy");
-    let wo = bake(&mut g, "wo", &[dim, dim], wo);
+    let mut g = Gen::new(target);
+    g.surface("dy", dim, &[("dy", dim, t)]);
+    let dy = g.block("dy");
+    let wo = bake(&mut g, "wo", &[1, 1, dim, dim], wo);
     let d_o = g.b.matmul("do2", &wo, &dy, true, false);
     g.output("do", &d_o);
     g.finish("static_attention_backward_wo")
@@ -272,22 +277,26 @@ pub fn attention_backward_wo(d: &LayerDims, t: usize, wo: &[f32], dialect: Diale
 /// `cos`, `sin` (`[hd/2, T]`); `kv: [KV, 2T]` = rotated keys, values. Outputs `dq [D, T]`,
 /// `dk [KV, T]`, `dv [KV, T]`; with grouped-query attention the query heads sharing a KV
 /// head sum their gradients into it.
-pub fn attention_backward_free(d: &LayerDims, batch: usize, seq: usize, dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn attention_backward_free(
+    d: &LayerDims,
+    batch: usize,
+    seq: usize,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
     let t = batch * seq;
     let h = Heads::new(d, batch, seq);
-    let mut g = Gen::new(dialect);
-    let dos =
-        g.surface("do", dim, &[("do", dim, t), ("q", dim, t), ("o", dim, t), ("cos", hd / 2, t), ("sin", hd / 2, t)]);
-    let kvs = g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
-    let d_o = g.block(&dos, 0, "do");
-    let q = g.block(&dos, 0, "q");
-    let o = g.block(&dos, 0, "o");
-    let cos = g.block(&dos, 0, "cos");
-    let sin = g.block(&dos, 0, "sin");
-    let k = g.block(&kvs, 1, "k");
-    let v = g.block(&kvs, 1, "v");
-    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, hd, seq, [&q, &k, &v, &o, &d_o]);
+    let mut g = Gen::new(target);
+    g.surface("do", dim, &[("do", dim, t), ("q", dim, t), ("o", dim, t), ("cos", hd / 2, t), ("sin", hd / 2, t)]);
+    g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
+    let d_o = g.block("do");
+    let q = g.block("q");
+    let o = g.block("o");
+    let cos = g.block("cos");
+    let sin = g.block("sin");
+    let k = g.block("k");
+    let v = g.block("v");
+    let (dqh, dkh, dvh) = attention_grads(&mut g, &h, d.group(), hd, seq, [&q, &k, &v, &o, &d_o]);
     let dq_rot = h.merge_queries(&mut g, "dq_rot", &dqh); // [D, T]
     let dk_rot = h.merge_kv(&mut g, "dk_rot", &dkh); // [KV, T]
     let dv = h.merge_kv(&mut g, "dv2", &dvh);
@@ -302,17 +311,22 @@ pub fn attention_backward_free(d: &LayerDims, batch: usize, seq: usize, dialect:
 /// Backward of the QKV projection with baked weights: `dx = Wqᵀ·dq + Wkᵀ·dk + Wvᵀ·dv`.
 /// Inputs `dq: [D, T]`, `dkv: [KV, 2T]` = `dk`, `dv` (at the unrotated projections).
 /// Output `dx [D, T]` (at the normed input).
-pub fn qkv_backward(d: &LayerDims, t: usize, w: &AttentionWeights<'_>, dialect: Dialect) -> mil::Result<KernelDef> {
+pub fn qkv_backward(
+    d: &LayerDims,
+    t: usize,
+    w: &AttentionWeights<'_>,
+    target: impl Into<Target>,
+) -> mil::Result<KernelDef> {
     let (dim, kv) = (d.dim, d.kv_dim());
-    let mut g = Gen::new(dialect);
-    let dqs = g.surface("dq", dim, &[("dq", dim, t)]);
-    let dkvs = g.surface("dkv", kv, &[("dk", kv, t), ("dv", kv, t)]);
-    let dq = g.block(&dqs, 0, "dq");
-    let dk = g.block(&dkvs, 1, "dk");
-    let dv = g.block(&dkvs, 1, "dv");
-    let wq = bake(&mut g, "wq", &[dim, dim], w.wq);
-    let wk = bake(&mut g, "wk", &[kv, dim], w.wk);
-    let wv = bake(&mut g, "wv", &[kv, dim], w.wv);
+    let mut g = Gen::new(target);
+    g.surface("dq", dim, &[("dq", dim, t)]);
+    g.surface("dkv", kv, &[("dk", kv, t), ("dv", kv, t)]);
+    let dq = g.block("dq");
+    let dk = g.block("dk");
+    let dv = g.block("dv");
+    let wq = bake(&mut g, "wq", &[1, 1, dim, dim], w.wq);
+    let wk = bake(&mut g, "wk", &[1, 1, kv, dim], w.wk);
+    let wv = bake(&mut g, "wv", &[1, 1, kv, dim], w.wv);
     let a = g.b.matmul("dxq", &wq, &dq, true, false);
     let b = g.b.matmul("dxk", &wk, &dk, true, false);
     let c = g.b.matmul("dxv", &wv, &dv, true, false);
@@ -324,11 +338,11 @@ pub fn qkv_backward(d: &LayerDims, t: usize, w: &AttentionWeights<'_>, dialect: 
 
 /// ANE extra: RMSNorm with a baked gain (the final norm). Input `x: [C, T]`; outputs
 /// `xn [C, T]` and `r [1, T]` (the inverse RMS).
-pub fn rmsnorm(channels: usize, t: usize, eps: f32, gain: &[f32], dialect: Dialect) -> mil::Result<KernelDef> {
-    let mut g = Gen::new(dialect);
-    let xs = g.surface("x", channels, &[("x", channels, t)]);
-    let x = g.block(&xs, 0, "x");
-    let gain = bake(&mut g, "rms", &[channels, 1], gain);
+pub fn rmsnorm(channels: usize, t: usize, eps: f32, gain: &[f32], target: impl Into<Target>) -> mil::Result<KernelDef> {
+    let mut g = Gen::new(target);
+    g.surface("x", channels, &[("x", channels, t)]);
+    let x = g.block("x");
+    let gain = bake(&mut g, "rms", &[1, 1, channels, 1], gain);
     let (xn, r) = rmsnorm_in(&mut g, "norm", &x, &gain, eps);
     g.output("xn", &xn);
     g.output("r", &r);
@@ -342,16 +356,16 @@ pub fn rmsnorm(channels: usize, t: usize, eps: f32, gain: &[f32], dialect: Diale
 /// Input `dy: [C, 2T + 1]` = `dy`, `x` (the norm's input), then the gain as one column.
 /// Outputs `dx [C, T]` (the norm's contribution, which the caller adds to the residual
 /// gradient) and `dgain [C, 1]`.
-pub fn rmsnorm_backward(channels: usize, t: usize, eps: f32, dialect: Dialect) -> mil::Result<KernelDef> {
-    let mut g = Gen::new(dialect);
-    let s = g.surface("dy", channels, &[("dy", channels, t), ("x", channels, t), ("gain", channels, 1)]);
-    let dy = g.block(&s, 0, "dy");
-    let x = g.block(&s, 0, "x");
-    let gain = g.block(&s, 0, "gain"); // [C, 1]
+pub fn rmsnorm_backward(channels: usize, t: usize, eps: f32, target: impl Into<Target>) -> mil::Result<KernelDef> {
+    let mut g = Gen::new(target);
+    g.surface("dy", channels, &[("dy", channels, t), ("x", channels, t), ("gain", channels, 1)]);
+    let dy = g.block("dy");
+    let x = g.block("x");
+    let gain = g.block("gain"); // [C, 1]
     let r = inv_rms(&mut g, "norm", &x, eps); // [1, T]
     let gy = g.b.mul("gy", &dy, &gain);
     let gyx = g.b.mul("gyx", &gy, &x);
-    let dot = g.b.reduce_sum("dot", &gyx, &[0], true); // [1, T]
+    let dot = g.b.reduce_sum("dot", &gyx, &[2], true); // [1, 1, 1, T]
     let r2 = g.b.mul("r2", &r, &r);
     let r3 = g.b.mul("r3", &r2, &r);
     let coef0 = g.b.mul("coef0", &dot, &r3);
@@ -361,7 +375,7 @@ pub fn rmsnorm_backward(channels: usize, t: usize, eps: f32, dialect: Dialect) -
     let dx = g.b.sub("dx2", &a, &bb);
     let dyx = g.b.mul("dyx", &dy, &x);
     let dyxr = g.b.mul("dyxr", &dyx, &r);
-    let dgain = g.b.reduce_sum("dgain2", &dyxr, &[1], true); // [C, 1]
+    let dgain = g.b.reduce_sum("dgain2", &dyxr, &[3], true); // [1, 1, C, 1]
     g.output("dx", &dx);
     g.output("dgain", &dgain);
     g.finish("extra_rmsnorm_backward")
@@ -379,20 +393,20 @@ pub fn classifier_softmax(
     rows: usize,
     wcls: &[f32],
     with_lse: bool,
-    dialect: Dialect,
+    target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
-    let mut g = Gen::new(dialect);
-    let xs = g.surface("x", dim, &[("x", dim, t)]);
-    let x = g.block(&xs, 0, "x");
-    let w = bake(&mut g, "wcls", &[rows, dim], wcls);
+    let mut g = Gen::new(target);
+    g.surface("x", dim, &[("x", dim, t)]);
+    let x = g.block("x");
+    let w = bake(&mut g, "wcls", &[1, 1, rows, dim], wcls);
     let logits = g.b.matmul("logits", &w, &x, false, false); // [rows, T]
-    let p = g.b.softmax("p2", &logits, 0);
+    let p = g.b.softmax("p2", &logits, 2);
     g.output("p", &p);
     if with_lse {
-        let m = g.b.reduce_max("m", &logits, &[0], true); // [1, T]
+        let m = g.b.reduce_max("m", &logits, &[2], true); // [1, 1, 1, T]
         let shifted = g.b.sub("shifted", &logits, &m);
         let e = g.b.exp("e", &shifted);
-        let s = g.b.reduce_sum("s", &e, &[0], true);
+        let s = g.b.reduce_sum("s", &e, &[2], true);
         let ls = g.b.op1("log", "ls", vec![("x", (&s).into())]);
         let lse = g.b.add("lse2", &ls, &m);
         g.output("lse", &lse);

@@ -31,8 +31,9 @@ use std::time::Instant;
 use device::{Device, Kernel, Surface};
 use llama::{Config, Params};
 
+use crate::binding::{IoConvention, KernelIo, Target};
 use crate::cpu_ops::{self, ClassifierLoss};
-use crate::kernels::{KernelDef, LayerDims, SurfaceLayout};
+use crate::kernels::{KernelDef, LayerDims};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
 use crate::pipeline::{LayerActs, PhaseTimes};
 use crate::static_kernels::{self as sk, AttentionWeights, FfnWeights};
@@ -53,11 +54,13 @@ pub struct StaticOptions {
     /// Largest vocabulary chunk of one classifier kernel: [`mil::lint::MAX_DIMENSION`]
     /// for the ANE; smaller in tests, to exercise the chunked softmax.
     pub vocab_chunk: usize,
+    /// How the kernels bind their surfaces (`--ane-io`).
+    pub io: IoConvention,
 }
 
 impl Default for StaticOptions {
     fn default() -> StaticOptions {
-        StaticOptions { ane_extras: false, vocab_chunk: mil::lint::MAX_DIMENSION }
+        StaticOptions { ane_extras: false, vocab_chunk: mil::lint::MAX_DIMENSION, io: IoConvention::Packed }
     }
 }
 
@@ -69,6 +72,7 @@ pub struct StaticShape {
     pub batch: usize,
     pub seq: usize,
     pub dialect: mil::Dialect,
+    pub io: IoConvention,
     pub ane_extras: bool,
     /// Vocabulary rows of each classifier kernel (extras only).
     pub vocab_chunks: Vec<Range<usize>>,
@@ -87,9 +91,15 @@ impl StaticShape {
             batch,
             seq,
             dialect: device.dialect(),
+            io: options.io,
             ane_extras: options.ane_extras,
             vocab_chunks: sk::vocab_chunks(config.vocab_size, options.vocab_chunk),
         }
+    }
+
+    /// The dialect and I/O convention the kernels are generated for.
+    pub fn target(&self) -> Target {
+        Target::new(self.dialect, self.io)
     }
 
     /// Tokens per micro-batch.
@@ -121,7 +131,7 @@ impl StaticShape {
     /// layer attention forward, FFN forward, FFN backward, Woᵀ, QKV backward; then, with
     /// the extras, the final RMSNorm and the classifier chunks.
     pub fn weight_kernels(&self, params: &Params) -> mil::Result<Vec<KernelDef>> {
-        let (d, t, eps, dialect) = (&self.dims, self.tokens(), self.config.norm_eps, self.dialect);
+        let (d, t, eps, dialect) = (&self.dims, self.tokens(), self.config.norm_eps, self.target());
         let mut defs = Vec::with_capacity(self.kernels_per_set());
         for l in 0..self.config.n_layers {
             let aw = self.attention_weights(params, l);
@@ -147,9 +157,9 @@ impl StaticShape {
     /// The weight-free kernels' programs: attention backward, and with the extras the
     /// RMSNorm backward.
     pub fn weight_free_kernel_defs(&self) -> mil::Result<Vec<KernelDef>> {
-        let mut defs = vec![sk::attention_backward_free(&self.dims, self.batch, self.seq, self.dialect)?];
+        let mut defs = vec![sk::attention_backward_free(&self.dims, self.batch, self.seq, self.target())?];
         if self.ane_extras {
-            defs.push(sk::rmsnorm_backward(self.dims.dim, self.tokens(), self.config.norm_eps, self.dialect)?);
+            defs.push(sk::rmsnorm_backward(self.dims.dim, self.tokens(), self.config.norm_eps, self.target())?);
         }
         Ok(defs)
     }
@@ -164,16 +174,16 @@ struct LayerKernels {
     qkv_bwd: Box<dyn Kernel>,
 }
 
-/// The input layouts of a set's kernels (the same for every layer and every version).
+/// The surface layouts of a set's kernels (the same for every layer and every version).
 #[derive(Clone, Debug)]
 struct SetLayouts {
-    attn_fwd: Vec<SurfaceLayout>,
-    ffn_fwd: Vec<SurfaceLayout>,
-    ffn_bwd: Vec<SurfaceLayout>,
-    attn_bwd_wo: Vec<SurfaceLayout>,
-    qkv_bwd: Vec<SurfaceLayout>,
-    final_norm: Option<Vec<SurfaceLayout>>,
-    classifier: Vec<Vec<SurfaceLayout>>,
+    attn_fwd: KernelIo,
+    ffn_fwd: KernelIo,
+    ffn_bwd: KernelIo,
+    attn_bwd_wo: KernelIo,
+    qkv_bwd: KernelIo,
+    final_norm: Option<KernelIo>,
+    classifier: Vec<KernelIo>,
 }
 
 /// One version of the weight-bearing kernels: what a recompile produces.
@@ -193,11 +203,11 @@ impl KernelSet {
         let start = Instant::now();
         let defs = shape.weight_kernels(params)?;
         let mut layouts = SetLayouts {
-            attn_fwd: defs[0].inputs.clone(),
-            ffn_fwd: defs[1].inputs.clone(),
-            ffn_bwd: defs[2].inputs.clone(),
-            attn_bwd_wo: defs[3].inputs.clone(),
-            qkv_bwd: defs[4].inputs.clone(),
+            attn_fwd: defs[0].io.clone(),
+            ffn_fwd: defs[1].io.clone(),
+            ffn_bwd: defs[2].io.clone(),
+            attn_bwd_wo: defs[3].io.clone(),
+            qkv_bwd: defs[4].io.clone(),
             final_norm: None,
             classifier: Vec::new(),
         };
@@ -205,9 +215,9 @@ impl KernelSet {
         let n_layer_kernels = 5 * shape.config.n_layers;
         for (i, def) in defs.into_iter().enumerate() {
             if i == n_layer_kernels {
-                layouts.final_norm = Some(def.inputs.clone());
+                layouts.final_norm = Some(def.io.clone());
             } else if i > n_layer_kernels {
-                layouts.classifier.push(def.inputs.clone());
+                layouts.classifier.push(def.io.clone());
             }
             kernels.push(device.compile(&def.program, &def.weights)?);
         }
@@ -240,24 +250,23 @@ impl KernelSet {
 
 /// The surfaces of one kernel signature, shared by every layer's kernel of that kind.
 struct Slot {
-    layouts: Vec<SurfaceLayout>,
+    io: KernelIo,
     inputs: Vec<Surface>,
     outputs: Vec<Surface>,
 }
 
 impl Slot {
-    fn new(layouts: &[SurfaceLayout], kernel: &dyn Kernel) -> Slot {
+    fn new(io: &KernelIo, kernel: &dyn Kernel) -> Slot {
         Slot {
-            layouts: layouts.to_vec(),
+            io: io.clone(),
             inputs: kernel.inputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect(),
             outputs: kernel.outputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect(),
         }
     }
 
-    /// Writes a `[rows, width]` row-major block of input `input`.
-    fn write(&mut self, input: usize, block: &str, data: &[f32]) {
-        let b = self.layouts[input].block(block);
-        self.inputs[input].write_block(0, b.s0, b.rows, b.width, data);
+    /// Writes a `[rows, width]` row-major matrix into block `block`.
+    fn write(&mut self, block: &str, data: &[f32]) {
+        self.io.write(&mut self.inputs, block, data);
     }
 
     fn eval(&mut self, kernel: &mut dyn Kernel) -> device::Result<()> {
@@ -266,14 +275,15 @@ impl Slot {
         kernel.eval(&ins, &mut outs)
     }
 
-    fn read(&self, output: usize, dst: &mut [f32]) {
-        self.outputs[output].read_f32_at(0, dst);
+    /// Output `output` into `dst`, which has its exact size.
+    fn read(&self, output: &str, dst: &mut [f32]) {
+        self.io.read_into(&self.outputs, output, dst);
     }
 
-    /// As [`read`](Self::read) into a whole buffer, without a copy where the surface
-    /// allows ([`Surface::take_f32`]).
-    fn take(&mut self, output: usize, dst: &mut Vec<f32>) {
-        self.outputs[output].take_f32(dst);
+    /// Output `output` into a whole buffer, without a copy where the output has a
+    /// surface of its own ([`KernelIo::take`]).
+    fn take(&mut self, output: &str, dst: &mut Vec<f32>) {
+        self.io.take(&mut self.outputs, output, dst);
     }
 }
 
@@ -375,20 +385,20 @@ impl StaticPipeline {
             ffn_fwd: Slot::new(&lay.ffn_fwd, l0.ffn_fwd.as_ref()),
             ffn_bwd: Slot::new(&lay.ffn_bwd, l0.ffn_bwd.as_ref()),
             attn_bwd_wo: Slot::new(&lay.attn_bwd_wo, l0.attn_bwd_wo.as_ref()),
-            attn_bwd_free: Slot::new(&free[0].inputs, attn_bwd_free.as_ref()),
+            attn_bwd_free: Slot::new(&free[0].io, attn_bwd_free.as_ref()),
             qkv_bwd: Slot::new(&lay.qkv_bwd, l0.qkv_bwd.as_ref()),
             final_norm: match (&set.final_norm, &lay.final_norm) {
                 (Some(k), Some(l)) => Some(Slot::new(l, k.as_ref())),
                 _ => None,
             },
             classifier: set.classifier.iter().zip(&lay.classifier).map(|(k, l)| Slot::new(l, k.as_ref())).collect(),
-            rms_bwd: rms_bwd.as_ref().map(|k| Slot::new(&free[1].inputs, k.as_ref())),
+            rms_bwd: rms_bwd.as_ref().map(|k| Slot::new(&free[1].io, k.as_ref())),
         };
         // The RoPE tables never change: written once into the surfaces that carry them.
         let (cos, sin) = rope_tables(shape.dims.head_dim(), shape.batch, shape.seq, shape.config.rope_theta);
         for slot in [&mut slots.attn_fwd, &mut slots.attn_bwd_free] {
-            slot.write(0, "cos", &cos);
-            slot.write(0, "sin", &sin);
+            slot.write("cos", &cos);
+            slot.write("sin", &sin);
         }
         let (d, t) = (shape.dims, shape.tokens());
         let (dim, kv, hid, vocab) = (d.dim, d.kv_dim(), d.hidden, shape.config.vocab_size);
@@ -519,17 +529,17 @@ impl StaticPipeline {
             a.x_in.copy_from_slice(&x);
             // RMSNorm, QKV, RoPE, attention, Wo.
             let s = &mut slots.attn_fwd;
-            s.write(0, "x", &a.x_in);
+            s.write("x", &a.x_in);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.attn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
-            s.take(0, &mut a.xn1);
-            s.take(1, &mut a.inv_rms1);
-            s.take(2, &mut a.q);
-            s.take(3, &mut a.k);
-            s.take(4, &mut a.v);
-            s.take(5, &mut a.o);
-            s.take(6, &mut self.scratch.y);
+            s.take("xn", &mut a.xn1);
+            s.take("r", &mut a.inv_rms1);
+            s.take("q", &mut a.q);
+            s.take("k", &mut a.k);
+            s.take("v", &mut a.v);
+            s.take("o", &mut a.o);
+            s.take("y", &mut self.scratch.y);
             lap(&mut t, &mut times.surface_io);
             for ((xm, xi), y) in a.x_mid.iter_mut().zip(&a.x_in).zip(&self.scratch.y) {
                 *xm = xi + y;
@@ -537,15 +547,15 @@ impl StaticPipeline {
             lap(&mut t, &mut times.other_cpu);
             // RMSNorm and SwiGLU FFN.
             let s = &mut slots.ffn_fwd;
-            s.write(0, "x", &a.x_mid);
+            s.write("x", &a.x_mid);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.ffn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
-            s.take(0, &mut a.xn2);
-            s.take(1, &mut a.inv_rms2);
-            s.take(2, &mut a.h1);
-            s.take(3, &mut a.h3);
-            s.take(4, &mut self.scratch.y);
+            s.take("xn", &mut a.xn2);
+            s.take("r", &mut a.inv_rms2);
+            s.take("h1", &mut a.h1);
+            s.take("h3", &mut a.h3);
+            s.take("y", &mut self.scratch.y);
             lap(&mut t, &mut times.surface_io);
             for ((xo, xm), y) in x.iter_mut().zip(&a.x_mid).zip(&self.scratch.y) {
                 *xo = xm + y;
@@ -555,12 +565,12 @@ impl StaticPipeline {
         let sc = &mut self.scratch;
         match (&mut slots.final_norm, &mut self.set.final_norm) {
             (Some(s), Some(k)) => {
-                s.write(0, "x", &x);
+                s.write("x", &x);
                 lap(&mut t, &mut times.surface_io);
                 s.eval(k.as_mut())?;
                 lap(&mut t, &mut times.device_forward);
-                s.take(0, &mut sc.xn_final);
-                s.take(1, &mut sc.r_final);
+                s.take("xn", &mut sc.xn_final);
+                s.take("r", &mut sc.r_final);
                 lap(&mut t, &mut times.surface_io);
             }
             _ => {
@@ -585,11 +595,11 @@ impl StaticPipeline {
             .zip(self.slots.classifier.iter_mut().zip(&mut self.set.classifier))
             .enumerate()
         {
-            slot.write(0, "x", &self.scratch.xn_final);
+            slot.write("x", &self.scratch.xn_final);
             slot.eval(kernel.as_mut())?;
-            slot.read(0, &mut self.scratch.probs[range.start * t_len..range.end * t_len]);
+            slot.read("p", &mut self.scratch.probs[range.start * t_len..range.end * t_len]);
             if several {
-                slot.read(1, &mut self.scratch.lse[c * t_len..(c + 1) * t_len]);
+                slot.read("lse", &mut self.scratch.lse[c * t_len..(c + 1) * t_len]);
             }
         }
         Ok(())
@@ -651,14 +661,14 @@ impl StaticPipeline {
         let mut t = Instant::now();
         match rms_bwd {
             Some((slot, kernel)) => {
-                slot.write(0, "dy", dy);
-                slot.write(0, "x", x);
-                slot.write(0, "gain", gain);
+                slot.write("dy", dy);
+                slot.write("x", x);
+                slot.write("gain", gain);
                 lap(&mut t, &mut times.surface_io);
                 slot.eval(kernel.as_mut())?;
                 lap(&mut t, &mut times.device_backward);
-                slot.read(0, tmp_dx);
-                slot.read(1, tmp_dgain);
+                slot.read("dx", tmp_dx);
+                slot.read("dgain", tmp_dgain);
                 lap(&mut t, &mut times.surface_io);
                 dx.iter_mut().zip(tmp_dx.iter()).for_each(|(a, b)| *a += b);
                 dgain.iter_mut().zip(tmp_dgain.iter()).for_each(|(a, b)| *a += b);
@@ -738,16 +748,16 @@ impl StaticPipeline {
 
             // FFN backward: s.dx is the gradient at the layer's output.
             let k = &mut slots.ffn_bwd;
-            k.write(0, "dy", &s.dx);
-            k.write(1, "h1", &a.h1);
-            k.write(1, "h3", &a.h3);
+            k.write("dy", &s.dx);
+            k.write("h1", &a.h1);
+            k.write("h3", &a.h3);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.ffn_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.take(0, &mut s.dxn);
-            k.take(1, &mut s.dh1);
-            k.take(2, &mut s.dh3);
-            k.take(3, &mut s.gate);
+            k.take("dx", &mut s.dxn);
+            k.take("dh1", &mut s.dh1);
+            k.take("dh3", &mut s.dh3);
+            k.take("gate", &mut s.gate);
             lap(&mut t, &mut times.surface_io);
             // dW2 [D, H] += dy [D, T] · gateᵀ ; dW1, dW3 [H, D] += dh [H, T] · xn2ᵀ
             matmul_acc(
@@ -776,11 +786,11 @@ impl StaticPipeline {
 
             // Attention backward, weight-bearing part: do = Woᵀ · dy.
             let k = &mut slots.attn_bwd_wo;
-            k.write(0, "dy", &s.dx);
+            k.write("dy", &s.dx);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.attn_bwd_wo.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.take(0, &mut s.d_o);
+            k.take("do", &mut s.d_o);
             lap(&mut t, &mut times.surface_io);
             // dWo [D, D] += dy [D, T] · oᵀ
             matmul_acc(
@@ -792,30 +802,30 @@ impl StaticPipeline {
 
             // Weight-free part: softmax backward, dQ, dK, dV, and RoPE's backward.
             let k = &mut slots.attn_bwd_free;
-            k.write(0, "do", &s.d_o);
-            k.write(0, "q", &a.q);
-            k.write(0, "o", &a.o);
-            k.write(1, "k", &a.k);
-            k.write(1, "v", &a.v);
+            k.write("do", &s.d_o);
+            k.write("q", &a.q);
+            k.write("o", &a.o);
+            k.write("k", &a.k);
+            k.write("v", &a.v);
             lap(&mut t, &mut times.surface_io);
             k.eval(self.attn_bwd_free.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.take(0, &mut s.dq);
-            k.take(1, &mut s.dk);
-            k.take(2, &mut s.dv);
+            k.take("dq", &mut s.dq);
+            k.take("dk", &mut s.dk);
+            k.take("dv", &mut s.dv);
             lap(&mut t, &mut times.surface_io);
             bias_grads(&mut g, &s.dq, &s.dk, &s.dv, t_len);
             lap(&mut t, &mut times.other_cpu);
 
             // QKV backward.
             let k = &mut slots.qkv_bwd;
-            k.write(0, "dq", &s.dq);
-            k.write(1, "dk", &s.dk);
-            k.write(1, "dv", &s.dv);
+            k.write("dq", &s.dq);
+            k.write("dk", &s.dk);
+            k.write("dv", &s.dv);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.qkv_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
-            k.take(0, &mut s.dxn);
+            k.take("dx", &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
             // dWq [D, D] += dq · xn1ᵀ ; dWk, dWv [KV, D] += dk/dv · xn1ᵀ
             let xn1 = MatRef::new(&a.xn1, dim, t_len).t();

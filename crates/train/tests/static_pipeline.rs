@@ -75,7 +75,7 @@ fn static_matches_dynamic_when_the_weights_are_fp16_numbers() {
         let (inputs, targets) = batch(&config, b, s, 4);
         let device = CpuDevice::new(Precision::Fp32);
         let mut dynamic = DynamicPipeline::new(&device, &config, b, s).unwrap();
-        let options = StaticOptions { ane_extras: extras, vocab_chunk: chunk };
+        let options = StaticOptions { ane_extras: extras, vocab_chunk: chunk, ..StaticOptions::default() };
         let mut stat = StaticPipeline::new(&device, &p, 0, b, s, options).unwrap();
         let mut want = Params::zeros(&config).unwrap();
         let mut got = Params::zeros(&config).unwrap();
@@ -114,7 +114,7 @@ fn fp16_rounding_mode_keeps_the_static_loss_close() {
         .unwrap();
     for extras in [false, true] {
         let device = CpuDevice::new(Precision::Fp16);
-        let options = StaticOptions { ane_extras: extras, vocab_chunk: 20 };
+        let options = StaticOptions { ane_extras: extras, vocab_chunk: 20, ..StaticOptions::default() };
         let mut stat = StaticPipeline::new(&device, &p, 0, 2, 8, options).unwrap();
         let mut grads = Params::zeros(&config).unwrap();
         let got = stat.forward_backward(&p, &mut grads, &inputs, &targets, 1.0).unwrap();

@@ -54,6 +54,15 @@ impl BindingRules {
     pub fn none() -> BindingRules {
         BindingRules { alphabetical_order: false, equal_sizes: false, min_alloc_bytes: 0, align_bytes: 1 }
     }
+
+    /// What training and decoding use: each surface exactly its data's size (as the
+    /// seed's working bridge allocates them), aligned to [`ALLOC_ALIGN_BYTES`], several
+    /// surfaces bound in declaration order or, with `alphabetical_order`, in
+    /// alphabetical order (the io-convention probe decides which). Kernels with the
+    /// packed convention have one input and one output, so the order does not arise.
+    pub fn exact(alphabetical_order: bool) -> BindingRules {
+        BindingRules { alphabetical_order, equal_sizes: false, min_alloc_bytes: 0, align_bytes: ALLOC_ALIGN_BYTES }
+    }
 }
 
 /// One input or output surface of a kernel.

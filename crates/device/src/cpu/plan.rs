@@ -51,6 +51,9 @@ struct Planner<'a> {
     fuse: bool,
     /// The last `add` planned, for [`Planner::fuse_scores_softmax`].
     last_add: Option<AddRecord>,
+    /// Values computed straight into their window of an fp32 output surface
+    /// ([`place_outputs`]), by name.
+    placed: HashMap<String, View>,
 }
 
 /// An `add` as planned: its result's storage and its operands (the argument's name, if a
@@ -105,6 +108,7 @@ pub(crate) fn compile(
         uses: count_uses(f),
         fuse,
         last_add: None,
+        placed: HashMap::new(),
     };
     let mut input_storage = vec![None; f.inputs.len()];
     for (i, v) in f.inputs.iter().enumerate() {
@@ -119,15 +123,38 @@ pub(crate) fn compile(
         };
         p.values.insert(v.name.clone(), view);
     }
+    let outputs = f.output_vars();
+    let mut output_storage = vec![None; outputs.len()];
+    place_outputs(&mut p, f, &outputs, &mut output_storage);
     for op in &f.ops {
         p.plan_op(op)?;
     }
-    let outputs = f.output_vars();
-    let mut output_storage = vec![None; outputs.len()];
     for (j, out) in outputs.iter().enumerate() {
         let view = p
             .value(&out.name)?
             .ok_or_else(|| Error::new(ErrorKind::Program, format!("output `{}` is not a tensor value", out.name)))?;
+        if let Some(st) = output_storage[j] {
+            // Placed by `place_outputs`: the value is the whole surface already; or, if
+            // nothing was computed into the surface after all, a whole temporary that
+            // becomes the surface; or it is copied in.
+            if view.storage == st && view.offset == 0 && view.is_packed() {
+                continue;
+            }
+            let mut used = false;
+            for step in &p.steps {
+                step.visit_storages(&mut |s| used |= s == st);
+            }
+            let whole_temp = matches!(p.kinds[view.storage], StorageKind::Temp { len } if len == view.numel())
+                && view.offset == 0
+                && view.is_packed();
+            if whole_temp && !used {
+                p.kinds[view.storage] = StorageKind::Output(j);
+                output_storage[j] = Some(view.storage);
+            } else {
+                p.copy(&view, &View::packed(st, 0, &out.ty.shape));
+            }
+            continue;
+        }
         if out.ty.dtype == DType::Fp16 {
             let surface = View::packed(SURFACE, 0, &out.ty.shape);
             p.steps.push(Step::StoreF16 { output: j, map: Map::new(&surface, [&view]) });
@@ -183,7 +210,99 @@ pub(crate) fn compile(
     })
 }
 
+/// Plans where the values that make up an fp32 output are computed: straight into their
+/// window of the output surface, so that a program returning several results in one
+/// surface (concatenated on an axis whose leading axes all have size 1, as the packed
+/// I/O convention does) costs no copy. Walks back from each output through the ops
+/// that only re-index (`cast` between float types that needs no rounding, `reshape`,
+/// `identity`) and through `concat`, to the ops that compute; those write into the
+/// surface ([`Planner::dst`]). Anything else is copied in at the end, as before.
+fn place_outputs(p: &mut Planner<'_>, f: &Function, outputs: &[mil::Var], output_storage: &mut [Option<StorageId>]) {
+    let producers: HashMap<&str, &Operation> =
+        f.ops.iter().flat_map(|op| op.outputs.iter().map(move |v| (v.name.as_str(), op))).collect();
+    for (j, out) in outputs.iter().enumerate() {
+        if out.ty.dtype != DType::Fp32 || outputs[..j].iter().any(|o| o.name == out.name) {
+            continue;
+        }
+        let st = p.storage(StorageKind::Output(j));
+        output_storage[j] = Some(st);
+        let mut work = vec![(out.name.clone(), View::packed(st, 0, &out.ty.shape))];
+        while let Some((name, window)) = work.pop() {
+            let Some(op) = producers.get(name.as_str()) else { continue };
+            if p.placed.contains_key(&name) || f.inputs.iter().any(|v| v.name == name) {
+                continue;
+            }
+            let var_arg = |arg: &str| match op.arg(arg) {
+                Some(Arg::Var(v)) => Some(v.clone()),
+                _ => None,
+            };
+            let type_of = |n: &str| f.type_of(n).cloned();
+            match op.op.as_str() {
+                "cast" | "reshape" | "identity" | "expand_dims" | "squeeze" => {
+                    let Some(x) = var_arg("x") else { continue };
+                    let Some(xt) = type_of(&x) else { continue };
+                    // A cast between float types is a view (it rounds only values of an
+                    // input surface, and inputs are not placed).
+                    let float_view = op.op != "cast" || (xt.dtype.is_float() && op.outputs[0].ty.dtype.is_float());
+                    if float_view {
+                        if op.op == "reshape" {
+                            // Where the reshape copies, if its input's strides need it.
+                            p.placed.insert(name.clone(), window.clone());
+                        }
+                        work.push((x, View::packed(window.storage, window.offset, &xt.shape)));
+                    }
+                }
+                "concat" => {
+                    let Some(Arg::List(items)) = op.arg("values") else { continue };
+                    p.placed.insert(name.clone(), window.clone());
+                    let shape = &op.outputs[0].ty.shape;
+                    let axis = p.int(op, "axis").ok().flatten().unwrap_or(0);
+                    let Ok(axis) = ops::norm_axis(axis, shape.len(), "axis") else { continue };
+                    if p.flag(op, "interleave").unwrap_or(true) || shape[..axis].iter().any(|&d| d != 1) {
+                        continue;
+                    }
+                    let inner: usize = shape[axis + 1..].iter().product();
+                    let mut at = 0;
+                    for item in items {
+                        let Arg::Var(v) = item else { break };
+                        let Some(t) = type_of(v) else { break };
+                        work.push((v.clone(), View::packed(window.storage, window.offset + at * inner, &t.shape)));
+                        at += t.shape[axis];
+                    }
+                }
+                k if ops::BINARY_OPS.contains(&k)
+                    || ops::UNARY_OPS.contains(&k)
+                    || ops::REDUCE_OPS.contains(&k)
+                    || matches!(k, "matmul" | "softmax" | "conv") =>
+                {
+                    p.placed.insert(name, window);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Two windows on the same elements (size-1 axes may have any stride).
+fn same_window(a: &View, b: &View) -> bool {
+    a.storage == b.storage
+        && a.offset == b.offset
+        && a.shape == b.shape
+        && a.shape.iter().zip(a.strides.iter().zip(&b.strides)).all(|(&d, (x, y))| d == 1 || x == y)
+}
+
 impl Planner<'_> {
+    /// Where op `op`'s result goes: its window of an output surface if
+    /// [`place_outputs`] placed it there, else a fresh packed temporary.
+    fn dst(&mut self, op: &Operation, shape: &[usize]) -> View {
+        match self.placed.get(&op.outputs[0].name) {
+            Some(v) if v.shape.iter().product::<usize>() == shape.iter().product::<usize>() => {
+                View::packed(v.storage, v.offset, shape)
+            }
+            _ => self.new_packed(shape),
+        }
+    }
+
     fn storage(&mut self, kind: StorageKind) -> StorageId {
         self.kinds.push(kind);
         self.kinds.len() - 1
@@ -368,7 +487,7 @@ impl Planner<'_> {
                 let x = self.arg(op, "x")?.broadcast_to(&out.ty.shape);
                 let y = self.arg(op, "y")?.broadcast_to(&out.ty.shape);
                 let kind = Binary::from_op(k, out.ty.dtype == DType::Int32).expect("a binary op");
-                let dst = self.new_packed(&out.ty.shape);
+                let dst = self.dst(op, &out.ty.shape);
                 self.steps.push(Step::Binary { kind, round, map: Map::new(&dst, [&x, &y]) });
                 if k == "add" {
                     let name = |a: &str| match op.arg(a) {
@@ -392,7 +511,7 @@ impl Planner<'_> {
                     .unwrap_or(out.ty.dtype);
                 let epsilon = self.epsilon(op, k, x_dtype)?;
                 let kind = Unary::from_op(k, epsilon).expect("a unary op");
-                let dst = self.new_packed(&out.ty.shape);
+                let dst = self.dst(op, &out.ty.shape);
                 self.steps.push(Step::Unary { kind, round, map: Map::new(&dst, [&x]) });
                 self.define(op, dst);
             }
@@ -407,12 +526,12 @@ impl Planner<'_> {
                     }
                 }
                 let x = self.packed(x);
-                let dst = self.new_packed(&x.shape);
+                let dst = self.dst(op, &x.shape);
                 let outer = x.shape[..axis.min(x.shape.len())].iter().product();
                 let inner = x.shape.get(axis + 1..).map_or(1, |s| s.iter().product());
                 self.steps.push(Step::Softmax(Softmax {
                     src: (x.storage, x.offset),
-                    dst: (dst.storage, 0),
+                    dst: (dst.storage, dst.offset),
                     outer,
                     len: x.shape.get(axis).copied().unwrap_or(1),
                     inner,
@@ -424,8 +543,8 @@ impl Planner<'_> {
                 let x = self.arg(op, "x")?;
                 let axes = ops::reduce_axes(self.ints(op, "axes")?, x.shape.len()).map_err(mil_error(op))?;
                 let kind = ReduceKind::from_op(k).expect("a reduction");
-                let dst = self.new_packed(&out.ty.shape);
-                self.steps.push(Step::Reduce(Reduce::new(kind, round, &x, &axes, (dst.storage, 0))));
+                let dst = self.dst(op, &out.ty.shape);
+                self.steps.push(Step::Reduce(Reduce::new(kind, round, &x, &axes, (dst.storage, dst.offset))));
                 self.define(op, dst);
             }
             "matmul" => self.plan_matmul(op, round, &out.ty.shape)?,
@@ -433,7 +552,17 @@ impl Planner<'_> {
             "reshape" | "expand_dims" | "squeeze" => {
                 // expand_dims and squeeze only add or drop size-1 axes: always a view.
                 let x = self.arg(op, "x")?;
-                let v = self.reshaped(x, &out.ty.shape);
+                let v = match x.reshape(&out.ty.shape) {
+                    Some(v) => v,
+                    // The strides need a copy: into the result's window of an output
+                    // surface when it has one.
+                    None if self.placed.contains_key(&op.outputs[0].name) => {
+                        let window = self.dst(op, &x.shape);
+                        self.copy(&x, &window);
+                        window.reshape(&out.ty.shape).expect("a packed window reshapes")
+                    }
+                    None => self.reshaped(x, &out.ty.shape),
+                };
                 self.define(op, v);
             }
             "transpose" => {
@@ -551,7 +680,7 @@ impl Planner<'_> {
         };
         let (xm, x_batch) = mat(&x, tx);
         let (ym, y_batch) = mat(&y, ty);
-        let dst = self.new_packed(out_shape);
+        let dst = self.dst(op, out_shape);
         self.steps.push(Step::Matmul(Matmul {
             m,
             n,
@@ -561,7 +690,7 @@ impl Planner<'_> {
             x_batch,
             y: ym,
             y_batch,
-            dst: (dst.storage, 0),
+            dst: (dst.storage, dst.offset),
             round,
         }));
         self.define(op, dst);
@@ -606,8 +735,8 @@ impl Planner<'_> {
             return None;
         }
         let Some(Step::Matmul(mut mm)) = self.steps.drain(n - 2..).next() else { unreachable!("checked above") };
-        let dst = self.new_packed(&x.shape);
-        mm.dst = (dst.storage, 0);
+        let dst = self.dst(op, &x.shape);
+        mm.dst = (dst.storage, dst.offset);
         let (data, at) = (&self.consts[c], mask.offset as isize);
         let (rs, cs) = (mask.strides[rank - 2], mask.strides[rank - 1]);
         let fused = ScoresSoftmax::new(mm, |i, j| data[(at + i as isize * rs + j as isize * cs) as usize], round);
@@ -645,7 +774,7 @@ impl Planner<'_> {
                 Some((s.storage, 0)),
             )
         };
-        let dst = self.new_packed(out_shape);
+        let dst = self.dst(op, out_shape);
         self.steps.push(Step::Conv(Conv {
             x: xv,
             x_shape: [n, c, h, wd],
@@ -660,7 +789,7 @@ impl Planner<'_> {
             groups: geo.groups,
             pointwise_col_stride,
             scratch,
-            dst: (dst.storage, 0),
+            dst: (dst.storage, dst.offset),
             round,
         }));
         self.define(op, dst);
@@ -676,7 +805,10 @@ impl Planner<'_> {
         let axis =
             ops::norm_axis(self.int(op, "axis")?.unwrap_or(0), out_shape.len(), "axis").map_err(mil_error(op))?;
         let interleave = self.flag(op, "interleave")?;
-        let dst = self.new_packed(out_shape);
+        let dst = match self.placed.get(&op.outputs[0].name) {
+            Some(v) => View::packed(v.storage, v.offset, out_shape),
+            None => self.new_packed(out_shape),
+        };
         let mut at = 0;
         for (j, item) in items.iter().enumerate() {
             let v = self.arg_view(op, item, "values")?;
@@ -684,13 +816,15 @@ impl Planner<'_> {
             window.shape = v.shape.clone();
             if interleave {
                 // Item j fills positions j, j + n, j + 2n, … of the axis.
-                window.offset = j * dst.strides[axis] as usize;
+                window.offset = dst.offset + j * dst.strides[axis] as usize;
                 window.strides[axis] *= items.len() as isize;
             } else {
-                window.offset = at * dst.strides[axis] as usize;
+                window.offset = dst.offset + at * dst.strides[axis] as usize;
                 at += v.shape[axis];
             }
-            self.copy(&v, &window);
+            if !same_window(&v, &window) {
+                self.copy(&v, &window);
+            }
         }
         self.define(op, dst);
         Ok(())
@@ -815,6 +949,39 @@ mod tests {
         assert!(kernel.arena.len() <= ALIGN, "no temporaries");
     }
 
+    /// Results returned in one surface, concatenated on the channel axis (the packed
+    /// I/O convention), are computed straight into their windows of it: no copy, and
+    /// each window at its channel offset. A value that is also read by later steps
+    /// stays readable there.
+    #[test]
+    fn concatenated_outputs_are_computed_in_place() {
+        use mil::builder::FunctionBuilder;
+        use mil::{DType, Dialect, TensorType};
+        let (c, s) = (8i64, 32i64);
+        let mut b = FunctionBuilder::new("main", Dialect::Ios18);
+        let x = b.input("x", TensorType::surface(DType::Fp32, c as usize, 2 * s as usize));
+        let xh = b.cast("x_h", &x, DType::Fp16);
+        let a = b.slice_by_size("a_s", &xh, &[0, 0, 0, 0], &[1, c, 1, s]);
+        let a = b.reshape("a", &a, &[1, 1, c, s]);
+        let w = b.slice_by_size("w_s", &xh, &[0, 0, 0, s], &[1, c, 1, c]);
+        let w = b.reshape("w", &w, &[1, 1, c, c]);
+        let y1 = b.matmul("y1", &w, &a, true, false);
+        let y2 = b.sigmoid("y2", &y1); // reads y1 where it was placed
+        let y1s = b.reshape("y1s", &y1, &[1, c, 1, s]);
+        let y2s = b.reshape("y2s", &y2, &[1, c, 1, s]);
+        let both = b.concat("out_h", &[&y1s, &y2s], 1);
+        let out = b.cast("out", &both, DType::Fp32);
+        b.output(&out);
+        let program = mil::Program::new(Dialect::Ios18, b.finish().unwrap());
+        let kernel = plan(&program, &Weights::new(), Precision::Fp32);
+        let out_st = kernel.output_storage[0].unwrap();
+        assert_eq!(kernel.steps.len(), 2, "a matmul and a sigmoid, no copy: {:?}", kernel.steps);
+        let Step::Matmul(m) = &kernel.steps[0] else { panic!("{:?}", kernel.steps[0]) };
+        assert_eq!(m.dst, (out_st, 0));
+        let Step::Unary { map, .. } = &kernel.steps[1] else { panic!("{:?}", kernel.steps[1]) };
+        assert_eq!((map.dst.storage, map.dst.offset), (out_st, (c * s) as usize));
+    }
+
     /// A 1×1 conv on baked weights is one GEMM too, in either precision (the cast of
     /// fp16 weights to fp32 is free: they are fp16 numbers already).
     #[test]
@@ -846,6 +1013,7 @@ mod tests {
             uses: HashMap::new(),
             fuse: true,
             last_add: None,
+            placed: HashMap::new(),
         };
         let small = p.new_packed(&[4]);
         let big = p.new_packed(&[8]);
