@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_against;
 mod dashboard_cmd;
 mod data_cmd;
 mod devices;
