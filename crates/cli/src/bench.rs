@@ -33,6 +33,20 @@ pub enum BenchCommand {
         device: DeviceArg,
         #[arg(long, default_value = "fp32")]
         precision: Precision,
+        /// llama2.c's `run` binary: run it on the same model (written to a temporary
+        /// llama2.c model.bin) and prompt text, interleaved with anetrain, check that the
+        /// greedy texts agree and print both speeds (see README).
+        #[arg(long)]
+        against: Option<std::path::PathBuf>,
+        /// llama2.c tokenizer.bin for --against; default: tokenizer.bin beside `run`.
+        #[arg(long)]
+        tokenizer: Option<std::path::PathBuf>,
+        /// Prompt text for --against (instead of --prompt's token count).
+        #[arg(long, default_value = crate::bench_against::DEFAULT_TEXT)]
+        prompt_text: String,
+        /// Rounds of each side for --against.
+        #[arg(long, default_value_t = 3, value_parser = positive)]
+        rounds: usize,
     },
     /// The training pipelines side by side on the CPU device, the same steps of one
     /// model each: wall, compile and train time, ms/step, kernels per compile.
@@ -90,8 +104,22 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
         BenchCommand::Train(args) => bench_train(&args),
-        BenchCommand::Sample { model, prompt, decode, device, precision } => {
-            bench_sample(&model, prompt, decode, device, precision)
+        BenchCommand::Sample { model, prompt, decode, device, precision, against, tokenizer, prompt_text, rounds } => {
+            match against {
+                Some(run) => {
+                    let params = model_or_preset(&model)?;
+                    let tokenizer = tokenizer.unwrap_or_else(|| crate::bench_against::default_tokenizer(&run));
+                    let against = crate::bench_against::Against {
+                        run: &run,
+                        tokenizer: &tokenizer,
+                        text: &prompt_text,
+                        decode,
+                        rounds,
+                    };
+                    crate::bench_against::bench_against(&params, &model, device, precision, &against)
+                }
+                None => bench_sample(&model, prompt, decode, device, precision),
+            }
         }
         BenchCommand::Pipelines { model, steps, batch, seq, sim_compile_ms, precision } => {
             bench_pipelines(&model, steps, batch, seq, sim_compile_ms, precision)
@@ -170,15 +198,9 @@ fn bench_sample(spec: &str, prompt: usize, decode: usize, which: DeviceArg, prec
     let decode_s = start.elapsed().as_secs_f64();
 
     let bandwidth = read_bandwidth_gbs();
-    // Decoding one token reads every weight once: the packed layer surfaces and the
-    // classifier, in the surfaces' dtype (embedding rows read per token are negligible).
-    let io_bytes = match device.dialect() {
-        mil::Dialect::Ios18 => 4,
-        mil::Dialect::Ios16 => 2,
-    };
+    // Decoding one token reads every weight once.
     let n_params = config.n_params();
-    let embedding = config.vocab_size * config.dim;
-    let bytes_per_token = (n_params - if config.shared_classifier { 0 } else { embedding }) * io_bytes;
+    let bytes_per_token = decode_bytes_per_token(&config, device.dialect());
     let roofline = bandwidth * 1e9 / bytes_per_token as f64;
     let decode_rate = decode as f64 / decode_s;
     println!(
@@ -194,6 +216,17 @@ fn bench_sample(spec: &str, prompt: usize, decode: usize, which: DeviceArg, prec
     println!("  decode roofline              {roofline:>9.1} tokens/s");
     println!("  decode / roofline            {:>9.1} %", 100.0 * decode_rate / roofline);
     Ok(())
+}
+
+/// Weight bytes a decode step reads: the packed layer surfaces and the classifier, in the
+/// surfaces' dtype (the embedding rows read per token are negligible).
+pub fn decode_bytes_per_token(config: &llama::Config, dialect: mil::Dialect) -> usize {
+    let io_bytes = match dialect {
+        mil::Dialect::Ios18 => 4,
+        mil::Dialect::Ios16 => 2,
+    };
+    let embedding = config.vocab_size * config.dim;
+    (config.n_params() - if config.shared_classifier { 0 } else { embedding }) * io_bytes
 }
 
 /// Reference figures from another run on this kind of machine (2 cores, fp32, batch 8 ×

@@ -11,6 +11,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod ane_model_cmd;
 mod bench;
+mod bench_against;
 mod dashboard_cmd;
 mod data_cmd;
 mod devices;

@@ -211,6 +211,8 @@ impl Surface {
             Data::F16(v) => for_rows(&mut v[lo..hi], seq, rows * cols, |r, row| {
                 row[s0..s0 + cols].iter_mut().zip(block_row(r)).for_each(|(d, s)| *d = f16::from_f32(*s))
             }),
+            // One column (a decode step's token): a strided store per row, not a copy call.
+            Data::F32(v) if cols == 1 => v[lo + s0..hi].iter_mut().step_by(seq).zip(src).for_each(|(d, s)| *d = *s),
             Data::F32(v) => {
                 for_rows(&mut v[lo..hi], seq, rows * cols, |r, row| row[s0..s0 + cols].copy_from_slice(block_row(r)))
             }

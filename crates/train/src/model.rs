@@ -191,7 +191,10 @@ pub struct Decoder<'w, W: ModelWeights> {
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
     pos: usize,
-    /// How many tokens prefill processes per kernel call.
+    /// How many tokens prefill processes per kernel call: every prefill call runs at
+    /// this width (capped at the context), a shorter chunk padded with zero columns, so
+    /// that prompts of any length share one compiled kernel set whose weights
+    /// [`prepare`](Self::prepare) packs before the first prompt.
     pub prefill_chunk: usize,
     /// Seconds spent compiling kernels so far.
     pub compile_seconds: f64,
@@ -273,6 +276,24 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         Ok(logits)
     }
 
+    /// Compiles the decode kernels (one token), the prefill kernels
+    /// ([`prefill_chunk`](Self::prefill_chunk) tokens) and the classifier, and packs
+    /// their weights, so that no forward pass pays for it (the time goes to
+    /// [`compile_seconds`](Self::compile_seconds)). Idempotent; [`forward`](Self::forward)
+    /// compiles what is missing if this was not called.
+    pub fn prepare(&mut self) -> device::Result<()> {
+        self.compile(token_padding(self.device, 1))?;
+        if self.dims.seq_len > 1 {
+            self.compile(self.prefill_width())?;
+        }
+        self.compile_head()
+    }
+
+    /// Token columns of a prefill kernel call (see [`prefill_chunk`](Self::prefill_chunk)).
+    fn prefill_width(&self) -> usize {
+        token_padding(self.device, self.prefill_chunk.clamp(1, self.dims.seq_len.max(1)))
+    }
+
     /// The next position to fill.
     pub fn pos(&self) -> usize {
         self.pos
@@ -348,7 +369,7 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
 
     fn forward_chunk(&mut self, tokens: &[u32]) -> device::Result<Vec<f32>> {
         let n = tokens.len();
-        let t = token_padding(self.device, n);
+        let t = if n == 1 { token_padding(self.device, 1) } else { self.prefill_width().max(n) };
         self.compile(t)?;
         let dims = self.dims;
         let d = dims.layer;
@@ -549,6 +570,7 @@ pub fn generate<W: ModelWeights>(
         return Ok((tokens, stats));
     }
     decoder.reset();
+    decoder.prepare()?;
     let start = std::time::Instant::now();
     let mut logits = decoder.forward(&prompt[..n_pre])?;
     stats.prefill_tokens = n_pre;

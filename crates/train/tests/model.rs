@@ -34,12 +34,17 @@ fn reference_logits(params: &Params, config: &Config, tokens: &[u32]) -> Vec<Vec
 }
 
 fn check(n_kv: usize, precision: Precision, dialect: mil::Dialect, tolerance: f32) {
-    let config = config(n_kv);
+    check_config(config(n_kv), precision, dialect, tolerance)
+}
+
+fn check_config(config: Config, precision: Precision, dialect: mil::Dialect, tolerance: f32) {
+    let n_kv = config.n_kv_heads;
+    let vocab = config.vocab_size as u32;
     let params = Params::init(&config, 42).unwrap();
     let device = CpuDevice::new(precision).with_dialect(dialect);
     let mut decoder = Decoder::new(&device, &params).unwrap();
     decoder.prefill_chunk = 8;
-    let tokens: Vec<u32> = (0..30).map(|i| (i * 17 + 3) % 61).collect();
+    let tokens: Vec<u32> = (0..30).map(|i| (i * 17 + 3) % vocab).collect();
     let want = reference_logits(&params, &config, &tokens);
     // A 19-token prefill (chunks of 8, 8, 3), then one token at a time.
     let got = decoder.forward(&tokens[..19]).unwrap();
@@ -63,6 +68,15 @@ fn fp32_decoding_matches_the_reference() {
             check(n_kv, Precision::Fp32, dialect, tol);
         }
     }
+}
+
+/// Sizes whose one-token products are split between threads (the CPU device's GEMV
+/// threads products of 2¹⁶ multiply–adds and more: the classifier's 701 × 200, the FFN's
+/// 344 × 200), with odd vocabulary and hidden widths and grouped-query attention.
+#[test]
+fn fp32_decoding_matches_the_reference_at_threaded_sizes() {
+    let config = Config { dim: 200, hidden_dim: 344, n_heads: 4, n_kv_heads: 2, vocab_size: 701, ..config(2) };
+    check_config(config, Precision::Fp32, mil::Dialect::Ios18, 1e-4);
 }
 
 #[test]

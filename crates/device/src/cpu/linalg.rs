@@ -11,6 +11,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::elementwise::{par_split, simd, Par, Ptr};
+use super::gemv::gemv_axpy;
 use super::math::round_f16_slice;
 use super::view::{span, StorageId};
 
@@ -78,6 +79,15 @@ pub(crate) unsafe fn gemm_into(
             std::slice::from_raw_parts_mut(dst.offset(i as isize * dst_rs), n).fill(0.0);
         }
         return;
+    }
+    // One output column or row whose matrix operand has contiguous rows: a threaded
+    // GEMV reads that operand in place (module `gemv`); the `gemm` crate would run it
+    // on one thread.
+    if n == 1 && lhs_rs == 1 && dst_rs == 1 {
+        return gemv_axpy(m, k, dst, rhs, rhs_rs, lhs, lhs_cs, threads);
+    }
+    if m == 1 && rhs_cs == 1 {
+        return gemv_axpy(n, k, dst, lhs, lhs_cs, rhs, rhs_rs, threads);
     }
     gemm_on_threads(m, n, k, dst, dst_rs, 0.0, 1.0, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, threads);
 }

@@ -38,6 +38,7 @@ mod attention;
 mod bench;
 mod elementwise;
 mod exec;
+mod gemv;
 mod linalg;
 mod math;
 mod plan;
