@@ -410,7 +410,7 @@ impl KernelWork {
         let mut w = KernelWork::of_program(def.name, &def.program);
         w.const_bytes = def.weights.files().map(|(_, bytes)| bytes.len() as f64).sum();
         w.weight_elements = def
-            .inputs
+            .inputs()
             .iter()
             .flat_map(|s| &s.blocks)
             .filter(|b| b.name.starts_with('w'))
@@ -971,11 +971,11 @@ fn classifier(b: &mut Builder, s: &StepShape, on_ane: bool) -> mil::Result<()> {
 /// pipeline (issue 25, part 3).
 pub fn classifier_softmax_dynamic(dim: usize, part: usize, t: usize, dialect: Dialect) -> mil::Result<KernelDef> {
     let mut g = Gen::new(dialect);
-    let xs = g.surface("x", dim, &[("xn", dim, t), ("wcls", dim, part)]);
-    let xn = g.block(&xs, 0, "xn");
-    let w = g.block(&xs, 0, "wcls");
-    let logits = g.linear_t("logits", &w, &xn); // [V_p, T]
-    let probs = g.b.softmax("probs2", &logits, 0);
+    g.surface("x", dim, &[("xn", dim, t), ("wcls", dim, part)]);
+    let xn = g.block("xn");
+    let w = g.block("wcls");
+    let logits = g.linear_t("logits", &w, &xn); // [1, 1, V_p, T]
+    let probs = g.b.softmax("probs2", &logits, 2);
     g.output("probs", &probs);
     g.finish("classifier_softmax")
 }
