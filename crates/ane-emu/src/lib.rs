@@ -98,11 +98,12 @@ impl Rule {
     }
 }
 
-/// The rejections in force unless `ANETRAIN_ANE_EMU_REJECT` says otherwise: those today's
-/// kernels meet. `multi-input`, `rank` and `width` are off until every kernel is
-/// single-input, rank 4 and 16-wide (issue 17: the static pipeline's RMSNorm-backward
-/// extra returns a width-1 `dgain`); `cast` emulates an M1/M2.
-pub const DEFAULT_RULES: [Rule; 3] = [Rule::SmallSurface, Rule::UnequalSizes, Rule::Budget];
+/// The rejections in force unless `ANETRAIN_ANE_EMU_REJECT` says otherwise: every reported
+/// rule the packed kernels (one input, one output, rank 4) meet. `width` is off: the
+/// static pipeline's RMSNorm-backward extra returns `dx` and a width-1 `dgain` side by side
+/// on the spatial axis; `cast` emulates an M1/M2.
+pub const DEFAULT_RULES: [Rule; 5] =
+    [Rule::MultiInput, Rule::Rank, Rule::SmallSurface, Rule::UnequalSizes, Rule::Budget];
 
 pub const REJECT_ENV: &str = "ANETRAIN_ANE_EMU_REJECT";
 pub const BIND_ENV: &str = "ANETRAIN_ANE_EMU_BIND";

@@ -42,6 +42,11 @@ fn setup() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         std::env::set_var(device::ane::runtime::FRAMEWORKS_ENV, library());
+        // These tests bind several surfaces on purpose (binding order, teardown of each):
+        // the default rules, which reject multi-input requests, less that one.
+        if std::env::var_os(ane_emu::REJECT_ENV).is_none() {
+            std::env::set_var(ane_emu::REJECT_ENV, "rank,small-surface,unequal-sizes,budget");
+        }
         if std::env::var_os(ane_emu::LOG_ENV).is_none() {
             let log = std::env::temp_dir().join(format!("ane-emu-test-{}.log", std::process::id()));
             std::env::set_var(ane_emu::LOG_ENV, log);

@@ -131,9 +131,12 @@ fn budget_and_pipeline_mistakes_are_clear_errors() {
     // evaluation runs in the next process, whose first set bakes the same parameters, so
     // the run finishes (tests/static_budget.rs checks every step count and budget).
     ok(&anetrain(d, &train_args(&["--pipeline", "static", "--sim-compile-limit", "22", "--eval-every", "1"])));
-    failed_with(&anetrain(d, &train_args(&["--sim-compile-limit", "0"])), &["--sim-compile-limit 0"]);
-    failed_with(&anetrain(d, &train_args(&["--pipeline", "dynamic", "--ane-extras"])), &["--ane-extras", "static"]);
-    failed_with(&anetrain(d, &train_args(&["--ane-extras"])), &["--ane-extras"]);
+    failed_with(&anetrain(d, &train_args(&["--sim-compile-limit", "0", "--overwrite"])), &["--sim-compile-limit 0"]);
+    failed_with(
+        &anetrain(d, &train_args(&["--pipeline", "dynamic", "--ane-extras", "--overwrite"])),
+        &["--ane-extras", "static"],
+    );
+    failed_with(&anetrain(d, &train_args(&["--ane-extras", "--overwrite"])), &["--ane-extras"]);
     let ane = ["train", "--device", "ane", "--sim-compile-ms", "5"];
     failed_with(&anetrain(d, &ane), &["--device cpu"]);
 }

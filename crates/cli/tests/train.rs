@@ -192,7 +192,7 @@ fn bad_inputs_get_clear_errors() {
     // A checkpoint whose model does not fit the tokenizer given.
     std::fs::write(d.join("small_tok.bin"), {
         let mut b = Vec::new();
-        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&5u32.to_le_bytes()); // max_token_length: "<unk>"
         for (i, p) in ["<unk>", "<s>", "</s>", "a"].iter().enumerate() {
             b.extend_from_slice(&(i as f32).to_le_bytes());
             b.extend_from_slice(&(p.len() as i32).to_le_bytes());
@@ -249,7 +249,7 @@ fn fixtures() -> PathBuf {
 fn the_multi_surface_convention_trains_like_the_packed_one() {
     let dir = tempfile::tempdir().unwrap();
     let run = |io: &str, tel: &str| {
-        ok(&anetrain(dir.path(), &train_args(&["--steps", "3", "--ane-io", io, "--telemetry", tel])));
+        ok(&anetrain(dir.path(), &train_args(&["--steps", "3", "--ane-io", io, "--telemetry", tel, "--overwrite"])));
         losses(&dir.path().join(tel))
     };
     assert_eq!(run("packed", "p.jsonl"), run("multi", "m.jsonl"));

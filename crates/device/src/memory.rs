@@ -12,8 +12,13 @@
 //!
 //! ```
 //! use device::memory;
-//! let n = memory::bytes_of("--batch", &[100_000_000, 256, 4096, 4]).unwrap_err();
-//! assert!(n.to_string().contains("--batch"));
+//! // A product that overflows is refused by name...
+//! let e = memory::bytes_of("--batch", &[usize::MAX / 2, 4]).unwrap_err();
+//! assert!(e.to_string().contains("--batch"));
+//! // ...and so is one larger than the memory there is (400 TB here).
+//! let n = memory::bytes_of("--batch", &[100_000_000, 256, 4096, 4]).unwrap();
+//! let e = memory::check_with("--batch", n as u128, Some(24 << 30)).unwrap_err();
+//! assert!(e.to_string().contains("available"));
 //! assert!(memory::check("a small buffer", 1024).is_ok());
 //! ```
 

@@ -79,13 +79,20 @@ impl PartialEq for Tokenizer {
 }
 
 impl Tokenizer {
-    /// A tokenizer from pieces and their scores (equal lengths, at least one piece).
+    /// A tokenizer from pieces and their scores (equal lengths, at least <unk>, <s> and </s>).
     pub fn new(pieces: Vec<String>, scores: Vec<f32>) -> Result<Tokenizer> {
         if pieces.len() != scores.len() {
             return Err(err!(Mismatch, "{} pieces but {} scores", pieces.len(), scores.len()));
         }
-        if pieces.is_empty() {
-            return Err(err!(Input, "a tokenizer needs at least one piece"));
+        // Ids 0, 1 and 2 are <unk>, BOS and EOS in every llama2.c vocabulary: `encode`
+        // and the sampler use them by number.
+        if pieces.len() <= EOS as usize {
+            return Err(err!(
+                Input,
+                "a tokenizer needs at least {} pieces (<unk>, <s> and </s> first), found {}",
+                EOS + 1,
+                pieces.len()
+            ));
         }
         if pieces.len() > i32::MAX as usize {
             return Err(err!(Input, "{} pieces is more than token ids (i32) can number", pieces.len()));

@@ -10,11 +10,12 @@ fn tiny_gqa(shared: bool) -> Config {
     Config { shared_classifier: shared, seq_len: 16, ..Config::preset("tiny").unwrap() }
 }
 
-/// Parameters whose values are all distinct and include the awkward ones (−0, subnormals,
-/// infinities, NaNs with payloads), so only a bit-exact reader and writer round-trip them.
+/// Parameters whose values are all distinct and include the awkward finite ones (−0,
+/// subnormals, the largest magnitudes), so only a bit-exact reader and writer round-trip
+/// them. (Non-finite weights are refused at load: `non_finite_weights_are_refused`.)
 fn awkward_params(config: &Config) -> Params {
     let mut params = Params::init(config, 3).unwrap();
-    let specials = [-0.0f32, f32::MIN_POSITIVE / 3.0, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7fc0_1234)];
+    let specials = [-0.0f32, f32::MIN_POSITIVE / 3.0, f32::MAX, -f32::MAX, f32::from_bits(1)];
     for (i, v) in params.as_mut_slice().iter_mut().enumerate() {
         if i % 97 < specials.len() {
             *v = specials[i % 97];
@@ -54,6 +55,21 @@ fn write_then_read_is_bit_exact_in_both_versions() {
             llama2c::write_model(&back, &again, version).unwrap();
             assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&path).unwrap());
         }
+    }
+}
+
+#[test]
+fn non_finite_weights_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_gqa(false);
+    for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0x7fc0_1234)] {
+        let mut params = Params::init(&config, 3).unwrap();
+        params.as_mut_slice()[5] = bad;
+        let path = tmp(&dir, "model.bin");
+        llama2c::write_model(&params, &path, Version::V1).unwrap();
+        let err = llama2c::read_model_with_version(&path).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Format, "{err}");
+        assert!(err.to_string().contains("element 5"), "{err}");
     }
 }
 
