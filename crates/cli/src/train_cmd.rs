@@ -390,6 +390,8 @@ fn resume_schedule(args: &TrainArgs, t: &TrainConfig) -> (f32, f32, u64) {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let process_start = std::time::Instant::now();
+    // The device and its flags first: a mistake there is named before anything else.
+    let (device, io) = training_device(&args)?;
     // Nothing is lost: a checkpoint a kill -9 left half-written goes; an existing
     // checkpoint is continued (--resume) or replaced (--overwrite), never silently;
     // and a path that cannot take a checkpoint is found now, not after the run.
@@ -406,7 +408,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     train::checkpoint::check_writable(&args.ckpt).context("--ckpt: cannot write a checkpoint there")?;
-    let (device, io) = training_device(&args)?;
     let given_tokenizer = match &args.tokenizer {
         Some(p) => Some(Tokenizer::read(p)?),
         None if args.resume => {
