@@ -42,6 +42,7 @@ const BAND_ALIGN: usize = 16;
 /// # Safety
 /// `v`, `a` and `out` describe valid memory for those indices; `out` (`n` contiguous
 /// elements) overlaps neither operand.
+#[allow(clippy::too_many_arguments)] // a BLAS-style call: sizes, then each operand with its strides
 pub(crate) unsafe fn gemv_axpy(
     n: usize,
     k: usize,
@@ -151,7 +152,7 @@ unsafe fn band_in<const N: usize>(
         while i < k {
             let (r, c0) = (row(i), coef(i));
             for j in 0..len {
-                acc[j] = acc[j] + c0 * r[j];
+                acc[j] += c0 * r[j];
             }
             i += 1;
         }
