@@ -11,6 +11,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+use common::ok;
+
 /// The emulation library, built because it is a dev-dependency of this package, in
 /// `deps/` (first: a copy next to the binary may be from an older `cargo build`).
 fn library() -> PathBuf {
@@ -39,17 +42,6 @@ fn run_with(dir: &Path, ane: bool, args: &[&str], env: &[(&str, &str)]) -> Outpu
         cmd.env("ANETRAIN_ANE_FRAMEWORKS", library()).env("TMPDIR", tmp);
     }
     cmd.output().expect("the anetrain binary runs")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "anetrain failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn events(telemetry: &Path) -> Vec<Value> {

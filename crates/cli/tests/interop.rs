@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use llama::hf::{self, Dtype};
 use llama::tokenizers::AnyTokenizer;
@@ -16,7 +15,7 @@ use llama::Tokenizer;
 use proptest::prelude::*;
 
 mod common;
-use common::{anetrain, failed_with};
+use common::{anetrain, failed_with, ok};
 
 fn fixture(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures").join(name);
@@ -27,17 +26,6 @@ fn fixture(name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "anetrain failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// stories260K.bin with tok512.bin beside it as tokenizer.bin, in `dir`.

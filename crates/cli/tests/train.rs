@@ -3,23 +3,12 @@
 //! with a clear message and a non-zero exit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use train::checkpoint::Checkpoint;
 
 mod common;
-use common::{anetrain, failed_with_code as failed_with};
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "anetrain failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{anetrain, failed_with_code as failed_with, ok};
 
 /// A small, fast training run on the built-in corpus.
 const SMALL: &[&str] = &["train", "--device", "cpu", "--quiet", "--batch", "4", "--seq", "64", "--sample-steps", "0"];

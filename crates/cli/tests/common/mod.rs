@@ -15,6 +15,18 @@ pub fn anetrain(dir: &Path, args: &[&str]) -> Output {
         .expect("the anetrain binary runs")
 }
 
+/// A run that succeeded: its stdout (else a failure showing both streams).
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "anetrain failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A user error: exit 1, a message mentioning every needle, no panic.
 pub fn failed_with(out: &Output, needles: &[&str]) {
     failed_with_code(out, 1, needles);
