@@ -48,6 +48,75 @@ pub struct Config {
     /// Whether the classifier reuses the token embedding (weight tying).
     #[serde(default = "default_shared_classifier")]
     pub shared_classifier: bool,
+    /// Width of one attention head when it is not `dim / n_heads` (Qwen3-0.6B: 128 with
+    /// dim 1024 and 16 heads, so the queries are 2048 wide). `None`: `dim / n_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explicit_head_dim: Option<usize>,
+    /// Per-head RMSNorm of the queries and keys before RoPE, with a learned gain of
+    /// `head_dim` values each (Qwen3's `q_norm` and `k_norm`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
+    /// RoPE's frequencies rescaled for long contexts (Llama 3.1/3.2's `"llama3"` type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// A RoPE frequency scaling. Only the `llama3` rule exists (transformers
+/// `_compute_llama3_parameters`): wavelengths shorter than
+/// `original_max_position_embeddings / high_freq_factor` keep their frequency, those
+/// longer than `… / low_freq_factor` are divided by `factor`, and those between are
+/// interpolated smoothly. It changes no attention scale.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+}
+
+impl RopeScaling {
+    /// `freq` (radians per position) after scaling.
+    pub fn apply(&self, freq: f32) -> f32 {
+        match *self {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old_context = original_max_position_embeddings as f32;
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < old_context / high_freq_factor {
+                    freq
+                } else if wavelen > old_context / low_freq_factor {
+                    freq / factor
+                } else {
+                    let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * freq / factor + smooth * freq
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        match *self {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                for (field, v) in
+                    [("factor", factor), ("low_freq_factor", low_freq_factor), ("high_freq_factor", high_freq_factor)]
+                {
+                    if !(v.is_finite() && v > 0.0) {
+                        return Err(err!(Config, "rope_scaling.{field} is {v}; it must be finite and positive"));
+                    }
+                }
+                if high_freq_factor <= low_freq_factor {
+                    return Err(err!(
+                        Config,
+                        "rope_scaling.high_freq_factor {high_freq_factor} must be above low_freq_factor {low_freq_factor}"
+                    ));
+                }
+                if original_max_position_embeddings == 0 {
+                    return Err(err!(
+                        Config,
+                        "rope_scaling.original_max_position_embeddings is 0; it must be positive"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 fn default_norm_eps() -> f32 {
@@ -88,6 +157,9 @@ impl Config {
             rope_theta: DEFAULT_ROPE_THETA,
             qkv_bias: false,
             shared_classifier: true,
+            explicit_head_dim: None,
+            qk_norm: false,
+            rope_scaling: None,
         }
     }
 
@@ -119,9 +191,29 @@ impl Config {
         Some(config)
     }
 
-    /// Width of one attention head: `dim / n_heads`.
+    /// Width of one attention head: `dim / n_heads` unless set apart
+    /// ([`explicit_head_dim`](Config::explicit_head_dim)).
     pub fn head_dim(&self) -> usize {
-        self.dim / self.n_heads
+        self.explicit_head_dim.unwrap_or(self.dim / self.n_heads)
+    }
+
+    /// Width of the query projection (and of Wo's input): `head_dim · n_heads`, which is
+    /// `dim` unless the head width is set apart.
+    pub fn q_dim(&self) -> usize {
+        self.head_dim() * self.n_heads
+    }
+
+    /// RoPE's angular frequency of each rotated pair `i < head_dim / 2`:
+    /// `θ^(-2i/head_dim)`, then [`rope_scaling`](Config::rope_scaling) if any. Computed in
+    /// f32 as llama2.c and transformers do.
+    pub fn rope_freqs(&self) -> Vec<f32> {
+        let head_dim = self.head_dim();
+        (0..head_dim / 2)
+            .map(|i| {
+                let freq = 1.0 / self.rope_theta.powf((2 * i) as f32 / head_dim as f32);
+                self.rope_scaling.map_or(freq, |s| s.apply(freq))
+            })
+            .collect()
     }
 
     /// Width of the key and value projections: `head_dim · n_kv_heads`.
@@ -135,22 +227,41 @@ impl Config {
     }
 
     /// Number of trainable scalars, as laid out by [`Params`](crate::Params): embedding,
-    /// per layer 2 norms + Wq, Wk, Wv, Wo (+ 3 biases) + W1, W2, W3, final norm, and a
-    /// separate classifier when not shared. llama2.c's `freq_cis` tables are not parameters.
+    /// per layer 2 norms + Wq, Wk, Wv (+ 3 biases) (+ 2 QK-norm gains) + Wo + W1, W2, W3,
+    /// final norm, and a separate classifier when not shared. llama2.c's `freq_cis`
+    /// tables are not parameters.
     pub fn n_params(&self) -> usize {
-        let (dim, kv_dim, hidden) = (self.dim, self.kv_dim(), self.hidden_dim);
+        let (dim, q_dim, kv_dim, hidden) = (self.dim, self.q_dim(), self.kv_dim(), self.hidden_dim);
         let per_layer = 2 * dim                 // rms_att, rms_ffn
-            + dim * dim + 2 * kv_dim * dim      // wq, wk, wv
-            + dim * dim                         // wo
+            + q_dim * dim + 2 * kv_dim * dim    // wq, wk, wv
+            + dim * q_dim                       // wo
             + 3 * hidden * dim                  // w1, w2, w3
-            + if self.qkv_bias { dim + 2 * kv_dim } else { 0 };
+            + if self.qkv_bias { q_dim + 2 * kv_dim } else { 0 }
+            + if self.qk_norm { 2 * self.head_dim() } else { 0 };
         let classifier = if self.shared_classifier { 0 } else { self.vocab_size * dim };
         self.vocab_size * dim + self.n_layers * per_layer + dim + classifier
     }
 
+    /// Whether llama2.c's model.bin can hold this model: no head width set apart, no
+    /// QK-norm, no RoPE scaling (biases and an unshared classifier have their own checks
+    /// in the writer). `Err` names what does not fit.
+    pub fn llama2c_compatible(&self) -> std::result::Result<(), &'static str> {
+        if self.explicit_head_dim.is_some_and(|h| h * self.n_heads != self.dim) {
+            return Err("a head width other than dim / n_heads");
+        }
+        if self.qk_norm {
+            return Err("QK-norm (per-head RMSNorm of queries and keys)");
+        }
+        if self.rope_scaling.is_some() {
+            return Err("RoPE scaling");
+        }
+        Ok(())
+    }
+
     /// Checks that the shape is usable: every size positive and below its sanity bound,
-    /// `dim` divisible by `n_heads`, `n_heads` by `n_kv_heads`, an even head width (RoPE
-    /// rotates pairs), finite positive ε and θ. Errors name the field and its value.
+    /// `dim` divisible by `n_heads` (unless the head width is set apart), `n_heads` by
+    /// `n_kv_heads`, an even head width (RoPE rotates pairs), finite positive ε and θ, a
+    /// sound RoPE scaling. Errors name the field and its value.
     pub fn validate(&self) -> Result<()> {
         let bounded = [
             ("dim", self.dim, MAX_DIM),
@@ -169,8 +280,18 @@ impl Config {
                 return Err(err!(Config, "{field} is {value}, above the sanity limit {max}"));
             }
         }
-        if !self.dim.is_multiple_of(self.n_heads) {
-            return Err(err!(Config, "dim {} is not divisible by n_heads {}", self.dim, self.n_heads));
+        match self.explicit_head_dim {
+            Some(0) => return Err(err!(Config, "head_dim is 0; it must be positive")),
+            Some(h) if h > MAX_DIM => return Err(err!(Config, "head_dim is {h}, above the sanity limit {MAX_DIM}")),
+            Some(h) if h * self.n_heads > MAX_DIM => {
+                return Err(err!(Config, "head_dim {h} · n_heads {} is above the sanity limit {MAX_DIM}", self.n_heads))
+            }
+            Some(_) => {}
+            None => {
+                if !self.dim.is_multiple_of(self.n_heads) {
+                    return Err(err!(Config, "dim {} is not divisible by n_heads {}", self.dim, self.n_heads));
+                }
+            }
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(err!(
@@ -181,13 +302,19 @@ impl Config {
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(err!(
-                Config,
-                "head_dim (dim {} / n_heads {}) is {}; RoPE needs it even",
-                self.dim,
-                self.n_heads,
-                self.head_dim()
-            ));
+            return Err(match self.explicit_head_dim {
+                Some(h) => err!(Config, "head_dim is {h}; RoPE needs it even"),
+                None => err!(
+                    Config,
+                    "head_dim (dim {} / n_heads {}) is {}; RoPE needs it even",
+                    self.dim,
+                    self.n_heads,
+                    self.head_dim()
+                ),
+            });
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(err!(Config, "norm_eps is {}; it must be finite and positive", self.norm_eps));

@@ -1,22 +1,26 @@
 //! Hugging Face checkpoints: a folder with `config.json` and `model.safetensors` (or
 //! shards listed in `model.safetensors.index.json`), read and written.
 //!
-//! Two architectures share this layout and both map onto [`Params`]:
+//! Four architectures share this layout and all map onto [`Params`]:
 //!
 //! | `architectures[0]` | what differs |
 //! |---|---|
-//! | `LlamaForCausalLM` | no biases; ε, θ and tying from config.json |
+//! | `LlamaForCausalLM` | no biases; ε, θ, tying, `head_dim` and `rope_scaling` (type `llama3`: Llama 3.1/3.2, SmolLM3) from config.json |
+//! | `MistralForCausalLM` | as Llama, without a sliding window (`sliding_window` null or ≥ the context) |
 //! | `Qwen2ForCausalLM` | biases on the Q, K and V projections (Qwen2.5: θ = 1e6, ε = 1e-6, tied) |
+//! | `Qwen3ForCausalLM` | no biases; per-head RMSNorm of Q and K before RoPE (`q_norm`, `k_norm`); `head_dim` apart from `hidden_size / num_attention_heads` (default 128) |
 //!
 //! Tensor names (`L` = layer):
 //!
 //! ```text
 //! model.embed_tokens.weight                      token_embedding  [vocab, dim]
 //! model.layers.L.input_layernorm.weight          rms_att          [dim]
-//! model.layers.L.self_attn.q_proj.weight|bias    wq | bq          [dim, dim] | [dim]        (RoPE-permuted)
+//! model.layers.L.self_attn.q_proj.weight|bias    wq | bq          [q_dim, dim] | [q_dim]    (RoPE-permuted)
 //! model.layers.L.self_attn.k_proj.weight|bias    wk | bk          [kv_dim, dim] | [kv_dim]  (RoPE-permuted)
 //! model.layers.L.self_attn.v_proj.weight|bias    wv | bv          [kv_dim, dim] | [kv_dim]
-//! model.layers.L.self_attn.o_proj.weight         wo               [dim, dim]
+//! model.layers.L.self_attn.q_norm.weight         q_norm           [head_dim]                (RoPE-permuted; Qwen3)
+//! model.layers.L.self_attn.k_norm.weight         k_norm           [head_dim]                (RoPE-permuted; Qwen3)
+//! model.layers.L.self_attn.o_proj.weight         wo               [dim, q_dim]
 //! model.layers.L.post_attention_layernorm.weight rms_ffn          [dim]
 //! model.layers.L.mlp.gate_proj.weight            w1               [hidden, dim]
 //! model.layers.L.mlp.down_proj.weight            w2               [dim, hidden]
@@ -30,7 +34,7 @@
 //! *interleaved* pairs `(x[2i], x[2i+1])` of each head; Hugging Face's Llama and Qwen2
 //! rotate the two *halves* `(x[i], x[i + head_dim/2])`. Both use frequency
 //! `θ^(-2i/head_dim)` for pair `i`. Reordering the output rows of `Wq` and `Wk` (and of
-//! `bq`, `bk`) inside each head turns one convention into the other, and the attention
+//! `bq`, `bk`, and the elements of the QK-norm gains) inside each head turns one convention into the other, and the attention
 //! scores `q·k` do not change because queries and keys are reordered alike. This is the
 //! `permute` of transformers' `convert_llama_weights_to_hf.py`:
 //!
@@ -51,12 +55,16 @@ pub use safetensors::Dtype;
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, RopeScaling};
 use crate::error::{err, Error, Result};
 use crate::params::{Params, TensorKind, TensorSpec};
 
 /// The `architectures` this module reads, as config.json spells them.
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["LlamaForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] =
+    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+
+/// Qwen3's head width when config.json leaves `head_dim` out (transformers `Qwen3Config`).
+const QWEN3_DEFAULT_HEAD_DIM: usize = 128;
 
 /// File names inside a Hugging Face model folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -67,15 +75,19 @@ pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
+    Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl Architecture {
-    /// `LlamaForCausalLM` or `Qwen2ForCausalLM`.
+    /// `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` or `Qwen3ForCausalLM`.
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Llama => SUPPORTED_ARCHITECTURES[0],
-            Architecture::Qwen2 => SUPPORTED_ARCHITECTURES[1],
+            Architecture::Mistral => SUPPORTED_ARCHITECTURES[1],
+            Architecture::Qwen2 => SUPPORTED_ARCHITECTURES[2],
+            Architecture::Qwen3 => SUPPORTED_ARCHITECTURES[3],
         }
     }
 
@@ -83,21 +95,28 @@ impl Architecture {
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 
     fn from_name(name: &str) -> Option<Architecture> {
         match name {
             "LlamaForCausalLM" => Some(Architecture::Llama),
+            "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
             _ => None,
         }
     }
 
-    /// The architecture that can hold `config`: Qwen2 when it has QKV biases.
+    /// The architecture that can hold `config`: Qwen3 when it has QK-norm, Qwen2 when it
+    /// has QKV biases, else Llama. (A model with both is refused by [`write_model`].)
     pub fn for_config(config: &Config) -> Architecture {
-        if config.qkv_bias {
+        if config.qk_norm {
+            Architecture::Qwen3
+        } else if config.qkv_bias {
             Architecture::Qwen2
         } else {
             Architecture::Llama
@@ -137,8 +156,9 @@ pub fn read_config(path: impl AsRef<Path>) -> Result<HfConfig> {
 }
 
 /// Parses a config.json. Errors name the field; an unsupported architecture or feature
-/// (rope scaling, sliding windows, a different activation, biases Llama cannot hold)
-/// is [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) and says what is supported.
+/// (a RoPE scaling other than `llama3`, sliding windows, a different activation, biases
+/// the architecture does not hold here) is
+/// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) and says what is supported.
 pub fn parse_config(text: &str) -> Result<HfConfig> {
     let value: Value = serde_json::from_str(text).map_err(|e| err!(Format, "not valid JSON: {e}"))?;
     let obj = value.as_object().ok_or_else(|| err!(Format, "config.json must be a JSON object"))?;
@@ -185,40 +205,54 @@ pub fn parse_config(text: &str) -> Result<HfConfig> {
     );
     // transformers' defaults when a field is absent (LlamaConfig / Qwen2Config).
     config.norm_eps = float_or("rms_norm_eps", 1e-6)?;
-    config.rope_theta = rope_theta(obj, float_or("rope_theta", 10000.0)?)?;
+    let (theta, scaling) = rope(obj, float_or("rope_theta", 10000.0)?)?;
+    config.rope_theta = theta;
+    config.rope_scaling = scaling;
     config.shared_classifier = bool_or("tie_word_embeddings", false)?;
     config.qkv_bias = architecture == Architecture::Qwen2;
+    config.qk_norm = architecture == Architecture::Qwen3;
 
     if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
         if act != "silu" {
             return Err(err!(Unsupported, "field `hidden_act` is {act:?}; only \"silu\" (SwiGLU) is supported"));
         }
     }
-    if obj.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-        return Err(err!(Unsupported, "field `rope_scaling` is set; only plain RoPE (rope_scaling null) is supported"));
-    }
     if bool_or("use_sliding_window", false)? {
         return Err(err!(Unsupported, "field `use_sliding_window` is true; only full attention is supported"));
     }
+    if architecture == Architecture::Mistral {
+        if let Some(v) = obj.get("sliding_window").filter(|v| !v.is_null()) {
+            let window =
+                v.as_u64().ok_or_else(|| err!(Format, "field `sliding_window` is {v}; it must be a whole number"))?;
+            if (window as usize) < config.seq_len {
+                return Err(err!(
+                    Unsupported,
+                    "field `sliding_window` is {window}, below max_position_embeddings {}; only full attention \
+                     (sliding_window null or at least the context) is supported",
+                    config.seq_len
+                ));
+            }
+        }
+    }
     for field in ["attention_bias", "mlp_bias"] {
-        if architecture == Architecture::Llama && bool_or(field, false)? {
+        if architecture != Architecture::Qwen2 && bool_or(field, false)? {
             return Err(err!(
                 Unsupported,
-                "field `{field}` is true; LlamaForCausalLM is supported without biases \
-                 (Qwen2ForCausalLM's Q/K/V biases are supported)"
+                "field `{field}` is true; {} is supported without biases \
+                 (Qwen2ForCausalLM's Q/K/V biases are supported)",
+                architecture.name()
             ));
         }
     }
-    if let Some(v) = obj.get("head_dim").filter(|v| !v.is_null()) {
-        let head_dim = v.as_u64().ok_or_else(|| err!(Format, "field `head_dim` is {v}; it must be a whole number"))?;
-        if n_heads == 0 || head_dim as usize * n_heads != dim {
-            return Err(err!(
-                Unsupported,
-                "field `head_dim` is {head_dim}, but hidden_size {dim} / num_attention_heads {n_heads} differs; \
-                 only head_dim = hidden_size / num_attention_heads is supported"
-            ));
+    let head_dim = match obj.get("head_dim").filter(|v| !v.is_null()) {
+        Some(v) => {
+            Some(v.as_u64().ok_or_else(|| err!(Format, "field `head_dim` is {v}; it must be a whole number"))? as usize)
         }
-    }
+        None if architecture == Architecture::Qwen3 => Some(QWEN3_DEFAULT_HEAD_DIM),
+        None => None,
+    };
+    // Kept apart only when it differs, so a plain model stays llama2.c-compatible.
+    config.explicit_head_dim = head_dim.filter(|&h| n_heads == 0 || h * n_heads != dim);
     config.validate().map_err(|e| err!(Format, "{} (in the fields of config.json)", e.message))?;
 
     let token_id = |v: &Value| v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| n as u32);
@@ -238,8 +272,7 @@ fn f32_json(x: f32) -> Value {
     json!(shortest)
 }
 
-/// The config.json of `hf` (`LlamaForCausalLM` or `Qwen2ForCausalLM`), with the fields
-/// transformers reads.
+/// The config.json of `hf`, with the fields transformers reads.
 pub fn config_json(hf: &HfConfig, dtype: Dtype) -> Value {
     let c = &hf.config;
     let mut obj = json!({
@@ -255,7 +288,7 @@ pub fn config_json(hf: &HfConfig, dtype: Dtype) -> Value {
         "max_position_embeddings": c.seq_len,
         "rms_norm_eps": f32_json(c.norm_eps),
         "rope_theta": f32_json(c.rope_theta),
-        "rope_scaling": null,
+        "rope_scaling": c.rope_scaling.map(|s| rope_scaling_json(&s)),
         "tie_word_embeddings": c.shared_classifier,
         "hidden_act": "silu",
         "attention_dropout": 0.0,
@@ -270,10 +303,16 @@ pub fn config_json(hf: &HfConfig, dtype: Dtype) -> Value {
             map.insert("mlp_bias".into(), json!(false));
             map.insert("pretraining_tp".into(), json!(1));
         }
-        Architecture::Qwen2 => {
+        Architecture::Mistral => {
+            map.insert("sliding_window".into(), Value::Null);
+        }
+        Architecture::Qwen2 | Architecture::Qwen3 => {
             map.insert("use_sliding_window".into(), json!(false));
-            map.insert("sliding_window".into(), json!(c.seq_len));
+            map.insert("sliding_window".into(), Value::Null);
             map.insert("max_window_layers".into(), json!(c.n_layers));
+            if hf.architecture == Architecture::Qwen3 {
+                map.insert("attention_bias".into(), json!(false));
+            }
         }
     }
     if let Some(bos) = hf.bos_token_id {
@@ -291,30 +330,64 @@ pub fn config_json(hf: &HfConfig, dtype: Dtype) -> Value {
     obj
 }
 
-/// RoPE's θ. transformers 5 writes `rope_parameters: {"rope_type": "default",
-/// "rope_theta": θ}` where earlier versions wrote `rope_theta` (and `rope_scaling`) at the
-/// top level; `top_level` is the latter, or its default.
-fn rope_theta(obj: &serde_json::Map<String, Value>, top_level: f32) -> Result<f32> {
-    let Some(params) = obj.get("rope_parameters").filter(|v| !v.is_null()) else { return Ok(top_level) };
-    let params =
-        params.as_object().ok_or_else(|| err!(Format, "field `rope_parameters` is {params}; it must be an object"))?;
-    match params.get("rope_type").filter(|v| !v.is_null()) {
-        None => {}
-        Some(Value::String(kind)) if kind == "default" => {}
+/// transformers' `rope_scaling` object for a scaling.
+fn rope_scaling_json(scaling: &RopeScaling) -> Value {
+    match *scaling {
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+            "rope_type": "llama3",
+            "factor": f32_json(factor),
+            "low_freq_factor": f32_json(low_freq_factor),
+            "high_freq_factor": f32_json(high_freq_factor),
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+    }
+}
+
+/// RoPE's θ and scaling. transformers 5 writes `rope_parameters: {"rope_type": …,
+/// "rope_theta": θ, …}` where earlier versions wrote `rope_theta` and `rope_scaling` at
+/// the top level; `top_level_theta` is the former top-level θ, or its default.
+fn rope(obj: &serde_json::Map<String, Value>, top_level_theta: f32) -> Result<(f32, Option<RopeScaling>)> {
+    let (field, params) = match obj.get("rope_parameters").filter(|v| !v.is_null()) {
+        Some(p) => ("rope_parameters", p),
+        None => match obj.get("rope_scaling").filter(|v| !v.is_null()) {
+            Some(p) => ("rope_scaling", p),
+            None => return Ok((top_level_theta, None)),
+        },
+    };
+    let params = params.as_object().ok_or_else(|| err!(Format, "field `{field}` is {params}; it must be an object"))?;
+    let number = |key: &str| -> Result<Option<f64>> {
+        match params.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => {
+                v.as_f64().map(Some).ok_or_else(|| err!(Format, "field `{field}.{key}` is {v}; it must be a number"))
+            }
+        }
+    };
+    let theta = number("rope_theta")?.map_or(top_level_theta, |t| t as f32);
+    // Older configs spell the kind `type`.
+    let kind = params.get("rope_type").or_else(|| params.get("type")).filter(|v| !v.is_null());
+    let scaling = match kind {
+        None => None,
+        Some(Value::String(kind)) if kind == "default" => None,
+        Some(Value::String(kind)) if kind == "llama3" => {
+            let need = |key: &str| -> Result<f64> {
+                number(key)?.ok_or_else(|| err!(Format, "field `{field}.{key}` is missing (rope type llama3 needs it)"))
+            };
+            Some(RopeScaling::Llama3 {
+                factor: need("factor")? as f32,
+                low_freq_factor: need("low_freq_factor")? as f32,
+                high_freq_factor: need("high_freq_factor")? as f32,
+                original_max_position_embeddings: need("original_max_position_embeddings")? as usize,
+            })
+        }
         Some(kind) => {
             return Err(err!(
                 Unsupported,
-                "field `rope_parameters.rope_type` is {kind}; only plain RoPE (\"default\") is supported"
+                "field `{field}.rope_type` is {kind}; supported: plain RoPE (\"default\") and \"llama3\""
             ))
         }
-    }
-    match params.get("rope_theta").filter(|v| !v.is_null()) {
-        None => Ok(top_level),
-        Some(v) => v
-            .as_f64()
-            .map(|f| f as f32)
-            .ok_or_else(|| err!(Format, "field `rope_parameters.rope_theta` is {v}; it must be a number")),
-    }
+    };
+    Ok((theta, scaling))
 }
 
 /// transformers' name of a dtype (`torch_dtype`).
@@ -342,6 +415,8 @@ pub fn hf_name(spec: &TensorSpec) -> String {
         TensorKind::Bq => layer("self_attn.q_proj.bias"),
         TensorKind::Bk => layer("self_attn.k_proj.bias"),
         TensorKind::Bv => layer("self_attn.v_proj.bias"),
+        TensorKind::QNorm => layer("self_attn.q_norm.weight"),
+        TensorKind::KNorm => layer("self_attn.k_norm.weight"),
         TensorKind::Wo => layer("self_attn.o_proj.weight"),
         TensorKind::RmsFfn => layer("post_attention_layernorm.weight"),
         TensorKind::W1 => layer("mlp.gate_proj.weight"),
@@ -357,6 +432,8 @@ fn rope_heads(kind: TensorKind, config: &Config) -> Option<usize> {
     match kind {
         TensorKind::Wq | TensorKind::Bq => Some(config.n_heads),
         TensorKind::Wk | TensorKind::Bk => Some(config.n_kv_heads),
+        // One head's gain, applied to every head.
+        TensorKind::QNorm | TensorKind::KNorm => Some(1),
         _ => None,
     }
 }
@@ -482,6 +559,13 @@ pub fn write_model(
     eos_token_ids: &[u32],
 ) -> Result<()> {
     let dir = dir.as_ref();
+    if params.config().qk_norm && params.config().qkv_bias {
+        return Err(err!(
+            Unsupported,
+            "a model with both QK-norm and QKV biases has no Hugging Face architecture here \
+             (Qwen3ForCausalLM has no biases, Qwen2ForCausalLM no QK-norm)"
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create the folder", e))?;
     let hf = HfConfig {
         architecture: Architecture::for_config(params.config()),
@@ -643,12 +727,13 @@ fn check_view(name: &str, view: &safetensors::tensor::TensorView<'_>, want: &[us
         return Err(err!(
             Mismatch,
             "tensor {name} has shape {:?}, but config.json implies {want:?} (hidden_size {}, intermediate_size {}, \
-             num_attention_heads {}, num_key_value_heads {}, vocab_size {})",
+             num_attention_heads {}, num_key_value_heads {}, head_dim {}, vocab_size {})",
             view.shape(),
             config.dim,
             config.hidden_dim,
             config.n_heads,
             config.n_kv_heads,
+            config.head_dim(),
             config.vocab_size
         ));
     }
@@ -689,15 +774,33 @@ mod tests {
         assert_eq!(hf.config, Config { seq_len: 128, n_layers: 2, ..Config::preset("stories260k").unwrap() });
         let with = |extra: &str| parse_config(&base.replacen('{', &format!("{{{extra},"), 1)).unwrap_err();
         let e = with(r#""rope_scaling":{"type":"linear","factor":2.0}"#);
-        assert!(e.message.contains("rope_scaling"), "{e}");
+        assert!(e.message.contains("rope_scaling.rope_type") && e.message.contains("linear"), "{e}");
+        let e = with(r#""rope_scaling":{"rope_type":"llama3","factor":8.0}"#);
+        assert!(e.message.contains("rope_scaling.low_freq_factor` is missing"), "{e}");
         let e = with(r#""hidden_act":"gelu""#);
         assert!(e.message.contains("hidden_act") && e.message.contains("silu"), "{e}");
         let e = with(r#""attention_bias":true"#);
         assert!(e.message.contains("attention_bias"), "{e}");
-        let e = with(r#""head_dim":16"#);
-        assert!(e.message.contains("head_dim"), "{e}");
-        // transformers 5 keeps θ in `rope_parameters` (which wins over a top-level one).
+        // A head width apart from hidden_size / heads is kept; an equal one is not recorded.
         let ok = |extra: &str| parse_config(&base.replacen('{', &format!("{{{extra},"), 1)).unwrap().config;
+        assert_eq!(ok(r#""head_dim":16"#).explicit_head_dim, Some(16));
+        assert_eq!(ok(r#""head_dim":16"#).q_dim(), 128);
+        assert_eq!(ok(r#""head_dim":8"#).explicit_head_dim, None);
+        let e = with(r#""head_dim":7"#);
+        assert!(e.message.contains("head_dim is 7") && e.message.contains("even"), "{e}");
+        let scaled = ok(r#""rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192},"rope_theta":500000.0"#);
+        assert_eq!(
+            scaled.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            })
+        );
+        assert_eq!(scaled.rope_theta, 5e5);
+        // transformers 5 keeps θ in `rope_parameters` (which wins over a top-level one).
         assert_eq!(ok(r#""rope_parameters":{"rope_theta":1000000.0,"rope_type":"default"}"#).rope_theta, 1e6);
         assert_eq!(ok(r#""rope_theta":500000.0"#).rope_theta, 5e5);
         assert_eq!(ok(r#""rope_theta":10000.0,"rope_parameters":{"rope_theta":2e6}"#).rope_theta, 2e6);
@@ -706,9 +809,22 @@ mod tests {
         assert!(e.message.contains("rope_parameters.rope_type") && e.message.contains("yarn"), "{e}");
         let e = with(r#""rope_parameters":{"rope_theta":"big"}"#);
         assert!(e.message.contains("rope_parameters.rope_theta"), "{e}");
-        let e = parse_config(&base.replace("LlamaForCausalLM", "MistralForCausalLM")).unwrap_err();
+        let e = parse_config(&base.replace("LlamaForCausalLM", "GemmaForCausalLM")).unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::Unsupported);
-        assert!(e.message.contains("MistralForCausalLM") && e.message.contains("LlamaForCausalLM, Qwen2ForCausalLM"));
+        assert!(e.message.contains("GemmaForCausalLM") && e.message.contains("LlamaForCausalLM, MistralForCausalLM"));
+        // Mistral without a sliding window is Llama; with one shorter than the context it is refused.
+        let mistral = base.replace("LlamaForCausalLM", "MistralForCausalLM");
+        assert_eq!(parse_config(&mistral).unwrap().architecture, Architecture::Mistral);
+        let e = parse_config(&mistral.replacen('{', r#"{"sliding_window":64,"#, 1)).unwrap_err();
+        assert!(e.message.contains("sliding_window` is 64"), "{e}");
+        assert!(parse_config(&mistral.replacen('{', r#"{"sliding_window":4096,"#, 1)).is_ok());
+        // Qwen3: QK-norm, no biases, head_dim 128 unless given.
+        let qwen3 = base.replace("LlamaForCausalLM", "Qwen3ForCausalLM");
+        let c = parse_config(&qwen3).unwrap().config;
+        assert!(c.qk_norm && !c.qkv_bias);
+        assert_eq!((c.head_dim(), c.q_dim()), (128, 1024));
+        let e = parse_config(&qwen3.replacen('{', r#"{"attention_bias":true,"#, 1)).unwrap_err();
+        assert!(e.message.contains("attention_bias") && e.message.contains("Qwen3ForCausalLM"), "{e}");
         let e = parse_config(&base.replace(r#""num_hidden_layers":2,"#, "")).unwrap_err();
         assert!(e.message.contains("`num_hidden_layers` is missing"), "{e}");
     }
@@ -720,5 +836,52 @@ mod tests {
         let text = serde_json::to_string(&config_json(&hf, Dtype::BF16)).unwrap();
         assert!(text.contains(r#""rms_norm_eps":1e-6"#) || text.contains(r#""rms_norm_eps":0.000001"#), "{text}");
         assert_eq!(parse_config(&text).unwrap(), hf);
+        // Qwen3 (QK-norm, a head width apart) and Llama 3 (RoPE scaling) round-trip too.
+        let tiny = Config::preset("tiny").unwrap();
+        let qwen3 = Config { qk_norm: true, explicit_head_dim: Some(32), ..tiny.clone() };
+        let scaling = RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        };
+        let llama3 = Config { rope_theta: 5e5, rope_scaling: Some(scaling), ..tiny };
+        for (architecture, config) in [(Architecture::Qwen3, qwen3), (Architecture::Llama, llama3)] {
+            assert_eq!(Architecture::for_config(&config), architecture);
+            let hf = HfConfig { architecture, config, bos_token_id: Some(1), eos_token_ids: vec![2] };
+            let text = serde_json::to_string(&config_json(&hf, Dtype::F32)).unwrap();
+            assert_eq!(parse_config(&text).unwrap(), hf, "{text}");
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_short_waves_and_stretches_long_ones() {
+        // transformers `_compute_llama3_parameters`, worked by hand for θ = 500000,
+        // head_dim 64, factor 8, low 1, high 4, original context 8192.
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let config = Config { rope_theta: 5e5, rope_scaling: Some(scaling), ..Config::new(256, 512, 1, 4, 4, 16, 64) };
+        let plain = Config { rope_scaling: None, ..config.clone() }.rope_freqs();
+        let scaled = config.rope_freqs();
+        for (i, (&f, &s)) in plain.iter().zip(&scaled).enumerate() {
+            let wavelen = 2.0 * std::f64::consts::PI / f as f64;
+            if wavelen < 8192.0 / 4.0 {
+                assert_eq!(s, f, "pair {i}: a short wave keeps its frequency");
+            } else if wavelen > 8192.0 {
+                assert!((s as f64 - f as f64 / 8.0).abs() <= 1e-7 * f as f64, "pair {i}: a long wave is divided");
+            } else {
+                let smooth = (8192.0 / wavelen - 1.0) / 3.0;
+                let want = (1.0 - smooth) * f as f64 / 8.0 + smooth * f as f64;
+                assert!((s as f64 - want).abs() <= 1e-6 * want, "pair {i}: {s} vs {want}");
+            }
+        }
+        // The three regimes all occur at this shape.
+        assert!(scaled.iter().zip(&plain).any(|(s, f)| s == f));
+        assert!(scaled.iter().zip(&plain).any(|(s, f)| (s * 8.0 - f).abs() < 1e-6 * f));
+        assert!(scaled.iter().zip(&plain).any(|(s, f)| s != f && (s * 8.0 - f).abs() > 1e-6 * f));
     }
 }

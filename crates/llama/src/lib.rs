@@ -67,7 +67,7 @@ pub mod sampler;
 pub mod tokenizer;
 pub mod tokenizers;
 
-pub use config::Config;
+pub use config::{Config, RopeScaling};
 pub use error::{Error, ErrorKind, Result};
 pub use params::{Layer, LayerMut, Layout, Params, TensorKind, TensorSpec};
 pub use sampler::Sampler;

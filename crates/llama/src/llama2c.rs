@@ -278,6 +278,9 @@ pub fn write_model(params: &Params, path: impl AsRef<Path>, version: Version) ->
     if config.qkv_bias {
         return Err(err!(Unsupported, "llama2.c model.bin files have no place for QKV biases").in_file(path));
     }
+    if let Err(what) = config.llama2c_compatible() {
+        return Err(err!(Unsupported, "llama2.c model.bin files have no place for {what}").in_file(path));
+    }
     if config.norm_eps != DEFAULT_NORM_EPS || config.rope_theta != DEFAULT_ROPE_THETA {
         return Err(err!(
             Unsupported,

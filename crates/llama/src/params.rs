@@ -12,10 +12,11 @@
 //! token_embedding                       [vocab, dim]
 //! for each layer l:
 //!   layers.l.rms_att                    [dim]
-//!   layers.l.wq                         [dim, dim]
-//!   layers.l.wk, layers.l.wv            [kv_dim, dim]
-//!   layers.l.bq | bk | bv               [dim] | [kv_dim] | [kv_dim]   (only with qkv_bias)
-//!   layers.l.wo                         [dim, dim]
+//!   layers.l.wq                         [q_dim, dim]                   (q_dim = n_heads·head_dim, = dim
+//!   layers.l.wk, layers.l.wv            [kv_dim, dim]                   unless head_dim is set apart)
+//!   layers.l.bq | bk | bv               [q_dim] | [kv_dim] | [kv_dim] (only with qkv_bias)
+//!   layers.l.q_norm | k_norm            [head_dim] | [head_dim]        (only with qk_norm)
+//!   layers.l.wo                         [dim, q_dim]
 //!   layers.l.rms_ffn                    [dim]
 //!   layers.l.w1                         [hidden, dim]
 //!   layers.l.w2                         [dim, hidden]
@@ -48,6 +49,8 @@ pub enum TensorKind {
     Bq,
     Bk,
     Bv,
+    QNorm,
+    KNorm,
     Wo,
     RmsFfn,
     W1,
@@ -69,6 +72,8 @@ impl TensorKind {
             TensorKind::Bq => "bq",
             TensorKind::Bk => "bk",
             TensorKind::Bv => "bv",
+            TensorKind::QNorm => "q_norm",
+            TensorKind::KNorm => "k_norm",
             TensorKind::Wo => "wo",
             TensorKind::RmsFfn => "rms_ffn",
             TensorKind::W1 => "w1",
@@ -91,6 +96,8 @@ impl TensorKind {
                 | TensorKind::Bq
                 | TensorKind::Bk
                 | TensorKind::Bv
+                | TensorKind::QNorm
+                | TensorKind::KNorm
         )
     }
 
@@ -144,6 +151,8 @@ struct LayerSlots {
     wv: usize,
     /// `[bq, bk, bv]` when the config has QKV biases.
     bias: Option<[usize; 3]>,
+    /// `[q_norm, k_norm]` when the config has QK-norm.
+    qk_norm: Option<[usize; 2]>,
     wo: usize,
     rms_ffn: usize,
     w1: usize,
@@ -165,7 +174,9 @@ pub struct Layout {
 impl Layout {
     /// The layout of `config` (which should be valid; see [`Config::validate`]).
     pub fn new(config: &Config) -> Layout {
-        let (dim, kv_dim, hidden, vocab) = (config.dim, config.kv_dim(), config.hidden_dim, config.vocab_size);
+        let (dim, q_dim, kv_dim, hidden, vocab) =
+            (config.dim, config.q_dim(), config.kv_dim(), config.hidden_dim, config.vocab_size);
+        let head_dim = config.head_dim();
         let mut specs = Vec::new();
         let mut offset = 0;
         let mut push = |kind: TensorKind, layer: Option<usize>, shape: Vec<usize>| {
@@ -183,22 +194,25 @@ impl Layout {
         for l in 0..config.n_layers {
             let l_ = Some(l);
             let rms_att = push(TensorKind::RmsAtt, l_, vec![dim]);
-            let wq = push(TensorKind::Wq, l_, vec![dim, dim]);
+            let wq = push(TensorKind::Wq, l_, vec![q_dim, dim]);
             let wk = push(TensorKind::Wk, l_, vec![kv_dim, dim]);
             let wv = push(TensorKind::Wv, l_, vec![kv_dim, dim]);
             let bias = config.qkv_bias.then(|| {
                 [
-                    push(TensorKind::Bq, l_, vec![dim]),
+                    push(TensorKind::Bq, l_, vec![q_dim]),
                     push(TensorKind::Bk, l_, vec![kv_dim]),
                     push(TensorKind::Bv, l_, vec![kv_dim]),
                 ]
             });
-            let wo = push(TensorKind::Wo, l_, vec![dim, dim]);
+            let qk_norm = config
+                .qk_norm
+                .then(|| [push(TensorKind::QNorm, l_, vec![head_dim]), push(TensorKind::KNorm, l_, vec![head_dim])]);
+            let wo = push(TensorKind::Wo, l_, vec![dim, q_dim]);
             let rms_ffn = push(TensorKind::RmsFfn, l_, vec![dim]);
             let w1 = push(TensorKind::W1, l_, vec![hidden, dim]);
             let w2 = push(TensorKind::W2, l_, vec![dim, hidden]);
             let w3 = push(TensorKind::W3, l_, vec![hidden, dim]);
-            layers.push(LayerSlots { rms_att, wq, wk, wv, bias, wo, rms_ffn, w1, w2, w3 });
+            layers.push(LayerSlots { rms_att, wq, wk, wv, bias, qk_norm, wo, rms_ffn, w1, w2, w3 });
         }
         let rms_final = push(TensorKind::RmsFinal, None, vec![dim]);
         let wcls = (!config.shared_classifier).then(|| push(TensorKind::Wcls, None, vec![vocab, dim]));
@@ -245,6 +259,8 @@ impl Layout {
                     TensorKind::Bq => s.bias.map(|b| b[0]),
                     TensorKind::Bk => s.bias.map(|b| b[1]),
                     TensorKind::Bv => s.bias.map(|b| b[2]),
+                    TensorKind::QNorm => s.qk_norm.map(|n| n[0]),
+                    TensorKind::KNorm => s.qk_norm.map(|n| n[1]),
                     TensorKind::Wo => Some(s.wo),
                     TensorKind::RmsFfn => Some(s.rms_ffn),
                     TensorKind::W1 => Some(s.w1),
@@ -318,7 +334,11 @@ impl Params {
         let residual = Normal::new(0.0f32, residual_std).expect("n_layers > 0 after validate");
         for (spec, values) in params.layout.specs.iter().zip(split_by_specs(&mut params.data, &params.layout.specs)) {
             match spec.kind {
-                TensorKind::RmsAtt | TensorKind::RmsFfn | TensorKind::RmsFinal => values.fill(1.0),
+                TensorKind::RmsAtt
+                | TensorKind::RmsFfn
+                | TensorKind::RmsFinal
+                | TensorKind::QNorm
+                | TensorKind::KNorm => values.fill(1.0),
                 TensorKind::Bq | TensorKind::Bk | TensorKind::Bv => values.fill(0.0),
                 TensorKind::Wo | TensorKind::W2 => values.iter_mut().for_each(|v| *v = residual.sample(&mut rng)),
                 _ => values.iter_mut().for_each(|v| *v = normal.sample(&mut rng)),
@@ -493,13 +513,13 @@ pub struct LayerMut<'a> {
 layer_accessors! {
     /// `[dim]`: attention RMSNorm gain.
     rms_att, rms_att_mut;
-    /// `[dim, dim]`: query projection (out = n_heads·head_dim, in = dim).
+    /// `[q_dim, dim]`: query projection (out = q_dim = n_heads·head_dim, in = dim).
     wq, wq_mut;
     /// `[kv_dim, dim]`: key projection.
     wk, wk_mut;
     /// `[kv_dim, dim]`: value projection.
     wv, wv_mut;
-    /// `[dim, dim]`: attention output projection.
+    /// `[dim, q_dim]`: attention output projection.
     wo, wo_mut;
     /// `[dim]`: feed-forward RMSNorm gain.
     rms_ffn, rms_ffn_mut;
@@ -512,10 +532,17 @@ layer_accessors! {
 }
 
 impl<'a> Layer<'a> {
-    /// `(bq [dim], bk [kv_dim], bv [kv_dim])` when the config has QKV biases.
+    /// `(bq [q_dim], bk [kv_dim], bv [kv_dim])` when the config has QKV biases.
     pub fn qkv_bias(&self) -> Option<(&'a [f32], &'a [f32], &'a [f32])> {
         let [q, k, v] = self.slots.bias?;
         Some((self.params.slot(q), self.params.slot(k), self.params.slot(v)))
+    }
+
+    /// `(q_norm [head_dim], k_norm [head_dim])`, the per-head RMSNorm gains, when the
+    /// config has QK-norm.
+    pub fn qk_norm(&self) -> Option<(&'a [f32], &'a [f32])> {
+        let [q, k] = self.slots.qk_norm?;
+        Some((self.params.slot(q), self.params.slot(k)))
     }
 }
 
@@ -523,6 +550,12 @@ impl LayerMut<'_> {
     /// `bq`, `bk` or `bv` (pick with `which` = 0, 1, 2), writable; `None` without biases.
     pub fn qkv_bias_mut(&mut self, which: usize) -> Option<&mut [f32]> {
         let index = *self.slots.bias?.get(which)?;
+        Some(self.params.slot_mut(index))
+    }
+
+    /// `q_norm` or `k_norm` (pick with `which` = 0, 1), writable; `None` without QK-norm.
+    pub fn qk_norm_mut(&mut self, which: usize) -> Option<&mut [f32]> {
+        let index = *self.slots.qk_norm?.get(which)?;
         Some(self.params.slot_mut(index))
     }
 }

@@ -10,8 +10,9 @@
 //!
 //! ```text
 //! xb = rmsnorm(x) · rms_att
-//! q = Wq·xb (+bq)  [dim]      k = Wk·xb (+bk)  [kv_dim]      v = Wv·xb (+bv)  [kv_dim]
-//! RoPE(q, k, pos)                                 (interleaved pairs, θ = config.rope_theta)
+//! q = Wq·xb (+bq)  [q_dim]    k = Wk·xb (+bk)  [kv_dim]      v = Wv·xb (+bv)  [kv_dim]
+//! per head: q_h = rmsnorm(q_h) · q_norm, k_h = rmsnorm(k_h) · k_norm   (only with qk_norm)
+//! RoPE(q, k, pos)                          (interleaved pairs, frequencies config.rope_freqs())
 //! per head h:  att = softmax(q_h · K_{g(h)}[0..=pos] / √head_dim),  out_h = att · V_{g(h)}
 //! x += Wo·out
 //! xb = rmsnorm(x) · rms_ffn
@@ -80,9 +81,16 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
 /// Rotates interleaved pairs `(v[i], v[i+1])` of every head by `pos · θ^(-(i mod head_dim)/head_dim)`:
 /// RoPE as run.c applies it. `vec` holds whole heads of `head_dim` values each.
 pub fn rope(vec: &mut [f32], pos: usize, head_dim: usize, theta: f32) {
+    let freqs: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    rope_with(vec, pos, &freqs);
+}
+
+/// [`rope`] with explicit frequencies: pair `j` of every head (`freqs.len()` pairs per
+/// head, [`Config::rope_freqs`]) turns by `pos · freqs[j]`.
+pub fn rope_with(vec: &mut [f32], pos: usize, freqs: &[f32]) {
+    let head_dim = 2 * freqs.len();
     for i in (0..vec.len()).step_by(2) {
-        let head_dim_idx = i % head_dim;
-        let freq = 1.0 / theta.powf(head_dim_idx as f32 / head_dim as f32);
+        let freq = freqs[(i % head_dim) / 2];
         let angle = pos as f32 * freq;
         let (fcr, fci) = (angle.cos(), angle.sin());
         let (v0, v1) = (vec[i], vec[i + 1]);
@@ -97,7 +105,8 @@ pub fn rope(vec: &mut [f32], pos: usize, head_dim: usize, theta: f32) {
 /// or past `seq_len`, or a cache made for another config.
 pub fn forward(params: &Params, cache: &mut KvCache, token: u32, pos: usize) -> Result<Vec<f32>> {
     let c = params.config();
-    let (dim, kv_dim, hidden, head_dim) = (c.dim, c.kv_dim(), c.hidden_dim, c.head_dim());
+    let (dim, q_dim, kv_dim, hidden, head_dim) = (c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim, c.head_dim());
+    let freqs = c.rope_freqs();
     if token as usize >= c.vocab_size {
         return Err(err!(Input, "token id {token} is outside the {}-token vocabulary", c.vocab_size));
     }
@@ -112,7 +121,8 @@ pub fn forward(params: &Params, cache: &mut KvCache, token: u32, pos: usize) -> 
     let mut x = params.token_embedding()[token as usize * dim..(token as usize + 1) * dim].to_vec();
     let mut xb = vec![0.0f32; dim];
     let mut xb2 = vec![0.0f32; dim];
-    let mut q = vec![0.0f32; dim];
+    let mut att_out = vec![0.0f32; q_dim];
+    let mut q = vec![0.0f32; q_dim];
     let mut k = vec![0.0f32; kv_dim];
     let mut v = vec![0.0f32; kv_dim];
     let mut hb = vec![0.0f32; hidden];
@@ -132,8 +142,12 @@ pub fn forward(params: &Params, cache: &mut KvCache, token: u32, pos: usize) -> 
             k.iter_mut().zip(bk).for_each(|(a, b)| *a += b);
             v.iter_mut().zip(bv).for_each(|(a, b)| *a += b);
         }
-        rope(&mut q, pos, head_dim, c.rope_theta);
-        rope(&mut k, pos, head_dim, c.rope_theta);
+        if let Some((q_norm, k_norm)) = layer.qk_norm() {
+            head_rmsnorm(&mut q, q_norm, c.norm_eps);
+            head_rmsnorm(&mut k, k_norm, c.norm_eps);
+        }
+        rope_with(&mut q, pos, &freqs);
+        rope_with(&mut k, pos, &freqs);
         let row = cache.row(l, pos);
         cache.keys[row.clone()].copy_from_slice(&k);
         cache.values[row].copy_from_slice(&v);
@@ -150,7 +164,7 @@ pub fn forward(params: &Params, cache: &mut KvCache, token: u32, pos: usize) -> 
                 *score = dot / (head_dim as f32).sqrt();
             }
             crate::sampler::softmax(&mut att);
-            let out_h = &mut xb[h * head_dim..(h + 1) * head_dim];
+            let out_h = &mut att_out[h * head_dim..(h + 1) * head_dim];
             out_h.fill(0.0);
             for (t, &a) in att.iter().enumerate() {
                 let v_t = &cache.values[cache.row(l, t)][kv_head * head_dim..(kv_head + 1) * head_dim];
@@ -159,7 +173,7 @@ pub fn forward(params: &Params, cache: &mut KvCache, token: u32, pos: usize) -> 
                 }
             }
         }
-        matmul(&mut xb2, &xb, layer.wo());
+        matmul(&mut xb2, &att_out, layer.wo());
         x.iter_mut().zip(&xb2).for_each(|(a, b)| *a += b);
 
         // Feed-forward: w2(silu(w1·xb) ⊙ w3·xb).
@@ -179,6 +193,16 @@ pub fn forward(params: &Params, cache: &mut KvCache, token: u32, pos: usize) -> 
     let mut logits = vec![0.0f32; c.vocab_size];
     matmul(&mut logits, &normed, params.classifier());
     Ok(logits)
+}
+
+/// RMSNorm of every `weight.len()`-wide head of `x` in place, with gain `weight`
+/// (Qwen3's `q_norm` / `k_norm`).
+pub fn head_rmsnorm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mut head = vec![0.0f32; weight.len()];
+    for chunk in x.chunks_mut(weight.len()) {
+        head.copy_from_slice(chunk);
+        rmsnorm(chunk, &head, weight, eps);
+    }
 }
 
 /// Logits at every position of `tokens` (`result[t]` predicts `tokens[t + 1]`), running

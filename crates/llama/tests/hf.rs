@@ -90,8 +90,31 @@ fn hf_forward(
     let (dim, n_layers, n_heads, n_kv) =
         (u("hidden_size"), u("num_hidden_layers"), u("num_attention_heads"), u("num_key_value_heads"));
     let (eps, theta) = (config["rms_norm_eps"].as_f64().unwrap(), config["rope_theta"].as_f64().unwrap());
-    let head_dim = dim / n_heads;
+    let head_dim = config["head_dim"].as_u64().map_or(dim / n_heads, |h| h as usize);
     let half = head_dim / 2;
+    // transformers `_compute_default_rope_parameters`, then `_compute_llama3_parameters`.
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| {
+            let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            let scaling = &config["rope_scaling"];
+            if scaling.is_null() {
+                return freq;
+            }
+            assert_eq!(scaling["rope_type"], "llama3");
+            let f = |k: &str| scaling[k].as_f64().unwrap();
+            let (factor, low, high, old) =
+                (f("factor"), f("low_freq_factor"), f("high_freq_factor"), f("original_max_position_embeddings"));
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let scaled = if wavelen > old / low { freq / factor } else { freq };
+            let smooth = (old / wavelen - low) / (high - low);
+            let medium = !(wavelen < old / high) && !(wavelen > old / low);
+            if medium {
+                (1.0 - smooth) * scaled / factor + smooth * scaled
+            } else {
+                scaled
+            }
+        })
+        .collect();
     let linear = |x: &[f64], w: &[f32], b: Option<&Vec<f32>>| -> Vec<f64> {
         let n = x.len();
         (0..w.len() / n)
@@ -109,7 +132,7 @@ fn hf_forward(
     let rope = |v: &mut [f64], pos: usize| {
         for head in v.chunks_mut(head_dim) {
             for i in 0..half {
-                let angle = pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64);
+                let angle = pos as f64 * inv_freq[i];
                 let (sin, cos) = angle.sin_cos();
                 let (a, b) = (head[i], head[i + half]);
                 head[i] = a * cos - b * sin;
@@ -131,11 +154,16 @@ fn hf_forward(
             let mut q = linear(&h, get(&p("self_attn.q_proj.weight")), bias("self_attn.q_proj.bias"));
             let mut k = linear(&h, get(&p("self_attn.k_proj.weight")), bias("self_attn.k_proj.bias"));
             let v = linear(&h, get(&p("self_attn.v_proj.weight")), bias("self_attn.v_proj.bias"));
+            // Qwen3: RMSNorm over each head of q and k, before RoPE.
+            if let (Some(qn), Some(kn)) = (bias("self_attn.q_norm.weight"), bias("self_attn.k_norm.weight")) {
+                q = q.chunks(head_dim).flat_map(|head| rmsnorm(head, qn)).collect();
+                k = k.chunks(head_dim).flat_map(|head| rmsnorm(head, kn)).collect();
+            }
             rope(&mut q, pos);
             rope(&mut k, pos);
             keys[l].push(k);
             values[l].push(v);
-            let mut attn = vec![0.0; dim];
+            let mut attn = vec![0.0; n_heads * head_dim];
             for hq in 0..n_heads {
                 let hk = hq / (n_heads / n_kv);
                 let qh = &q[hq * head_dim..(hq + 1) * head_dim];
@@ -233,6 +261,75 @@ fn a_qwen2_shaped_model_round_trips_and_matches_the_hugging_face_forward() {
     assert_logits_close(&ours, &theirs, "qwen-like");
 }
 
+/// Random models with Qwen3's features (QK-norm, head_dim 32 ≠ dim 64 / 4 heads, GQA,
+/// tied) and Llama 3's (llama3 RoPE scaling with all three frequency regimes at this
+/// width, θ = 500000, untied), norms and biases away from their init.
+fn qwen3_and_llama3_like() -> Vec<(Architecture, Params)> {
+    let base = Config::new(64, 96, 2, 4, 2, 300, 64);
+    let qwen3 = Config { qk_norm: true, explicit_head_dim: Some(32), norm_eps: 1e-6, rope_theta: 1e6, ..base.clone() };
+    let scaling = llama::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    };
+    let llama3 = Config { rope_theta: 5e5, rope_scaling: Some(scaling), shared_classifier: false, ..base };
+    [(Architecture::Qwen3, qwen3), (Architecture::Llama, llama3)]
+        .into_iter()
+        .map(|(arch, config)| {
+            let mut params = Params::init(&config, 5).unwrap();
+            for (spec, values) in params.tensors_mut() {
+                if !spec.is_matrix() {
+                    values
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v += 0.07 * ((i * 5 + spec.offset) % 13) as f32 - 0.3);
+                }
+            }
+            (arch, params)
+        })
+        .collect()
+}
+
+#[test]
+fn qwen3_and_llama3_shaped_models_round_trip_and_match_the_hugging_face_forward() {
+    for (architecture, params) in qwen3_and_llama3_like() {
+        let dir = tempfile::tempdir().unwrap();
+        hf::write_model(&params, dir.path(), Dtype::F32, Some(1), &[299]).unwrap();
+        let back = hf::read_model(dir.path()).unwrap();
+        assert_eq!(back.hf_config.architecture, architecture);
+        assert_eq!(back.params.config(), params.config());
+        assert_eq!(bits(&back.params), bits(&params));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        let tokens = [5, 17, 250, 3, 99, 42, 7, 8, 9, 10, 11, 12];
+        let ours = reference::forward_sequence(&params, &tokens).unwrap();
+        let tensors = load_tensors(&dir.path().join("model.safetensors"));
+        let theirs = hf_forward(&tensors, &config, &tokens);
+        assert_logits_close(&ours, &theirs, architecture.name());
+        // Each new feature matters: without it the Hugging Face forward differs.
+        let mut without = config.clone();
+        match architecture {
+            Architecture::Qwen3 => {
+                let mut t = tensors.clone();
+                t.retain(|name, _| !name.contains("_norm.weight") || name.contains("layernorm"));
+                let wrong = hf_forward(&t, &without, &tokens);
+                let diff = ours[4].iter().zip(&wrong[4]).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+                assert!(diff > 1e-3, "QK-norm must matter (max diff {diff})");
+            }
+            _ => {
+                without["rope_scaling"] = serde_json::Value::Null;
+                let wrong = hf_forward(&tensors, &without, &tokens);
+                let diff = ours[11].iter().zip(&wrong[11]).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+                assert!(diff > 1e-4, "RoPE scaling must matter (max diff {diff})");
+            }
+        }
+        // llama2.c files cannot hold these models: the writer says why.
+        let e = llama2c::write_model(&params, dir.path().join("m.bin"), llama2c::Version::V1).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+    }
+}
+
 #[test]
 fn half_precision_weights_load_as_their_rounded_values() {
     let params = qwen_like();
@@ -320,7 +417,7 @@ fn bad_folders_name_the_tensor_shape_dtype_or_architecture() {
     let e = hf::read_model(dir.path()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unsupported);
     assert!(e.message.contains("architecture GPT2LMHeadModel is not supported"), "{e}");
-    assert!(e.message.contains("LlamaForCausalLM, Qwen2ForCausalLM"), "{e}");
+    assert!(e.message.contains("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"), "{e}");
     assert!(e.to_string().contains("config.json"), "{e}");
 
     // No weights at all.
