@@ -73,12 +73,14 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
-    /// `freq` (radians per position) after scaling.
-    pub fn apply(&self, freq: f32) -> f32 {
+    /// `freq` (radians per position) after scaling (in f64; the factors are f32).
+    pub fn apply(&self, freq: f64) -> f64 {
         match *self {
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let old_context = original_max_position_embeddings as f32;
-                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                let (factor, low_freq_factor, high_freq_factor) =
+                    (f64::from(factor), f64::from(low_freq_factor), f64::from(high_freq_factor));
+                let old_context = original_max_position_embeddings as f64;
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
                 if wavelen < old_context / high_freq_factor {
                     freq
                 } else if wavelen > old_context / low_freq_factor {
@@ -211,7 +213,7 @@ impl Config {
         (0..head_dim / 2)
             .map(|i| {
                 let freq = 1.0 / self.rope_theta.powf((2 * i) as f32 / head_dim as f32);
-                self.rope_scaling.map_or(freq, |s| s.apply(freq))
+                self.rope_scaling.map_or(freq, |s| s.apply(f64::from(freq)) as f32)
             })
             .collect()
     }

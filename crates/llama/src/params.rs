@@ -553,6 +553,18 @@ impl LayerMut<'_> {
         Some(self.params.slot_mut(index))
     }
 
+    /// The gradients of `q_norm` and `k_norm` together (both writable at once).
+    ///
+    /// # Panics
+    /// If the config has no QK-norm (a programming error: check [`Layer::qk_norm`]).
+    pub fn qk_norm_grads(&mut self) -> (&mut [f32], &mut [f32]) {
+        let [q, k] = self.slots.qk_norm.expect("qk_norm_grads on a model without QK-norm");
+        let (rq, rk) = (self.params.layout.specs[q].range(), self.params.layout.specs[k].range());
+        assert!(rq.end <= rk.start, "q_norm precedes k_norm in the layout");
+        let (head, tail) = self.params.data.split_at_mut(rk.start);
+        (&mut head[rq], &mut tail[..rk.len()])
+    }
+
     /// `q_norm` or `k_norm` (pick with `which` = 0, 1), writable; `None` without QK-norm.
     pub fn qk_norm_mut(&mut self, which: usize) -> Option<&mut [f32]> {
         let index = *self.slots.qk_norm?.get(which)?;

@@ -28,12 +28,7 @@ fn main() {
     if rounds > 0 {
         time_steps(&config, batch, seq, rounds);
     }
-    let d = LayerDims {
-        dim: config.dim,
-        hidden: config.hidden_dim,
-        n_heads: config.n_heads,
-        n_kv_heads: config.n_kv_heads,
-    };
+    let d = LayerDims::new(config.dim, config.hidden_dim, config.n_heads, config.n_kv_heads);
     let dialect = mil::Dialect::Ios18;
     let t = batch * seq;
     let kernels = [

@@ -733,12 +733,7 @@ impl StepShape {
         self.batch * self.seq
     }
     fn dims(&self) -> LayerDims {
-        LayerDims {
-            dim: self.config.dim,
-            hidden: self.config.hidden_dim,
-            n_heads: self.config.n_heads,
-            n_kv_heads: self.config.n_kv_heads,
-        }
+        LayerDims::of(&self.config)
     }
 }
 
@@ -1244,7 +1239,7 @@ mod tests {
     /// FLOPs and bytes read from a program equal the hand count of the same matmul.
     #[test]
     fn a_kernels_flops_and_bytes_come_from_its_program() {
-        let d = LayerDims { dim: 64, hidden: 172, n_heads: 4, n_kv_heads: 2 };
+        let d = LayerDims::new(64, 172, 4, 2);
         let t = 32;
         let w = KernelWork::of(&kernels::qkv_forward(&d, t, Dialect::Ios18).unwrap());
         let out = d.dim + 2 * d.kv_dim();
@@ -1263,7 +1258,7 @@ mod tests {
     /// A matmul against a transposed operand takes its inner dimension from the right axis.
     #[test]
     fn attention_scores_count_the_head_dimension() {
-        let d = LayerDims { dim: 64, hidden: 172, n_heads: 4, n_kv_heads: 4 };
+        let d = LayerDims::new(64, 172, 4, 4);
         let (batch, seq) = (2, 16);
         let w = KernelWork::of(&kernels::attention_forward(&d, batch, seq, Dialect::Ios16).unwrap());
         let hd = d.head_dim();

@@ -679,6 +679,24 @@ impl RopeTable {
         RopeTable { head_dim, seq, cos, sin }
     }
 
+    /// Tables for `config`'s heads and RoPE frequencies (θ and any scaling), computed
+    /// in f64 as [`RopeTable::new`].
+    pub fn for_config(config: &llama::Config, seq: usize) -> RopeTable {
+        let head_dim = config.head_dim();
+        let mut table = RopeTable::new(head_dim, seq, config.rope_theta);
+        if let Some(scaling) = config.rope_scaling {
+            for i in 0..head_dim / 2 {
+                let freq = scaling.apply(1.0 / f64::from(config.rope_theta).powf((2 * i) as f64 / head_dim as f64));
+                for pos in 0..seq {
+                    let angle = pos as f64 * freq;
+                    table.cos[i * seq + pos] = angle.cos() as f32;
+                    table.sin[i * seq + pos] = angle.sin() as f32;
+                }
+            }
+        }
+        table
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }

@@ -36,11 +36,32 @@ pub struct LayerDims {
     pub hidden: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// Width of one attention head (`dim / n_heads` unless the model sets it apart,
+    /// as Qwen3 does).
+    pub head_dim: usize,
 }
 
 impl LayerDims {
+    /// A layer whose heads are `dim / n_heads` wide (Llama 2, Qwen2).
+    pub fn new(dim: usize, hidden: usize, n_heads: usize, n_kv_heads: usize) -> LayerDims {
+        LayerDims { dim, hidden, n_heads, n_kv_heads, head_dim: dim / n_heads }
+    }
+    /// The layer shape of `config`.
+    pub fn of(config: &llama::Config) -> LayerDims {
+        LayerDims {
+            dim: config.dim,
+            hidden: config.hidden_dim,
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim(),
+        }
+    }
     pub fn head_dim(&self) -> usize {
-        self.dim / self.n_heads
+        self.head_dim
+    }
+    /// Width of the queries and of the attention output: `n_heads · head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.head_dim * self.n_heads
     }
     pub fn kv_dim(&self) -> usize {
         self.head_dim() * self.n_kv_heads
@@ -337,35 +358,36 @@ impl Gen {
     }
 }
 
-/// QKV projection. Input `x: [D, T + D + 2·KV]` = normed activation `xn [D, T]`, then
-/// `Wqᵀ [D, D]`, `Wkᵀ [D, KV]`, `Wvᵀ [D, KV]` (each weight `W [out, in]` stored
-/// transposed, `[in, out]`). Outputs `q [D, T]`, `k [KV, T]`, `v [KV, T]`, before RoPE.
+/// QKV projection. Input `x: [D, T + Q + 2·KV]` = normed activation `xn [D, T]`, then
+/// `Wqᵀ [D, Q]`, `Wkᵀ [D, KV]`, `Wvᵀ [D, KV]` (each weight `W [out, in]` stored
+/// transposed, `[in, out]`; `Q = n_heads·head_dim`, which is `D` unless the head width
+/// is set apart). Outputs `q [Q, T]`, `k [KV, T]`, `v [KV, T]`, before RoPE.
 pub fn qkv_forward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
-    let (dim, kv) = (d.dim, d.kv_dim());
+    let (dim, q_dim, kv) = (d.dim, d.q_dim(), d.kv_dim());
     let mut g = Gen::new(target);
-    g.surface("x", dim, &[("xn", dim, t), ("wqkv", dim, dim + 2 * kv)]);
+    g.surface("x", dim, &[("xn", dim, t), ("wqkv", dim, q_dim + 2 * kv)]);
     let xn = g.block("xn");
     let w = g.block("wqkv");
     // One GEMM for all three projections: the weights sit side by side.
-    let qkv = g.linear_t("qkv", &w, &xn); // [D + 2KV, T]
+    let qkv = g.linear_t("qkv", &w, &xn); // [Q + 2KV, T]
                                           // The three outputs are the three row groups of one result: one output, split by
                                           // the host.
-    g.output_rows(&qkv, &[("q", dim), ("k", kv), ("v", kv)]);
+    g.output_rows(&qkv, &[("q", q_dim), ("k", kv), ("v", kv)]);
     g.finish("qkv_forward")
 }
 
 /// Causal attention plus the output projection, for `batch` sequences of `seq` tokens.
-/// Blocks: rotated queries `q [D, T]`, `Woᵀ [D, D]`, rotated keys `k [KV, T]` and values
-/// `v [KV, T]`. Outputs: `o [D, T]` (attention output, kept for the Wo gradient) and
+/// Blocks: rotated queries `q [Q, T]`, `Woᵀ [Q, D]`, rotated keys `k [KV, T]` and values
+/// `v [KV, T]`. Outputs: `o [Q, T]` (attention output, kept for the Wo gradient) and
 /// `y [D, T] = Wo · o`.
 ///
 /// Written out explicitly — matmul, scale, additive causal mask, softmax, matmul —
 /// because the ANE's `scaled_dot_product_attention` ignores `attn_mask` (DESIGN.md).
 pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
-    let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
+    let (dim, q_dim, kv, hd) = (d.dim, d.q_dim(), d.kv_dim(), d.head_dim());
     let t = batch * seq;
     let mut g = Gen::new(target);
-    g.surface("q", dim, &[("q", dim, t), ("wo", dim, dim)]);
+    g.surface("q", q_dim, &[("q", q_dim, t), ("wo", q_dim, dim)]);
     g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
     let q = g.block("q");
     let k = g.block("k");
@@ -378,7 +400,7 @@ pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, target: impl I
     let vh = h.kv_rows(&mut g, "vh", &v);
     let (_, probs) = attention_probs(&mut g, &qh, &kh, &mask, hd);
     let oh = g.b.matmul("oh", &probs, &vh, false, false); // [B, nkv, g·S, hd]
-    let o = h.merge_queries(&mut g, "o2", &oh); // [1, 1, D, T]
+    let o = h.merge_queries(&mut g, "o2", &oh); // [1, 1, Q, T]
     let wo = g.block("wo");
     let y = g.linear_t("y2", &wo, &o);
     g.output("o", &o);
@@ -413,15 +435,15 @@ pub(crate) fn causal_mask(g: &mut Gen, seq: usize, group: usize) -> Var {
 }
 
 /// Attention for decoding: `t` new tokens against a KV cache of `cache` positions.
-/// Blocks: rotated queries `q [D, t]`, `Woᵀ [D, D]`, the key cache `k [KV, cache]` and
+/// Blocks: rotated queries `q [Q, t]`, `Woᵀ [Q, D]`, the key cache `k [KV, cache]` and
 /// value cache `v [KV, cache]` (new keys/values already written in), and the additive
 /// mask `[t, cache]` (0 where query i may see cache position j, [`MASK_NEG`] elsewhere).
 /// Outputs `o [D, t]`, `y [D, t]` as [`attention_forward`].
 pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
-    let (dim, kv, hd, nkv, grp) = (d.dim, d.kv_dim(), d.head_dim(), d.n_kv_heads, d.group());
+    let (dim, q_dim, kv, hd, nkv, grp) = (d.dim, d.q_dim(), d.kv_dim(), d.head_dim(), d.n_kv_heads, d.group());
     let (t_, c_, hd_, nkv_, g_) = (t as i64, cache as i64, hd as i64, nkv as i64, grp as i64);
     let mut g = Gen::new(target);
-    g.surface("q", dim, &[("q", dim, t), ("wo", dim, dim)]);
+    g.surface("q", q_dim, &[("q", q_dim, t), ("wo", q_dim, dim)]);
     g.surface("kv", kv, &[("k", kv, cache), ("v", kv, cache)]);
     g.surface("mask", t, &[("mask", t, cache)]);
     let q = g.block("q");
@@ -440,7 +462,7 @@ pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, target: impl Into
     let probs = g.b.softmax("probs", &masked, -1);
     let o4 = g.b.matmul("o4", &probs, &vt, false, false); // [nkv, g, t, hd]
     let ot = g.b.transpose("ot", &o4, &[0, 1, 3, 2]); // [nkv, g, hd, t]
-    let o = g.b.reshape("o2", &ot, &[1, 1, dim as i64, t_]);
+    let o = g.b.reshape("o2", &ot, &[1, 1, q_dim as i64, t_]);
     let wo = g.block("wo");
     let y = g.linear_t("y2", &wo, &o);
     g.output("o", &o);
@@ -489,7 +511,7 @@ impl Heads {
         Heads { b: batch as i64, s: seq as i64, hd: d.head_dim() as i64, nkv: d.n_kv_heads as i64, g: d.group() as i64 }
     }
 
-    /// Queries `[1, 1, D, T]` → `[B, nkv, g·S, hd]` (head h = kv_head·g + i, as llama2.c).
+    /// Queries `[1, 1, Q, T]` → `[B, nkv, g·S, hd]` (head h = kv_head·g + i, as llama2.c).
     pub(crate) fn queries(&self, g: &mut Gen, name: &str, q: &Var) -> Var {
         let heads = self.nkv * self.g;
         let q4 = g.b.reshape(&format!("{name}_4"), q, &[heads, self.hd, self.b, self.s]);
@@ -503,7 +525,7 @@ impl Heads {
         g.b.transpose(name, &k4, &[2, 0, 3, 1])
     }
 
-    /// `[B, nkv, g·S, hd]` → channel-major `[1, 1, D, T]`.
+    /// `[B, nkv, g·S, hd]` → channel-major `[1, 1, Q, T]`.
     pub(crate) fn merge_queries(&self, g: &mut Gen, name: &str, x: &Var) -> Var {
         let heads = self.nkv * self.g;
         let x4 = g.b.reshape(&format!("{name}_4"), x, &[self.b, heads, self.s, self.hd]);
@@ -559,9 +581,9 @@ pub fn ffn_backward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::
 
 /// Backward of attention and its output projection, recomputing the probabilities.
 /// Blocks: `dy [D, T]` (the gradient at the projection's output), the rotated queries
-/// `q [D, T]`, the forward's attention output `o [D, T]` (before Wo), `Wo [D, D]`
+/// `q [Q, T]`, the forward's attention output `o [Q, T]` (before Wo), `Wo [D, Q]`
 /// (untransposed), rotated keys `k [KV, T]` and values `v [KV, T]`. Outputs
-/// `dq [D, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values; the CPU applies
+/// `dq [Q, T]`, `dk [KV, T]`, `dv [KV, T]` (at the rotated values; the CPU applies
 /// RoPE's backward). With grouped-query attention the gradients of the query heads
 /// sharing a KV head are summed ("folded") into it.
 pub fn attention_backward(
@@ -570,11 +592,11 @@ pub fn attention_backward(
     seq: usize,
     target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
-    let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
+    let (dim, q_dim, kv, hd) = (d.dim, d.q_dim(), d.kv_dim(), d.head_dim());
     let t = batch * seq;
     let h = Heads::new(d, batch, seq);
     let mut g = Gen::new(target);
-    g.surface("dy", dim, &[("dy", dim, t), ("q", dim, t), ("o", dim, t), ("wo", dim, dim)]);
+    g.surface("dy", dim.max(q_dim), &[("dy", dim, t), ("q", q_dim, t), ("o", q_dim, t), ("wo", dim, q_dim)]);
     g.surface("kv", kv, &[("k", kv, t), ("v", kv, t)]);
     let dy = g.block("dy");
     let wo = g.block("wo");
@@ -582,7 +604,7 @@ pub fn attention_backward(
     let o = g.block("o");
     let k = g.block("k");
     let v = g.block("v");
-    let d_o = g.linear_t("do", &wo, &dy); // [D, T] gradient at the attention output
+    let d_o = g.linear_t("do", &wo, &dy); // [Q, T] gradient at the attention output
     let (dqh, dkh, dvh) = attention_grads(&mut g, &h, d.group(), hd, seq, [&q, &k, &v, &o, &d_o]);
     let dq = h.merge_queries(&mut g, "dq2", &dqh);
     let dk = h.merge_kv(&mut g, "dk2", &dkh);
@@ -599,8 +621,8 @@ pub fn attention_backward(
 /// on the row axis, `Pᵀ·dO` and `dSᵀ·Q` sum over the group in their contraction. The
 /// row sums `Σ_j dP_ij·P_ij` are taken as `dO_i · O_i` (FlashAttention's identity:
 /// `Σ_j (dO_i·V_j) P_ij = dO_i·O_i`), over `hd` columns instead of `S`. Takes
-/// channel-major `[1, 1, C, T]` values `[q, k, v, o, d_o]`: rotated `q [D, T]`, `k`,
-/// `v [KV, T]`, the forward's attention output `o [D, T]` and its gradient `d_o`;
+/// channel-major `[1, 1, C, T]` values `[q, k, v, o, d_o]`: rotated `q [Q, T]`, `k`,
+/// `v [KV, T]`, the forward's attention output `o [Q, T]` and its gradient `d_o`;
 /// returns `(dQ, dK, dV)` in head layout (`[B, nkv, g·S, hd]`, `[B, nkv, S, hd]`,
 /// `[B, nkv, S, hd]`).
 pub(crate) fn attention_grads(
@@ -655,12 +677,12 @@ pub fn classifier_parts(vocab: usize, max_part: usize) -> Vec<(usize, usize)> {
 }
 
 /// Backward of the QKV projection: `dx = Wqᵀ·dq + Wkᵀ·dk + Wvᵀ·dv`.
-/// Blocks: `dq [D, T]`, `Wq [D, D]`, `dk`, `dv` (`[KV, T]`), `Wk [KV, D]`, `Wv [KV, D]`
+/// Blocks: `dq [Q, T]`, `Wq [Q, D]`, `dk`, `dv` (`[KV, T]`), `Wk [KV, D]`, `Wv [KV, D]`
 /// (all untransposed). Output `dx [D, T]`.
 pub fn qkv_backward(d: &LayerDims, t: usize, target: impl Into<Target>) -> mil::Result<KernelDef> {
-    let (dim, kv) = (d.dim, d.kv_dim());
+    let (dim, q_dim, kv) = (d.dim, d.q_dim(), d.kv_dim());
     let mut g = Gen::new(target);
-    g.surface("dq", dim, &[("dq", dim, t), ("wq", dim, dim)]);
+    g.surface("dq", q_dim, &[("dq", q_dim, t), ("wq", q_dim, dim)]);
     g.surface("dkv", kv, &[("dk", kv, t), ("dv", kv, t), ("wk", kv, dim), ("wv", kv, dim)]);
     let dq = g.block("dq");
     let wq = g.block("wq");
@@ -700,9 +722,9 @@ mod tests {
         // Stories15M and Stories110M layers at the training shapes (seq 256), and
         // Stories260K (grouped-query attention).
         let shapes = [
-            (LayerDims { dim: 288, hidden: 768, n_heads: 6, n_kv_heads: 6 }, 2, 256),
-            (LayerDims { dim: 768, hidden: 2048, n_heads: 12, n_kv_heads: 12 }, 1, 256),
-            (LayerDims { dim: 64, hidden: 192, n_heads: 4, n_kv_heads: 2 }, 2, 128),
+            (LayerDims::new(288, 768, 6, 6), 2, 256),
+            (LayerDims::new(768, 2048, 12, 12), 1, 256),
+            (LayerDims::new(64, 192, 4, 2), 2, 128),
         ];
         for (d, batch, seq) in shapes {
             for dialect in [Dialect::Ios18, Dialect::Ios16] {
@@ -742,7 +764,7 @@ mod tests {
     }
 
     fn dims() -> LayerDims {
-        LayerDims { dim: 64, hidden: 172, n_heads: 8, n_kv_heads: 4 }
+        LayerDims::new(64, 172, 8, 4)
     }
 
     #[test]

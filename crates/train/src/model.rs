@@ -32,6 +32,8 @@ pub struct ModelDims {
     pub seq_len: usize,
     pub norm_eps: f32,
     pub rope_theta: f32,
+    /// RoPE's frequency scaling (Llama 3.1/3.2), if any.
+    pub rope_scaling: Option<llama::RopeScaling>,
 }
 
 /// One layer's weights, row-major `[out, in]` as in llama2.c.
@@ -46,10 +48,13 @@ pub struct LayerRef<'a> {
     pub w1: &'a [f32],
     pub w2: &'a [f32],
     pub w3: &'a [f32],
-    /// Optional QKV biases (Qwen2): `[D]`, `[KV]`, `[KV]`.
+    /// Optional QKV biases (Qwen2): `[Q]`, `[KV]`, `[KV]`.
     pub bq: Option<&'a [f32]>,
     pub bk: Option<&'a [f32]>,
     pub bv: Option<&'a [f32]>,
+    /// Optional per-head RMSNorm gains of the queries and keys (Qwen3): `[head_dim]` each.
+    pub q_norm: Option<&'a [f32]>,
+    pub k_norm: Option<&'a [f32]>,
 }
 
 /// What a device model reads its weights from.
@@ -317,16 +322,16 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         let (qkv, attn, ffn) =
             (Compiled::new(self.device, &qkv)?, Compiled::new(self.device, &attn)?, Compiled::new(self.device, &ffn)?);
         let (mut qkv_in, mut attn_in, mut ffn_in) = (Vec::new(), Vec::new(), Vec::new());
-        let (dim, kvd, hid) = (d.dim, d.kv_dim(), d.hidden);
+        let (dim, q_dim, kvd, hid) = (d.dim, d.q_dim(), d.kv_dim(), d.hidden);
         for l in 0..self.dims.n_layers {
             let w = self.weights.layer(l);
             let mut s = qkv.input_surfaces();
-            write_block_t(&qkv.io, &mut s, "wqkv", 0, w.wq, dim, dim);
-            write_block_t(&qkv.io, &mut s, "wqkv", dim, w.wk, kvd, dim);
-            write_block_t(&qkv.io, &mut s, "wqkv", dim + kvd, w.wv, kvd, dim);
+            write_block_t(&qkv.io, &mut s, "wqkv", 0, w.wq, q_dim, dim);
+            write_block_t(&qkv.io, &mut s, "wqkv", q_dim, w.wk, kvd, dim);
+            write_block_t(&qkv.io, &mut s, "wqkv", q_dim + kvd, w.wv, kvd, dim);
             qkv_in.push(s);
             let mut s = attn.input_surfaces();
-            write_block_t(&attn.io, &mut s, "wo", 0, w.wo, dim, dim);
+            write_block_t(&attn.io, &mut s, "wo", 0, w.wo, dim, q_dim);
             // The keys and values so far (a set compiled after some decoding).
             attn.io.write(&mut s, "k", &self.k_cache[l]);
             attn.io.write(&mut s, "v", &self.v_cache[l]);
@@ -373,7 +378,7 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         self.compile(t)?;
         let dims = self.dims;
         let d = dims.layer;
-        let (dim, kvd) = (d.dim, d.kv_dim());
+        let (dim, q_dim, kvd) = (d.dim, d.q_dim(), d.kv_dim());
         let pos0 = self.pos;
         let cache = dims.seq_len;
 
@@ -393,7 +398,7 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
         }
 
         let mut xn = vec![0.0f32; dim * t];
-        let mut q = vec![0.0f32; dim * t];
+        let mut q = vec![0.0f32; q_dim * t];
         let mut k = vec![0.0f32; kvd * t];
         let mut v = vec![0.0f32; kvd * t];
         let mut y = vec![0.0f32; dim * t];
@@ -410,8 +415,12 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
             add_bias(&mut q, w.bq, t);
             add_bias(&mut k, w.bk, t);
             add_bias(&mut v, w.bv, t);
-            rope_cols(&mut q, d.head_dim(), t, pos0, dims.rope_theta);
-            rope_cols(&mut k, d.head_dim(), t, pos0, dims.rope_theta);
+            if let (Some(q_norm), Some(k_norm)) = (w.q_norm, w.k_norm) {
+                head_rmsnorm_cols(&mut q, q_norm, dims.norm_eps, t);
+                head_rmsnorm_cols(&mut k, k_norm, dims.norm_eps, t);
+            }
+            rope_cols(&mut q, d.head_dim(), t, pos0, dims.rope_theta, dims.rope_scaling);
+            rope_cols(&mut k, d.head_dim(), t, pos0, dims.rope_theta, dims.rope_scaling);
             // New keys and values go into the cache at their positions: the host copy
             // and every compiled set's attention surfaces.
             for c in 0..kvd {
@@ -467,6 +476,17 @@ fn rmsnorm_cols(x: &[f32], w: &[f32], eps: f32, c: usize, t: usize, out: &mut [f
     }
 }
 
+/// QK-norm: [`rmsnorm_cols`] of every head of `x: [heads·hd, T]` in place, with the
+/// gain `w: [hd]` shared by the heads.
+fn head_rmsnorm_cols(x: &mut [f32], w: &[f32], eps: f32, t: usize) {
+    let head = w.len() * t;
+    let mut normed = vec![0.0f32; head];
+    for chunk in x.chunks_mut(head) {
+        rmsnorm_cols(chunk, w, eps, w.len(), t, &mut normed);
+        chunk.copy_from_slice(&normed);
+    }
+}
+
 fn add_bias(x: &mut [f32], bias: Option<&[f32]>, t: usize) {
     if let Some(b) = bias {
         for (row, &bv) in x.chunks_mut(t).zip(b) {
@@ -476,12 +496,14 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>, t: usize) {
 }
 
 /// RoPE on interleaved pairs of channels `(2i, 2i+1)` of `x: [C, T]`, column j at
-/// position `pos0 + j`, exactly as llama2.c's run.c computes the angles (in f32).
-fn rope_cols(x: &mut [f32], head_dim: usize, t: usize, pos0: usize, theta: f32) {
+/// position `pos0 + j`, exactly as llama2.c's run.c computes the angles (in f32), with
+/// the frequencies rescaled as [`llama::Config::rope_freqs`] does when there is a scaling.
+fn rope_cols(x: &mut [f32], head_dim: usize, t: usize, pos0: usize, theta: f32, scaling: Option<llama::RopeScaling>) {
     let c = x.len() / t;
     for i in (0..c).step_by(2) {
         let hd = (i % head_dim) as f32;
         let freq = 1.0 / theta.powf(hd / head_dim as f32);
+        let freq = scaling.map_or(freq, |s| s.apply(f64::from(freq)) as f32);
         for j in 0..t {
             let val = (pos0 + j) as f32 * freq;
             let (fci, fcr) = val.sin_cos();
@@ -496,12 +518,13 @@ impl ModelWeights for llama::Params {
     fn dims(&self) -> ModelDims {
         let c = self.config();
         ModelDims {
-            layer: LayerDims { dim: c.dim, hidden: c.hidden_dim, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads },
+            layer: LayerDims::of(c),
             n_layers: c.n_layers,
             vocab: c.vocab_size,
             seq_len: c.seq_len,
             norm_eps: c.norm_eps,
             rope_theta: c.rope_theta,
+            rope_scaling: c.rope_scaling,
         }
     }
 
@@ -512,6 +535,7 @@ impl ModelWeights for llama::Params {
     fn layer(&self, l: usize) -> LayerRef<'_> {
         let w = llama::Params::layer(self, l);
         let bias = w.qkv_bias();
+        let qk_norm = w.qk_norm();
         LayerRef {
             rms_att: w.rms_att(),
             wq: w.wq(),
@@ -525,6 +549,8 @@ impl ModelWeights for llama::Params {
             bq: bias.map(|b| b.0),
             bk: bias.map(|b| b.1),
             bv: bias.map(|b| b.2),
+            q_norm: qk_norm.map(|n| n.0),
+            k_norm: qk_norm.map(|n| n.1),
         }
     }
 

@@ -130,24 +130,45 @@ pub(crate) struct LayerActs {
     pub(crate) xn2: Vec<f32>,
     pub(crate) h1: Vec<f32>,
     pub(crate) h3: Vec<f32>,
+    /// With QK-norm: the queries and keys before it, and its per-head statistics
+    /// (`[n_heads, T]`, `[n_kv_heads, T]`); empty without.
+    pub(crate) q_pre: Vec<f32>,
+    pub(crate) k_pre: Vec<f32>,
+    pub(crate) q_inv_rms: Vec<f32>,
+    pub(crate) k_inv_rms: Vec<f32>,
 }
 
 impl LayerActs {
     pub(crate) fn new(d: &LayerDims, t: usize) -> LayerActs {
-        let (dim, kv, hid) = (d.dim, d.kv_dim(), d.hidden);
+        let (dim, q_dim, kv, hid) = (d.dim, d.q_dim(), d.kv_dim(), d.hidden);
         LayerActs {
             x_in: vec![0.0; dim * t],
             inv_rms1: vec![0.0; t],
             xn1: vec![0.0; dim * t],
-            q: vec![0.0; dim * t],
+            q: vec![0.0; q_dim * t],
             k: vec![0.0; kv * t],
             v: vec![0.0; kv * t],
-            o: vec![0.0; dim * t],
+            o: vec![0.0; q_dim * t],
             x_mid: vec![0.0; dim * t],
             inv_rms2: vec![0.0; t],
             xn2: vec![0.0; dim * t],
             h1: vec![0.0; hid * t],
             h3: vec![0.0; hid * t],
+            q_pre: Vec::new(),
+            k_pre: Vec::new(),
+            q_inv_rms: Vec::new(),
+            k_inv_rms: Vec::new(),
+        }
+    }
+
+    /// [`LayerActs::new`] plus the QK-norm buffers.
+    pub(crate) fn with_qk_norm(d: &LayerDims, t: usize) -> LayerActs {
+        LayerActs {
+            q_pre: vec![0.0; d.q_dim() * t],
+            k_pre: vec![0.0; d.kv_dim() * t],
+            q_inv_rms: vec![0.0; d.n_heads * t],
+            k_inv_rms: vec![0.0; d.n_kv_heads * t],
+            ..LayerActs::new(d, t)
         }
     }
 }
@@ -164,6 +185,9 @@ struct Scratch {
     dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
+    /// With QK-norm: the gradients before it (empty without).
+    dq_pre: Vec<f32>,
+    dk_pre: Vec<f32>,
     row: Vec<f32>,
     x_final: Vec<f32>,
     xn_final: Vec<f32>,
@@ -212,12 +236,7 @@ impl DynamicPipeline {
         seq: usize,
         io: IoConvention,
     ) -> device::Result<DynamicPipeline> {
-        let dims = LayerDims {
-            dim: config.dim,
-            hidden: config.hidden_dim,
-            n_heads: config.n_heads,
-            n_kv_heads: config.n_kv_heads,
-        };
+        let dims = LayerDims::of(config);
         let t = batch * seq;
         let dialect = Target::new(device.dialect(), io);
         let start = Instant::now();
@@ -228,7 +247,8 @@ impl DynamicPipeline {
         let attn_bwd = Compiled::new(device, kernels::attention_backward(&dims, batch, seq, dialect)?)?;
         let qkv_bwd = Compiled::new(device, kernels::qkv_backward(&dims, t, dialect)?)?;
         let compile_seconds = start.elapsed().as_secs_f64();
-        let (dim, kv, hid) = (dims.dim, dims.kv_dim(), dims.hidden);
+        let (dim, q_dim, kv, hid) = (dims.dim, dims.q_dim(), dims.kv_dim(), dims.hidden);
+        let qk = config.qk_norm;
         Ok(DynamicPipeline {
             config: config.clone(),
             dims,
@@ -240,7 +260,9 @@ impl DynamicPipeline {
             ffn_bwd,
             attn_bwd,
             qkv_bwd,
-            acts: (0..config.n_layers).map(|_| LayerActs::new(&dims, t)).collect(),
+            acts: (0..config.n_layers)
+                .map(|_| if qk { LayerActs::with_qk_norm(&dims, t) } else { LayerActs::new(&dims, t) })
+                .collect(),
             scratch: Scratch {
                 dx: vec![0.0; dim * t],
                 dy_ffn: vec![0.0; dim * t],
@@ -248,16 +270,18 @@ impl DynamicPipeline {
                 dh1: vec![0.0; hid * t],
                 dh3: vec![0.0; hid * t],
                 gate: vec![0.0; hid * t],
-                dq: vec![0.0; dim * t],
+                dq: vec![0.0; q_dim * t],
                 dk: vec![0.0; kv * t],
                 dv: vec![0.0; kv * t],
+                dq_pre: if qk { vec![0.0; q_dim * t] } else { Vec::new() },
+                dk_pre: if qk { vec![0.0; kv * t] } else { Vec::new() },
                 row: vec![0.0; t],
                 x_final: vec![0.0; dim * t],
                 xn_final: vec![0.0; dim * t],
                 inv_rms_final: vec![0.0; t],
                 y: vec![0.0; dim * t],
             },
-            rope: RopeTable::new(dims.head_dim(), seq, config.rope_theta),
+            rope: RopeTable::for_config(config, seq),
             classifier: ClassifierLoss::new(config.vocab_size, dim, cpu_ops::DEFAULT_CLASSIFIER_CHUNK.min(t)),
             times: PhaseTimes::default(),
             compile_seconds,
@@ -302,7 +326,7 @@ impl DynamicPipeline {
         let t_len = self.tokens();
         assert_eq!(inputs.len(), t_len, "inputs must be [B·S = {t_len}]");
         let cfg = &self.config;
-        let (dim, kv, hid) = (self.dims.dim, self.dims.kv_dim(), self.dims.hidden);
+        let (dim, q_dim, kv, hid) = (self.dims.dim, self.dims.q_dim(), self.dims.kv_dim(), self.dims.hidden);
         let eps = cfg.norm_eps;
         let times = &mut self.times;
         let mut t = Instant::now();
@@ -320,9 +344,9 @@ impl DynamicPipeline {
             // QKV projection.
             let k = &mut self.qkv_fwd;
             k.write("xn", &a.xn1);
-            k.write_t("wqkv", 0, w.wq(), dim, dim);
-            k.write_t("wqkv", dim, w.wk(), kv, dim);
-            k.write_t("wqkv", dim + kv, w.wv(), kv, dim);
+            k.write_t("wqkv", 0, w.wq(), q_dim, dim);
+            k.write_t("wqkv", q_dim, w.wk(), kv, dim);
+            k.write_t("wqkv", q_dim + kv, w.wv(), kv, dim);
             lap(&mut t, &mut times.surface_io);
             k.eval()?;
             lap(&mut t, &mut times.device_forward);
@@ -335,6 +359,10 @@ impl DynamicPipeline {
                 add_bias(&mut a.k, bk, t_len);
                 add_bias(&mut a.v, bv, t_len);
             }
+            if let Some((q_norm, k_norm)) = w.qk_norm() {
+                head_norm_forward(&mut a.q, &mut a.q_pre, &mut a.q_inv_rms, q_norm, t_len, eps);
+                head_norm_forward(&mut a.k, &mut a.k_pre, &mut a.k_inv_rms, k_norm, t_len, eps);
+            }
             cpu_ops::rope_forward(&mut a.q, t_len, &self.rope);
             cpu_ops::rope_forward(&mut a.k, t_len, &self.rope);
             lap(&mut t, &mut times.other_cpu);
@@ -342,7 +370,7 @@ impl DynamicPipeline {
             // Attention and Wo.
             let k = &mut self.attn_fwd;
             k.write("q", &a.q);
-            k.write_t("wo", 0, w.wo(), dim, dim);
+            k.write_t("wo", 0, w.wo(), dim, q_dim);
             k.write("k", &a.k);
             k.write("v", &a.v);
             lap(&mut t, &mut times.surface_io);
@@ -398,7 +426,7 @@ impl DynamicPipeline {
     ) -> device::Result<f32> {
         let t_len = self.tokens();
         assert_eq!(targets.len(), t_len, "targets must be [B·S = {t_len}]");
-        let (dim, kv, hid) = (self.dims.dim, self.dims.kv_dim(), self.dims.hidden);
+        let (dim, q_dim, kv, hid) = (self.dims.dim, self.dims.q_dim(), self.dims.kv_dim(), self.dims.hidden);
         let times = &mut self.times;
         let s = &mut self.scratch;
         let mut t = Instant::now();
@@ -494,11 +522,11 @@ impl DynamicPipeline {
             k.read("dk", &mut s.dk);
             k.read("dv", &mut s.dv);
             lap(&mut t, &mut times.surface_io);
-            // dWo [D, D] += dy [D, T] · oᵀ (s.dx stays the gradient at x_mid until the
+            // dWo [D, Q] += dy [D, T] · oᵀ (s.dx stays the gradient at x_mid until the
             // attention branch's RMSNorm backward below).
             let wo_dw = |g: &mut llama::LayerMut<'_>, dy: &[f32]| {
-                let o_t = MatRef::new(&a.o, dim, t_len).t();
-                matmul_acc(MatMut::new(g.wo_mut(), dim, dim), MatRef::new(dy, dim, t_len), o_t);
+                let o_t = MatRef::new(&a.o, q_dim, t_len).t();
+                matmul_acc(MatMut::new(g.wo_mut(), dim, q_dim), MatRef::new(dy, dim, t_len), o_t);
             };
             if !self.overlap_dw {
                 wo_dw(&mut g, &s.dx);
@@ -506,6 +534,11 @@ impl DynamicPipeline {
             }
             cpu_ops::rope_backward(&mut s.dq, t_len, &self.rope);
             cpu_ops::rope_backward(&mut s.dk, t_len, &self.rope);
+            if let Some((q_norm, k_norm)) = w.qk_norm() {
+                let (dq_norm, dk_norm) = g.qk_norm_grads();
+                head_norm_backward(&mut s.dq, &mut s.dq_pre, dq_norm, &a.q_pre, q_norm, &a.q_inv_rms, &mut s.row);
+                head_norm_backward(&mut s.dk, &mut s.dk_pre, dk_norm, &a.k_pre, k_norm, &a.k_inv_rms, &mut s.row);
+            }
             bias_grads(&mut g, &s.dq, &s.dk, &s.dv, t_len);
             lap(&mut t, &mut times.other_cpu);
 
@@ -528,9 +561,9 @@ impl DynamicPipeline {
             lap(&mut t, &mut times.device_backward);
             k.read("dx", &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
-            // dWq [D, D] += dq · xn1ᵀ ; dWk, dWv [KV, D] += dk/dv · xn1ᵀ
+            // dWq [Q, D] += dq · xn1ᵀ ; dWk, dWv [KV, D] += dk/dv · xn1ᵀ
             let xn1 = MatRef::new(&a.xn1, dim, t_len).t();
-            matmul_acc(MatMut::new(g.wq_mut(), dim, dim), MatRef::new(&s.dq, dim, t_len), xn1);
+            matmul_acc(MatMut::new(g.wq_mut(), q_dim, dim), MatRef::new(&s.dq, q_dim, t_len), xn1);
             matmul_acc(MatMut::new(g.wk_mut(), kv, dim), MatRef::new(&s.dk, kv, t_len), xn1);
             matmul_acc(MatMut::new(g.wv_mut(), kv, dim), MatRef::new(&s.dv, kv, t_len), xn1);
             lap(&mut t, &mut times.dw);
@@ -549,6 +582,47 @@ impl DynamicPipeline {
         lap(&mut t, &mut times.other_cpu);
         Ok(loss)
     }
+}
+
+/// QK-norm: RMSNorm of every head of `x: [heads·hd, T]` (each head's `[hd, T]` rows
+/// are contiguous), in place, with the gain `gain: [hd]` shared by the heads. `pre`
+/// receives the input and `inv_rms: [heads, T]` the statistics, for the backward.
+pub(crate) fn head_norm_forward(
+    x: &mut [f32],
+    pre: &mut [f32],
+    inv_rms: &mut [f32],
+    gain: &[f32],
+    t_len: usize,
+    eps: f32,
+) {
+    pre.copy_from_slice(x);
+    let head = gain.len() * t_len;
+    for ((y, x), inv) in x.chunks_mut(head).zip(pre.chunks(head)).zip(inv_rms.chunks_mut(t_len)) {
+        cpu_ops::rmsnorm_forward(y, inv, x, gain, eps);
+    }
+}
+
+/// Backward of [`head_norm_forward`], in place: `d` holds the gradient at the normed
+/// values and becomes the gradient at `pre`; `dgain` accumulates. `d_pre` and `row`
+/// (`[T]`) are scratch.
+pub(crate) fn head_norm_backward(
+    d: &mut [f32],
+    d_pre: &mut [f32],
+    dgain: &mut [f32],
+    pre: &[f32],
+    gain: &[f32],
+    inv_rms: &[f32],
+    row: &mut [f32],
+) {
+    let t_len = row.len();
+    let head = gain.len() * t_len;
+    d_pre.fill(0.0);
+    for (((dx, dy), x), inv) in
+        d_pre.chunks_mut(head).zip(d.chunks(head)).zip(pre.chunks(head)).zip(inv_rms.chunks(t_len))
+    {
+        cpu_ops::rmsnorm_backward(dx, dgain, dy, x, gain, inv, row);
+    }
+    d.copy_from_slice(d_pre);
 }
 
 fn add_bias(x: &mut [f32], bias: &[f32], t_len: usize) {

@@ -168,6 +168,19 @@ impl Pipeline {
         batch: usize,
         seq: usize,
     ) -> device::Result<(Pipeline, CompileCost)> {
+        let model = params.config();
+        if config.kind != PipelineKind::Dynamic && (model.qk_norm || model.head_dim() * model.n_heads != model.dim) {
+            // The static kernels normalise, rotate and attend inside one program whose
+            // layout assumes heads of dim / n_heads and no per-head norm; not written yet.
+            return Err(device::Error::new(
+                device::ErrorKind::Program,
+                format!(
+                    "--pipeline {}: models with QK-norm or a head width apart from dim / n_heads (Qwen3) train with \
+                     --pipeline dynamic only",
+                    config.kind.name()
+                ),
+            ));
+        }
         let start = std::time::Instant::now();
         let (pipeline, kernels) = match config.kind {
             PipelineKind::Dynamic => {

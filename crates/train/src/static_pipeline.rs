@@ -81,12 +81,7 @@ pub struct StaticShape {
 impl StaticShape {
     pub fn new(device: &dyn Device, config: &Config, batch: usize, seq: usize, options: StaticOptions) -> StaticShape {
         StaticShape {
-            dims: LayerDims {
-                dim: config.dim,
-                hidden: config.hidden_dim,
-                n_heads: config.n_heads,
-                n_kv_heads: config.n_kv_heads,
-            },
+            dims: LayerDims::of(config),
             config: config.clone(),
             batch,
             seq,
@@ -395,7 +390,13 @@ impl StaticPipeline {
             rms_bwd: rms_bwd.as_ref().map(|k| Slot::new(&free[1].io, k.as_ref())),
         };
         // The RoPE tables never change: written once into the surfaces that carry them.
-        let (cos, sin) = rope_tables(shape.dims.head_dim(), shape.batch, shape.seq, shape.config.rope_theta);
+        let (cos, sin) = rope_tables(
+            shape.dims.head_dim(),
+            shape.batch,
+            shape.seq,
+            shape.config.rope_theta,
+            shape.config.rope_scaling,
+        );
         for slot in [&mut slots.attn_fwd, &mut slots.attn_bwd_free] {
             slot.write("cos", &cos);
             slot.write("sin", &sin);
@@ -877,12 +878,19 @@ fn bias_grads(g: &mut llama::LayerMut<'_>, dq: &[f32], dk: &[f32], dv: &[f32], t
 /// RoPE's cosines and sines as `[head_dim/2, B·S]` (column `t` at position `t % seq`),
 /// computed exactly as `cpu_ops::RopeTable` does (f64 angles, rounded once to f32), so
 /// the kernels rotate by the same numbers as the dynamic pipeline's CPU RoPE.
-pub fn rope_tables(head_dim: usize, batch: usize, seq: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
+pub fn rope_tables(
+    head_dim: usize,
+    batch: usize,
+    seq: usize,
+    theta: f32,
+    scaling: Option<llama::RopeScaling>,
+) -> (Vec<f32>, Vec<f32>) {
     let pairs = head_dim / 2;
     let mut cos = Vec::with_capacity(pairs * batch * seq);
     let mut sin = Vec::with_capacity(pairs * batch * seq);
     for i in 0..pairs {
         let freq = 1.0 / f64::from(theta).powf((2 * i) as f64 / head_dim as f64);
+        let freq = scaling.map_or(freq, |s| s.apply(freq));
         for _ in 0..batch {
             for pos in 0..seq {
                 let angle = pos as f64 * freq;

@@ -18,6 +18,9 @@ fn config(n_kv_heads: usize) -> Config {
         rope_theta: 10000.0,
         qkv_bias: false,
         shared_classifier: n_kv_heads == 6,
+        explicit_head_dim: None,
+        qk_norm: false,
+        rope_scaling: None,
     }
 }
 
@@ -40,7 +43,13 @@ fn check(n_kv: usize, precision: Precision, dialect: mil::Dialect, tolerance: f3
 fn check_config(config: Config, precision: Precision, dialect: mil::Dialect, tolerance: f32) {
     let n_kv = config.n_kv_heads;
     let vocab = config.vocab_size as u32;
-    let params = Params::init(&config, 42).unwrap();
+    let mut params = Params::init(&config, 42).unwrap();
+    // Norm gains and biases away from their init (1 and 0), so that each one matters.
+    for (spec, values) in params.tensors_mut() {
+        if !spec.is_matrix() {
+            values.iter_mut().enumerate().for_each(|(i, v)| *v += 0.05 * ((i * 7 + spec.offset) % 9) as f32 - 0.2);
+        }
+    }
     let device = CpuDevice::new(precision).with_dialect(dialect);
     let mut decoder = Decoder::new(&device, &params).unwrap();
     decoder.prefill_chunk = 8;
@@ -77,6 +86,27 @@ fn fp32_decoding_matches_the_reference() {
 fn fp32_decoding_matches_the_reference_at_threaded_sizes() {
     let config = Config { dim: 200, hidden_dim: 344, n_heads: 4, n_kv_heads: 2, vocab_size: 701, ..config(2) };
     check_config(config, Precision::Fp32, mil::Dialect::Ios18, 1e-4);
+}
+
+/// Qwen3 (QK-norm, heads 16 wide so the queries are 96 wide against dim 48, GQA) and
+/// Llama 3 (llama3 RoPE scaling in all three regimes at head_dim 8 over 30 positions).
+#[test]
+fn qwen3_and_llama3_decoding_matches_the_reference() {
+    let qwen3 = Config { qk_norm: true, explicit_head_dim: Some(16), norm_eps: 1e-6, rope_theta: 1e6, ..config(2) };
+    let scaling = llama::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 16,
+    };
+    let llama3 = Config { rope_scaling: Some(scaling), rope_theta: 5e5, shared_classifier: false, ..config(2) };
+    for config in [qwen3, llama3] {
+        for dialect in [mil::Dialect::Ios18, mil::Dialect::Ios16] {
+            let tol = if dialect == mil::Dialect::Ios18 { 1e-4 } else { 1e-2 };
+            check_config(config.clone(), Precision::Fp32, dialect, tol);
+        }
+        check_config(config, Precision::Fp16, mil::Dialect::Ios18, 3e-2);
+    }
 }
 
 #[test]

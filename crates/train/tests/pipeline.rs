@@ -20,7 +20,30 @@ fn tiny(n_kv_heads: usize) -> Config {
         rope_theta: 10000.0,
         qkv_bias: false,
         shared_classifier: n_kv_heads == 4,
+        explicit_head_dim: None,
+        qk_norm: false,
+        rope_scaling: None,
     }
+}
+
+/// The architectures the pipeline trains, at a tiny shape: Llama 2 with and without
+/// GQA, Qwen2 (QKV biases), Qwen3 (QK-norm, heads 12 wide so q_dim 48 ≠ dim 32), and
+/// Llama 3 (llama3 RoPE scaling, whose three frequency regimes all occur at head_dim 8
+/// with an original context of 16).
+fn architectures() -> Vec<(&'static str, Config)> {
+    let scaling = llama::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 16,
+    };
+    vec![
+        ("llama2", tiny(4)),
+        ("llama2-gqa", tiny(2)),
+        ("qwen2", Config { qkv_bias: true, rope_theta: 1e6, ..tiny(2) }),
+        ("qwen3", Config { qk_norm: true, explicit_head_dim: Some(12), norm_eps: 1e-6, ..tiny(2) }),
+        ("llama3", Config { rope_scaling: Some(scaling), rope_theta: 5e5, ..tiny(2) }),
+    ]
 }
 
 /// Parameters with larger values than the llama2.c init, so gradients are large
@@ -63,9 +86,8 @@ fn reference_loss(params: &Params, inputs: &[u32], targets: &[u32], s: usize) ->
 }
 
 #[test]
-fn loss_matches_the_reference_forward_with_and_without_gqa() {
-    for n_kv in [4, 2] {
-        let config = tiny(n_kv);
+fn loss_matches_the_reference_forward_for_every_architecture() {
+    for (n_kv, config) in architectures() {
         let p = params(&config, 7);
         let (b, s) = (2, 8);
         let (inputs, targets) = batch(&config, b, s, 3);
@@ -75,14 +97,13 @@ fn loss_matches_the_reference_forward_with_and_without_gqa() {
         let want = reference_loss(&p, &inputs, &targets, s);
         // Both compute in f32 with different summation orders: a loss of ~4 agrees to
         // a few ulp per op over ~10 ops deep, far below 1e-4.
-        assert!((loss - want).abs() < 1e-4 * want.abs().max(1.0), "kv heads {n_kv}: pipeline {loss}, reference {want}");
+        assert!((loss - want).abs() < 1e-4 * want.abs().max(1.0), "{n_kv}: pipeline {loss}, reference {want}");
     }
 }
 
 #[test]
-fn gradients_match_finite_differences_with_and_without_gqa() {
-    for n_kv in [4, 2] {
-        let config = tiny(n_kv);
+fn gradients_match_finite_differences_for_every_architecture() {
+    for (n_kv, config) in architectures() {
         let mut p = params(&config, 11);
         let (b, s) = (2, 8);
         let (inputs, targets) = batch(&config, b, s, 5);
@@ -111,7 +132,7 @@ fn gradients_match_finite_differences_with_and_without_gqa() {
                 // wrong gradient (a missing term, a transpose) is off by far more.
                 assert!(
                     (g - fd).abs() <= 2e-3 + 0.03 * fd.abs(),
-                    "kv heads {n_kv}: d loss / d {}[{}]: pipeline {g}, finite difference {fd}",
+                    "{n_kv}: d loss / d {}[{}]: pipeline {g}, finite difference {fd}",
                     spec.name,
                     i - spec.offset
                 );

@@ -160,9 +160,9 @@ fn every_static_program_passes_the_ane_lint_and_prints_and_parses_back() {
     let chunked: Vec<usize> = sk::vocab_chunks(150_000, mil::lint::MAX_DIMENSION).iter().map(|r| r.len()).collect();
     assert_eq!(chunked, vec![50_000; 3]);
     let shapes = [
-        (LayerDims { dim: 288, hidden: 768, n_heads: 6, n_kv_heads: 6 }, 2, 256, vec![32_000]),
-        (LayerDims { dim: 768, hidden: 2048, n_heads: 12, n_kv_heads: 12 }, 1, 256, vec![32_000]),
-        (LayerDims { dim: 64, hidden: 172, n_heads: 8, n_kv_heads: 4 }, 2, 128, chunked),
+        (LayerDims::new(288, 768, 6, 6), 2, 256, vec![32_000]),
+        (LayerDims::new(768, 2048, 12, 12), 1, 256, vec![32_000]),
+        (LayerDims::new(64, 172, 8, 4), 2, 128, chunked),
     ];
     for (d, batch, seq, chunks) in &shapes {
         for dialect in [Dialect::Ios18, Dialect::Ios16] {
