@@ -30,6 +30,9 @@ fn tiny(n_kv_heads: usize, qkv_bias: bool) -> Config {
         rope_theta: 10000.0,
         qkv_bias,
         shared_classifier: !qkv_bias,
+        explicit_head_dim: None,
+        qk_norm: false,
+        rope_scaling: None,
     }
 }
 
@@ -66,10 +69,23 @@ fn batch(config: &Config, b: usize, s: usize, seed: u64) -> (Vec<u32>, Vec<u32>)
 fn static_matches_dynamic_when_the_weights_are_fp16_numbers() {
     // (kv heads, QKV bias + own classifier, extras, vocabulary chunk): MHA; GQA with
     // biases; the extras in one chunk; the extras in three chunks (37 = 13 + 13 + 11).
-    let cases = [(4, false, false, 65536), (2, true, false, 65536), (2, false, true, 65536), (4, true, true, 13)];
-    for (n_kv, bias, extras, chunk) in cases {
-        let what = format!("kv heads {n_kv}, bias {bias}, extras {extras}, vocab chunk {chunk}");
-        let config = tiny(n_kv, bias);
+    // Last, Llama 3's scaled RoPE (the static kernels' RoPE tables are constants).
+    let cases = [
+        (4, false, false, 65536, false),
+        (2, true, false, 65536, false),
+        (2, false, true, 65536, false),
+        (4, true, true, 13, false),
+        (2, false, false, 65536, true),
+    ];
+    for (n_kv, bias, extras, chunk, scaled) in cases {
+        let what = format!("kv heads {n_kv}, bias {bias}, extras {extras}, vocab chunk {chunk}, scaled RoPE {scaled}");
+        let scaling = llama::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        };
+        let config = Config { rope_scaling: scaled.then_some(scaling), ..tiny(n_kv, bias) };
         let p = fp16_params(&config, 3);
         let (b, s) = (2, 8);
         let (inputs, targets) = batch(&config, b, s, 4);
@@ -97,6 +113,22 @@ fn static_matches_dynamic_when_the_weights_are_fp16_numbers() {
                 );
             }
         }
+    }
+}
+
+/// The static kernels have no QK-norm and assume heads of dim / n_heads: a Qwen3-shaped
+/// model is refused by name rather than trained wrong.
+#[test]
+fn the_static_pipelines_refuse_qwen3_shaped_models() {
+    let config = Config { qk_norm: true, explicit_head_dim: Some(12), ..tiny(2, false) };
+    let p = Params::init(&config, 1).unwrap();
+    let device = CpuDevice::new(Precision::Fp32);
+    for kind in [train::pipelines::PipelineKind::Static, train::pipelines::PipelineKind::DoubleBuffer] {
+        let settings = train::pipelines::PipelineConfig::new(kind, false);
+        let Err(e) = train::pipelines::Pipeline::new(&device, settings, &p, 0, None, 2, 8) else {
+            panic!("{kind:?} accepted a Qwen3-shaped model")
+        };
+        assert!(e.to_string().contains("--pipeline dynamic only"), "{e}");
     }
 }
 
