@@ -166,6 +166,10 @@ pub struct GenerateArgs {
     /// compare with another implementation id by id).
     #[arg(long)]
     pub ids: bool,
+    /// Write the logits at every prompt position, `[prompt tokens, vocab]` f32, to this
+    /// .npy file, and stop (no generation): to compare with another implementation.
+    #[arg(long, value_name = "FILE")]
+    pub dump_logits: Option<PathBuf>,
 }
 
 /// `anetrain generate`: prefill the prompt, then decode one token at a time with the
@@ -247,6 +251,19 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     out.write_all(tokenizer.decode(&prompt)?.as_bytes())?;
     out.flush()?;
     let mut stream = StreamDecoder::new(&tokenizer, &prompt)?;
+
+    if let Some(path) = &args.dump_logits {
+        if prompt.is_empty() {
+            bail!("--dump-logits needs a prompt of at least one token");
+        }
+        let mut all = Vec::with_capacity(prompt.len() * config.vocab_size);
+        for &token in &prompt {
+            all.extend(decoder.forward(&[token])?);
+        }
+        crate::npy::write(path, mil::DType::Fp32, &[prompt.len(), config.vocab_size], &all)?;
+        eprintln!("wrote the logits of {} positions to {}", prompt.len(), path.display());
+        return Ok(());
+    }
 
     // Kernels compile and pack their weights first (the prefill width, one token, the
     // classifier); compile time is reported on its own, not in the rates.

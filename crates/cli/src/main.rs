@@ -117,10 +117,17 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
-/// Loads model parameters from an anetrain checkpoint or a llama2.c model.bin (v0, v1).
+/// Loads model parameters from an anetrain checkpoint, a llama2.c model.bin (v0, v1) or
+/// a Hugging Face model folder.
 /// Refuses files larger than the memory available (they are read whole) and
 /// non-finite weights (the llama2.c reader scans them itself).
 pub fn load_model(path: &std::path::Path) -> anyhow::Result<llama::Params> {
+    if path.is_dir() {
+        // A Hugging Face folder (Llama, Mistral, Qwen2, Qwen3): config.json + safetensors.
+        let model = llama::hf::read_model(path)?;
+        model.params.check_finite().map_err(|e| e.in_file(path))?;
+        return Ok(model.params);
+    }
     if let Ok(meta) = std::fs::metadata(path) {
         device::memory::check(&format!("{}", path.display()), meta.len() as usize)?;
     }

@@ -36,8 +36,9 @@ const BUILTIN_VAL_FRACTION: f64 = 0.05;
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// A preset (tiny, stories260k, stories15m, stories42m, stories110m), a llama2.c
-    /// model.bin to start from, or an anetrain checkpoint.
-    #[arg(long, default_value = "tiny")]
+    /// model.bin to start from, an anetrain checkpoint, or a Hugging Face model folder
+    /// (Llama, Llama 3, Mistral, Qwen2, Qwen3: config.json + safetensors, sharded too).
+    #[arg(long, visible_alias = "init", default_value = "tiny")]
     pub model: String,
     /// Pretokenized u16 shards (llama2.c layout); default: the built-in story corpus.
     #[arg(long)]
@@ -272,6 +273,14 @@ fn load_data(args: &TrainArgs, config: &Config, seq: usize, tokenizer: Option<To
     if args.data.is_empty() {
         if args.val_data.is_some() {
             bail!("--val-data needs --data: the built-in corpus makes its own validation split");
+        }
+        if Path::new(&args.model).is_dir() {
+            bail!(
+                "--model {} is a Hugging Face folder: it trains on shards tokenized with its own tokenizer \
+                 (anetrain data pretokenize --tokenizer {}/tokenizer.json --in TEXT --out DIR), given with --data",
+                args.model,
+                args.model
+            );
         }
         return builtin_data(tokenizer, config.vocab_size, seq, args.seed);
     }

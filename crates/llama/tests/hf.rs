@@ -107,7 +107,7 @@ fn hf_forward(
             let wavelen = 2.0 * std::f64::consts::PI / freq;
             let scaled = if wavelen > old / low { freq / factor } else { freq };
             let smooth = (old / wavelen - low) / (high - low);
-            let medium = !(wavelen < old / high) && !(wavelen > old / low);
+            let medium = wavelen >= old / high && wavelen <= old / low; // transformers: ~(w < high_w) * ~(w > low_w)
             if medium {
                 (1.0 - smooth) * scaled / factor + smooth * scaled
             } else {

@@ -415,11 +415,47 @@ pub fn attention_forward(d: &LayerDims, batch: usize, seq: usize, target: impl I
 /// over `hd` columns instead of `S`. Returns the scaled queries (the backward's
 /// `dK = dSᵀ·Q` wants them) and `P` (`[B, nkv, g·S, S]`).
 pub(crate) fn attention_probs(g: &mut Gen, qh: &Var, kh: &Var, mask: &Var, head_dim: usize) -> (Var, Var) {
-    let qs = g.b.scale("qs", qh, 1.0 / (head_dim as f64).sqrt());
+    let qs = attention_scale(g, "qs", qh, head_dim);
     let scores = g.b.matmul("scores", &qs, kh, false, true); // [B, nkv, g·S, S]
     let masked = g.b.add("masked", &scores, mask);
     let probs = g.b.softmax("probs", &masked, -1);
     (qs, probs)
+}
+
+/// `x · 1/√head_dim`. The constant is an fp16 literal; when `1/√head_dim` has no exact
+/// fp16 value (head widths 32, 128, 48: every one but the even powers of two) it is
+/// split into two fp16 factors whose product is within ~2⁻²² of it, because one rounded
+/// factor (2⁻¹² off at worst) shifts every attention score by that much: on the CPU
+/// device in fp32 Qwen3's logits then drift 1e-4 relative from transformers'. On the
+/// ANE, which rounds every product to fp16 anyway, it costs one elementwise multiply.
+pub(crate) fn attention_scale(g: &mut Gen, name: &str, x: &Var, head_dim: usize) -> Var {
+    match fp16_factors(1.0 / (head_dim as f64).sqrt()) {
+        (a, None) => g.b.scale(name, x, a),
+        (a, Some(b)) => {
+            let first = g.b.scale(&format!("{name}_a"), x, a);
+            g.b.scale(name, &first, b)
+        }
+    }
+}
+
+/// `k` as one fp16 value when it is exact, else as the pair of fp16 values (the first in
+/// [1, 2)) whose product is closest to `k`.
+pub(crate) fn fp16_factors(k: f64) -> (f64, Option<f64>) {
+    let round = |v: f64| f64::from(half::f16::from_f64(v).to_f32());
+    if round(k) == k {
+        return (k, None);
+    }
+    let mut best = (round(k), 1.0, (round(k) - k).abs());
+    // Every fp16 value in [1, 2): 1 + m/1024.
+    for m in 0..1024 {
+        let a = 1.0 + f64::from(m) / 1024.0;
+        let b = round(k / a);
+        let err = (a * b - k).abs();
+        if err < best.2 {
+            best = (a, b, err);
+        }
+    }
+    (best.0, Some(best.1))
 }
 
 /// The additive causal mask `[1, 1, group·S, S]` (0 on and below the diagonal,
@@ -457,7 +493,7 @@ pub fn attention_decode(d: &LayerDims, t: usize, cache: usize, target: impl Into
     let v3 = g.b.reshape("v3", &v, &[nkv_, 1, hd_, c_]);
     let vt = g.b.transpose("vt", &v3, &[0, 1, 3, 2]); // [nkv, 1, cache, hd]
     let scores = g.b.matmul("scores", &qt, &k3, false, false); // [nkv, g, t, cache]
-    let scaled = g.b.scale("scaled", &scores, 1.0 / (hd as f64).sqrt());
+    let scaled = attention_scale(&mut g, "scaled", &scores, hd);
     let masked = g.b.add("masked", &scaled, &mask);
     let probs = g.b.softmax("probs", &masked, -1);
     let o4 = g.b.matmul("o4", &probs, &vt, false, false); // [nkv, g, t, hd]
@@ -649,7 +685,7 @@ pub(crate) fn attention_grads(
     // takes it from the scaled queries.
     let ds = g.b.mul("ds", &p, &centered);
     let dq0 = g.b.matmul("dq0", &ds, &kh, false, false); // [B, nkv, g·S, hd]
-    let dqh = g.b.scale("dqh", &dq0, 1.0 / (head_dim as f64).sqrt());
+    let dqh = attention_scale(g, "dqh", &dq0, head_dim);
     let dkh = g.b.matmul("dkh", &ds, &qs, true, false); // [B, nkv, S, hd]
     (dqh, dkh, dvh)
 }
@@ -765,6 +801,23 @@ mod tests {
 
     fn dims() -> LayerDims {
         LayerDims::new(64, 172, 8, 4)
+    }
+
+    #[test]
+    fn the_attention_scale_splits_into_fp16_factors_only_when_it_must() {
+        for head_dim in [16usize, 64, 256] {
+            assert_eq!(fp16_factors(1.0 / (head_dim as f64).sqrt()), (1.0 / (head_dim as f64).sqrt(), None));
+        }
+        for head_dim in [32usize, 48, 128, 96] {
+            let k = 1.0 / (head_dim as f64).sqrt();
+            let (a, b) = fp16_factors(k);
+            let b = b.expect("not exact in fp16");
+            let exact = |v: f64| f64::from(half::f16::from_f64(v).to_f32()) == v;
+            assert!(exact(a) && exact(b), "head_dim {head_dim}: {a} · {b}");
+            let single = (f64::from(half::f16::from_f64(k).to_f32()) - k).abs() / k;
+            let pair = (a * b - k).abs() / k;
+            assert!(pair < 2e-6 && pair < single / 100.0, "head_dim {head_dim}: pair {pair:e}, one factor {single:e}");
+        }
     }
 
     #[test]

@@ -148,6 +148,8 @@ impl Passes for StaticPipeline {
 }
 
 /// A training pipeline of any kind.
+// One per run, moved rarely: boxing the larger variants buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Pipeline {
     Dynamic(DynamicPipeline),
     Static(StaticPipeline),

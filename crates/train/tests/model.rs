@@ -92,7 +92,9 @@ fn fp32_decoding_matches_the_reference_at_threaded_sizes() {
 /// Llama 3 (llama3 RoPE scaling in all three regimes at head_dim 8 over 30 positions).
 #[test]
 fn qwen3_and_llama3_decoding_matches_the_reference() {
-    let qwen3 = Config { qk_norm: true, explicit_head_dim: Some(16), norm_eps: 1e-6, rope_theta: 1e6, ..config(2) };
+    // Heads of 32: 1/√32 has no exact fp16 value, so this also checks the kernels' split
+    // attention scale (`kernels::attention_scale`): one rounded factor is off by 1e-4.
+    let qwen3 = Config { qk_norm: true, explicit_head_dim: Some(32), norm_eps: 1e-6, rope_theta: 1e6, ..config(2) };
     let scaling = llama::RopeScaling::Llama3 {
         factor: 8.0,
         low_freq_factor: 1.0,
@@ -102,7 +104,7 @@ fn qwen3_and_llama3_decoding_matches_the_reference() {
     let llama3 = Config { rope_scaling: Some(scaling), rope_theta: 5e5, shared_classifier: false, ..config(2) };
     for config in [qwen3, llama3] {
         for dialect in [mil::Dialect::Ios18, mil::Dialect::Ios16] {
-            let tol = if dialect == mil::Dialect::Ios18 { 1e-4 } else { 1e-2 };
+            let tol = if dialect == mil::Dialect::Ios18 { 1e-5 } else { 1e-2 };
             check_config(config.clone(), Precision::Fp32, dialect, tol);
         }
         check_config(config, Precision::Fp16, mil::Dialect::Ios18, 3e-2);
