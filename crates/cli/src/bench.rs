@@ -343,9 +343,10 @@ pub struct TrainBench {
     /// staged weights are copied once per optimizer step.
     #[arg(long)]
     accum: Option<usize>,
-    /// Also measure PyTorch running llama2.c's model.py (the path given) on the same
-    /// model, batch and thread count, in rounds alternating with ours
-    /// (scripts/bench_pytorch.py; needs a Python with torch).
+    /// Also measure PyTorch running llama2.c's model.py (the path given), or with
+    /// `transformers` the transformers model of the preset (LlamaForCausalLM,
+    /// Qwen2ForCausalLM, Qwen3ForCausalLM), on the same model, batch and thread count, in
+    /// rounds alternating with ours (scripts/bench_pytorch.py; needs a Python with torch).
     #[arg(long, value_name = "MODEL_PY")]
     pytorch: Option<std::path::PathBuf>,
     /// The Python interpreter for --pytorch.
@@ -432,8 +433,12 @@ fn bench_train(b: &TrainBench) -> Result<()> {
         bail!("--steps and --rounds must be at least 1");
     }
     if let Some(path) = &b.pytorch {
-        if !path.is_file() {
-            bail!("--pytorch {}: no such file (the path of llama2.c's model.py)", path.display());
+        if path.as_os_str() != "transformers" && !path.is_file() {
+            bail!(
+                "--pytorch {}: no such file (the path of llama2.c's model.py, or `transformers` for the \
+                 transformers model of the preset)",
+                path.display()
+            );
         }
     }
     let params = model_or_preset(spec)?;
@@ -493,11 +498,19 @@ fn bench_train(b: &TrainBench) -> Result<()> {
 
     let n = config.n_params() as f64;
     let t = (batch * seq) as f64;
-    let (d, kv, h, l) = (config.dim as f64, config.kv_dim() as f64, config.hidden_dim as f64, config.n_layers as f64);
+    let (d, q, kv, h, l) = (
+        config.dim as f64,
+        config.q_dim() as f64,
+        config.kv_dim() as f64,
+        config.hidden_dim as f64,
+        config.n_layers as f64,
+    );
     // Parameters, gradients, AdamW's two moments; the activations the backward pass
     // needs (per layer: x, its norm, q, k, v, attention output, mid-stream x and its
-    // norm, h1, h3), all fp32.
-    let min_bytes = 4.0 * (4.0 * n + l * t * (6.0 * d + 2.0 * kv + 2.0 * h));
+    // norm, h1, h3, and with QK-norm q and k before it), all fp32.
+    let qk_norm = if config.qk_norm { q + kv } else { 0.0 };
+    let activation_bytes = 4.0 * l * t * (4.0 * d + 2.0 * q + 2.0 * kv + 2.0 * h + qk_norm);
+    let min_bytes = 16.0 * n + activation_bytes;
     let peak = peak_rss_bytes();
     let reference: Vec<(&str, f64)> =
         PYTORCH_TOKENS_PER_S.iter().filter(|(m, _, _)| *m == spec).map(|(_, how, v)| (*how, *v)).collect();
@@ -507,7 +520,8 @@ fn bench_train(b: &TrainBench) -> Result<()> {
             "rounds": b.rounds, "device": device.name(), "precision": b.precision.name(),
             "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s, "gflops": gflops,
             "gemm_peak_gflops": gemm_peak, "ratio_to_gemm_peak": gflops / gemm_peak,
-            "peak_rss_bytes": peak, "theoretical_min_bytes": min_bytes,
+            "peak_rss_bytes": peak, "theoretical_min_bytes": min_bytes, "activation_bytes": activation_bytes,
+            "bytes_per_param_at_peak": peak.map(|p| p as f64 / n),
             "phases_ms": phases.iter().map(|(k, v)| (k.to_string(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
             "pytorch_measured_tokens_per_s": torch_best,
             "pytorch_compile": b.pytorch_compile,
@@ -544,6 +558,14 @@ fn bench_train(b: &TrainBench) -> Result<()> {
         ),
         None => println!("  peak memory             n/a (no /proc/self/status on this system)"),
     }
+    println!(
+        "  of which                {:>10.1} MB for the {:.0} M parameters at 16 bytes each (weights, gradients, \
+         AdamW's 2 moments; {:.1} bytes per parameter at the peak), {:.1} MB of activations kept for the backward",
+        16.0 * n / 1e6,
+        n / 1e6,
+        peak.map_or(f64::NAN, |p| p as f64 / n),
+        activation_bytes / 1e6
+    );
     println!("  ms per phase (mean of the round's steps):");
     for (name, ms) in &phases {
         println!("    {name:<20}  {ms:>10.1}  {:>5.1} %", 100.0 * ms / ms_per_step);

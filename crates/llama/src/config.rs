@@ -132,7 +132,8 @@ fn default_shared_classifier() -> bool {
 }
 
 /// The names [`Config::preset`] knows, smallest first.
-pub const PRESETS: &[&str] = &["tiny", "stories260k", "stories15m", "stories42m", "stories110m"];
+pub const PRESETS: &[&str] =
+    &["tiny", "stories260k", "stories15m", "stories42m", "stories110m", "smollm2-135m", "qwen2.5-0.5b", "qwen3-0.6b"];
 
 impl Config {
     /// A config with llama2.c's defaults for everything but the shape: ε = 1e-5, θ = 10000,
@@ -174,6 +175,15 @@ impl Config {
     /// | `stories15m` | 288 | 768 | 6 | 6 | 6 | 32000 | 256 |
     /// | `stories42m` | 512 | 1376 | 8 | 8 | 8 | 32000 | 1024 |
     /// | `stories110m` | 768 | 2048 | 12 | 12 | 12 | 32000 | 1024 |
+    /// | `smollm2-135m` | 576 | 1536 | 30 | 9 | 3 | 49152 | 8192 |
+    /// | `qwen2.5-0.5b` | 896 | 4864 | 24 | 14 | 2 | 151936 | 32768 |
+    /// | `qwen3-0.6b` | 1024 | 3072 | 28 | 16 (of 128) | 8 | 151936 | 40960 |
+    ///
+    /// The last three are the shapes of the Hugging Face models (their config.json:
+    /// HuggingFaceTB/SmolLM2-135M, Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B) with their
+    /// features — θ, ε, tying, Qwen2.5's QKV biases, Qwen3's QK-norm and 128-wide heads —
+    /// for benchmarks and cost models with random weights; fine-tuning starts from the
+    /// real folders (`train --init DIR`).
     ///
     /// The `stories*` shapes are karpathy/tinyllamas' published checkpoints; their
     /// hidden widths (except 260K's hand-picked 172) follow [`llama_hidden_dim`].
@@ -188,6 +198,20 @@ impl Config {
             "stories15m" => Config::new(288, llama_hidden_dim(288), 6, 6, 6, 32000, 256),
             "stories42m" => Config::new(512, llama_hidden_dim(512), 8, 8, 8, 32000, 1024),
             "stories110m" => Config::new(768, llama_hidden_dim(768), 12, 12, 12, 32000, 1024),
+            "smollm2-135m" => Config { rope_theta: 100_000.0, ..Config::new(576, 1536, 30, 9, 3, 49152, 8192) },
+            "qwen2.5-0.5b" => Config {
+                norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                qkv_bias: true,
+                ..Config::new(896, 4864, 24, 14, 2, 151_936, 32768)
+            },
+            "qwen3-0.6b" => Config {
+                norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                qk_norm: true,
+                explicit_head_dim: Some(128),
+                ..Config::new(1024, 3072, 28, 16, 8, 151_936, 40960)
+            },
             _ => return None,
         };
         Some(config)
@@ -363,6 +387,16 @@ mod tests {
         assert_eq!((c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads), (64, 172, 5, 8, 4));
         assert_eq!((c.head_dim(), c.kv_dim(), c.kv_group()), (8, 32, 2));
         assert!(Config::preset("stories7b").is_none());
+        // The Hugging Face shapes: parameter counts as their model cards give them
+        // (Qwen3-0.6B: 0.6 B with tied embeddings, 0.44 B without the embedding).
+        let c = Config::preset("qwen3-0.6b").unwrap();
+        assert_eq!((c.head_dim(), c.q_dim(), c.kv_dim()), (128, 2048, 1024));
+        assert_eq!(c.n_params(), 596_049_920);
+        assert_eq!(c.n_params() - c.vocab_size * c.dim, 440_467_456);
+        let c = Config::preset("qwen2.5-0.5b").unwrap();
+        assert_eq!(c.n_params(), 494_032_768);
+        let c = Config::preset("smollm2-135m").unwrap();
+        assert_eq!(c.n_params(), 134_515_008);
     }
 
     #[test]
