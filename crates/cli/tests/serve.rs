@@ -140,36 +140,42 @@ fn completion(base: &str, prompt: &str, max_tokens: usize) -> Value {
     body
 }
 
-/// llama2.c's greedy text of stories260K (256 positions: BOS, then 255 tokens), less the
-/// newline `run` prints at the end.
+/// llama2.c's greedy text of stories260K (`run -n 256`: 256 forward passes, from BOS
+/// at position 0 to position 255, each printing the token it samples: 256 tokens), less
+/// the newline `run` prints at the end.
 fn llama2c_greedy() -> String {
     let text = std::fs::read_to_string(fixtures().join("stories260K.greedy-256.txt")).unwrap();
     text.strip_suffix('\n').unwrap().to_string()
 }
 
-/// The bar: /v1/completions, greedy, 255 tokens, empty prompt is exactly llama2.c's
-/// text, in one response and as the concatenation of the streamed chunks.
+/// The bar: /v1/completions, greedy, empty prompt is exactly llama2.c's text, in one
+/// response and as the concatenation of the streamed chunks: all of it with
+/// max_tokens 256 (the tokens `run -n 256` prints), all but the last token (a final
+/// ".") with 255.
 #[test]
 fn greedy_completion_is_llama2c_text_streamed_and_not() {
     let s = start(&[]);
     let want = llama2c_greedy();
-    let body = completion(&s.base, "", 255);
+    let body = completion(&s.base, "", 256);
     assert_eq!(body["object"], "text_completion");
     assert_eq!(body["choices"][0]["text"].as_str().unwrap(), want);
     assert_eq!(body["choices"][0]["finish_reason"], "length");
-    assert_eq!(body["usage"], json!({"prompt_tokens": 1, "completion_tokens": 255, "total_tokens": 256}));
+    assert_eq!(body["usage"], json!({"prompt_tokens": 1, "completion_tokens": 256, "total_tokens": 257}));
+    let body = completion(&s.base, "", 255);
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), want.strip_suffix('.').unwrap());
+    assert_eq!(body["usage"]["completion_tokens"], 255);
 
     let chunks = stream(
         &s.base,
         "/v1/completions",
-        &json!({"prompt": "", "max_tokens": 255, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        &json!({"prompt": "", "max_tokens": 256, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
     );
     assert!(chunks.len() > 100, "one chunk per token or so, got {}", chunks.len());
     assert_eq!(streamed_text(&chunks, 0), want);
     assert_eq!(finish_reason(&chunks), "length");
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"]["completion_tokens"], 255);
+    assert_eq!(last["usage"]["completion_tokens"], 256);
 }
 
 /// Greedy token ids of `prompt` (BOS first) by the reference forward pass.
