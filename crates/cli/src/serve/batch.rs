@@ -22,9 +22,12 @@ use llama::reference::{rmsnorm, rope};
 use llama::Params;
 use rayon::prelude::*;
 
-/// A matrix stored transposed: `wt [inp, out]` for the model's `W [out, inp]`.
+/// A matrix stored transposed, `Wᵀ [inp, out]` for the model's `W [out, inp]`, cut into
+/// panels of [`COLS`] columns, each panel contiguous (`[inp, COLS]`, the last one
+/// `[inp, out % COLS]`): a tile walks its panel's memory in order (a plain `[inp, out]`
+/// layout would jump a whole row — 128 KB for a 32000-token classifier — per k).
 pub struct Transposed {
-    wt: Vec<f32>,
+    panels: Vec<f32>,
     inp: usize,
     out: usize,
 }
@@ -32,19 +35,18 @@ pub struct Transposed {
 impl Transposed {
     pub fn new(w: &[f32], out: usize, inp: usize) -> Transposed {
         assert_eq!(w.len(), out * inp, "W must be [{out}, {inp}]");
-        let mut wt = vec![0.0f32; w.len()];
-        // 32 × 32 tiles keep both sides' cache lines in use.
-        const T: usize = 32;
-        for o0 in (0..out).step_by(T) {
-            for i0 in (0..inp).step_by(T) {
-                for o in o0..(o0 + T).min(out) {
-                    for i in i0..(i0 + T).min(inp) {
-                        wt[i * out + o] = w[o * inp + i];
-                    }
+        let mut panels = vec![0.0f32; w.len()];
+        for o0 in (0..out).step_by(COLS) {
+            let width = COLS.min(out - o0);
+            let panel = &mut panels[o0 * inp..(o0 + width) * inp];
+            for j in 0..width {
+                let row = &w[(o0 + j) * inp..(o0 + j + 1) * inp];
+                for (k, &v) in row.iter().enumerate() {
+                    panel[k * width + j] = v;
                 }
             }
         }
-        Transposed { wt, inp, out }
+        Transposed { panels, inp, out }
     }
 
     /// `y [rows, out] = x [rows, inp] · Wᵀ`, each element summed over k in order.
@@ -52,7 +54,7 @@ impl Transposed {
         let (inp, out) = (self.inp, self.out);
         assert_eq!(x.len(), rows * inp);
         assert_eq!(y.len(), rows * out);
-        // Columns per task: enough tasks for the threads, each a multiple of the tile.
+        // Columns per task: enough tasks for the threads, each a multiple of the panel.
         let threads = rayon::current_num_threads().max(1);
         let per = out.div_ceil(threads * 4).div_ceil(COLS) * COLS;
         let per = per.max(COLS);
@@ -63,7 +65,7 @@ impl Transposed {
             .map(|o0| {
                 let width = per.min(out - o0);
                 let mut local = vec![0.0f32; rows * width];
-                gemm_block(&self.wt, out, inp, x, rows, o0, width, &mut local);
+                gemm_block(&self.panels, inp, x, rows, o0, width, &mut local);
                 (o0, local)
             })
             .collect();
@@ -76,100 +78,72 @@ impl Transposed {
     }
 }
 
-/// Output columns per register tile.
+/// Output columns per register tile (and per panel).
 const COLS: usize = 16;
 /// Rows per register tile.
 const ROWS: usize = 4;
 
-/// `local [rows, width] = x [rows, inp] · wt[:, o0..o0+width]`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_block(wt: &[f32], out: usize, inp: usize, x: &[f32], rows: usize, o0: usize, width: usize, local: &mut [f32]) {
+/// `local [rows, width] = x [rows, inp] · Wᵀ[:, o0..o0+width]` (`o0` a multiple of COLS).
+fn gemm_block(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: usize, width: usize, local: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx") {
             // SAFETY: the CPU has AVX (checked just above); the function is otherwise safe.
-            unsafe { gemm_block_avx(wt, out, inp, x, rows, o0, width, local) };
+            unsafe { gemm_block_avx(panels, inp, x, rows, o0, width, local) };
             return;
         }
     }
-    gemm_block_generic(wt, out, inp, x, rows, o0, width, local);
+    gemm_block_generic(panels, inp, x, rows, o0, width, local);
 }
 
 /// The same code compiled with AVX's wider registers (AVX, not FMA: a fused
 /// multiply-add would round differently from llama2.c's separate multiply and add).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block_avx(
-    wt: &[f32],
-    out: usize,
-    inp: usize,
-    x: &[f32],
-    rows: usize,
-    o0: usize,
-    width: usize,
-    local: &mut [f32],
-) {
-    gemm_block_generic(wt, out, inp, x, rows, o0, width, local)
+unsafe fn gemm_block_avx(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: usize, width: usize, local: &mut [f32]) {
+    gemm_block_generic(panels, inp, x, rows, o0, width, local)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_block_generic(
-    wt: &[f32],
-    out: usize,
-    inp: usize,
-    x: &[f32],
-    rows: usize,
-    o0: usize,
-    width: usize,
-    local: &mut [f32],
-) {
+fn gemm_block_generic(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: usize, width: usize, local: &mut [f32]) {
     let mut c = 0;
     while c + COLS <= width {
+        let panel = &panels[(o0 + c) * inp..(o0 + c + COLS) * inp];
         let mut r = 0;
         while r + ROWS <= rows {
-            tile::<ROWS>(wt, out, inp, x, r, o0 + c, local, width, c);
+            tile::<ROWS>(panel, inp, x, r, local, width, c);
             r += ROWS;
         }
         while r < rows {
-            tile::<1>(wt, out, inp, x, r, o0 + c, local, width, c);
+            tile::<1>(panel, inp, x, r, local, width, c);
             r += 1;
         }
         c += COLS;
     }
-    // Leftover columns: one at a time, the same order of terms.
-    for cc in c..width {
-        let o = o0 + cc;
-        for r in 0..rows {
-            let xr = &x[r * inp..(r + 1) * inp];
-            let mut sum = 0.0f32;
-            for (k, &xv) in xr.iter().enumerate() {
-                sum += wt[k * out + o] * xv;
+    // The last, narrower panel: one column at a time, the same order of terms.
+    let tail = width - c;
+    if tail > 0 {
+        let panel = &panels[(o0 + c) * inp..(o0 + c + tail) * inp];
+        for j in 0..tail {
+            for r in 0..rows {
+                let xr = &x[r * inp..(r + 1) * inp];
+                let mut sum = 0.0f32;
+                for (k, &xv) in xr.iter().enumerate() {
+                    sum += panel[k * tail + j] * xv;
+                }
+                local[r * width + c + j] = sum;
             }
-            local[r * width + cc] = sum;
         }
     }
 }
 
-/// `R` rows × [`COLS`] columns: accumulators in registers, k in order.
+/// `R` rows × [`COLS`] columns of one panel: accumulators in registers, k in order.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile<const R: usize>(
-    wt: &[f32],
-    out: usize,
-    inp: usize,
-    x: &[f32],
-    r0: usize,
-    o: usize,
-    local: &mut [f32],
-    width: usize,
-    c: usize,
-) {
+fn tile<const R: usize>(panel: &[f32], inp: usize, x: &[f32], r0: usize, local: &mut [f32], width: usize, c: usize) {
     let mut acc = [[0.0f32; COLS]; R];
     let xs: [&[f32]; R] = std::array::from_fn(|i| &x[(r0 + i) * inp..(r0 + i + 1) * inp]);
-    for k in 0..inp {
-        let w: &[f32; COLS] = wt[k * out + o..k * out + o + COLS].try_into().expect("a full tile");
+    for (k, w) in panel.chunks_exact(COLS).enumerate() {
+        let w: &[f32; COLS] = w.try_into().expect("a full panel row");
         for i in 0..R {
             let xv = xs[i][k];
             for j in 0..COLS {
