@@ -81,7 +81,7 @@ impl Transposed {
 /// Output columns per register tile (and per panel).
 const COLS: usize = 16;
 /// Rows per register tile.
-const ROWS: usize = 4;
+const ROWS: usize = 6;
 
 /// `local [rows, width] = x [rows, inp] · Wᵀ[:, o0..o0+width]` (`o0` a multiple of COLS).
 fn gemm_block(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: usize, width: usize, local: &mut [f32]) {
@@ -109,9 +109,22 @@ unsafe fn gemm_block_avx(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0:
             tile_avx::<ROWS>(panel, inp, x, r, local, width, c);
             r += ROWS;
         }
+        // The rows left, in the widest tiles that fit (more independent sums per k).
         while r < rows {
-            tile_avx::<1>(panel, inp, x, r, local, width, c);
-            r += 1;
+            match rows - r {
+                4.. => {
+                    tile_avx::<4>(panel, inp, x, r, local, width, c);
+                    r += 4;
+                }
+                2 | 3 => {
+                    tile_avx::<2>(panel, inp, x, r, local, width, c);
+                    r += 2;
+                }
+                _ => {
+                    tile_avx::<1>(panel, inp, x, r, local, width, c);
+                    r += 1;
+                }
+            }
         }
         c += COLS;
     }
@@ -459,23 +472,5 @@ mod tests {
         }
         assert_eq!(got[5], want[1][1]);
         assert_eq!(got[6], want[2][2]);
-    }
-}
-#[cfg(test)]
-mod perf_tmp {
-    #[test]
-    fn perf_tmp() {
-        let (out, inp) = (32000, 288);
-        let w = vec![0.01f32; out * inp];
-        let t = super::Transposed::new(&w, out, inp);
-        for rows in [1usize, 4, 16] {
-            let x = vec![0.5f32; rows * inp];
-            let mut y = vec![0.0f32; rows * out];
-            t.matmul(&x, rows, &mut y);
-            let s = std::time::Instant::now();
-            for _ in 0..10 { t.matmul(&x, rows, &mut y); }
-            let e = s.elapsed().as_secs_f64() / 10.0;
-            eprintln!("rows {rows}: {:.2} ms, {:.2} GMAC/s", e * 1e3, (rows * out * inp) as f64 / e / 1e9);
-        }
     }
 }
