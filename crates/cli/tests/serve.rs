@@ -100,7 +100,10 @@ fn read_json(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
 
 /// A streamed request: every `data:` chunk (parsed) until `[DONE]`, which must come.
 fn stream(base: &str, path: &str, body: &Value) -> Vec<Value> {
-    let r = ureq::post(&format!("{base}{path}")).set("Content-Type", "application/json").send_string(&body.to_string()).unwrap();
+    let r = ureq::post(&format!("{base}{path}"))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .unwrap();
     assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
     let mut chunks = Vec::new();
     for line in BufReader::new(r.into_reader()).lines() {
@@ -135,7 +138,11 @@ fn finish_reason(chunks: &[Value]) -> String {
 }
 
 fn completion(base: &str, prompt: &str, max_tokens: usize) -> Value {
-    let (code, body) = post(base, "/v1/completions", &json!({"model": "stories260K.bin", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}));
+    let (code, body) = post(
+        base,
+        "/v1/completions",
+        &json!({"model": "stories260K.bin", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+    );
     assert_eq!(code, 200, "{body}");
     body
 }
@@ -281,14 +288,16 @@ fn chat_template_from_tokenizer_config() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tokenizer_config.json");
     let template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] | upper }}\n{% else %}{{ m['role'] | capitalize }}: {{ m['content'].strip() }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Story:{% endif %}";
-    std::fs::write(&config, json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}).to_string()).unwrap();
+    std::fs::write(&config, json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}).to_string())
+        .unwrap();
     let s = start(&["--chat-template", config.to_str().unwrap()]);
     let messages = json!([
         {"role": "system", "content": "tell a story"},
         {"role": "user", "content": "  A dog and a ball. "},
     ]);
     let rendered = "TELL A STORY\nUser: A dog and a ball.\nStory:";
-    let (code, chat) = post(&s.base, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 40, "temperature": 0}));
+    let (code, chat) =
+        post(&s.base, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 40, "temperature": 0}));
     assert_eq!(code, 200, "{chat}");
     assert_eq!(chat["object"], "chat.completion");
     assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
@@ -298,7 +307,11 @@ fn chat_template_from_tokenizer_config() {
     assert_eq!(reply, plain["choices"][0]["text"].as_str().unwrap());
     assert_eq!(chat["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"]);
 
-    let chunks = stream(&s.base, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 40, "temperature": 0, "stream": true}));
+    let chunks = stream(
+        &s.base,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 40, "temperature": 0, "stream": true}),
+    );
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(streamed_text(&chunks, 0), reply);
@@ -328,7 +341,9 @@ fn sampling_parameters() {
     let req = json!({"prompt": "The cat", "max_tokens": 30, "temperature": 1.0, "top_p": 0.9, "seed": 7, "n": 3});
     let (_, a) = post(&s.base, "/v1/completions", &req);
     let (_, b) = post(&s.base, "/v1/completions", &req);
-    let texts = |v: &Value| -> Vec<String> { v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect() };
+    let texts = |v: &Value| -> Vec<String> {
+        v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect()
+    };
     assert_eq!(texts(&a).len(), 3);
     assert_eq!(texts(&a), texts(&b));
     assert!(texts(&a)[0] != texts(&a)[1] || texts(&a)[1] != texts(&a)[2], "different seeds per choice: {a}");
@@ -350,7 +365,8 @@ fn sampling_parameters() {
         assert!(total <= 1.0 + 1e-5 && t["logprob"].as_f64().unwrap() <= 0.0, "{t}");
     }
     // Completion log-probabilities (the legacy format).
-    let (_, c) = post(&s.base, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0, "logprobs": 2}));
+    let (_, c) =
+        post(&s.base, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0, "logprobs": 2}));
     let lp = &c["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 4, "{c}");
     assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2, "{c}");
@@ -371,19 +387,55 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     let cases: Vec<(&str, &str, String, u16, Option<&str>)> = vec![
         ("invalid JSON", "/v1/completions", "{\"prompt\": ".into(), 400, None),
         ("unknown model", "/v1/completions", json!({"model": "gpt-9", "prompt": "x"}).to_string(), 404, Some("model")),
-        ("max_tokens past the context", "/v1/completions", json!({"prompt": "x", "max_tokens": 600}).to_string(), 400, Some("max_tokens")),
-        ("negative temperature", "/v1/completions", json!({"prompt": "x", "temperature": -0.5}).to_string(), 400, Some("temperature")),
+        (
+            "max_tokens past the context",
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 600}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "negative temperature",
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": -0.5}).to_string(),
+            400,
+            Some("temperature"),
+        ),
         ("prompt past the context", "/v1/completions", json!({"prompt": long_prompt}).to_string(), 400, Some("prompt")),
         ("body over the limit", "/v1/completions", big, 413, None),
         ("no prompt", "/v1/completions", json!({"max_tokens": 3}).to_string(), 400, Some("prompt")),
         ("top_p above 1", "/v1/completions", json!({"prompt": "x", "top_p": 1.5}).to_string(), 400, Some("top_p")),
         ("n of 0", "/v1/completions", json!({"prompt": "x", "n": 0}).to_string(), 400, Some("n")),
-        ("five stop strings", "/v1/completions", json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, Some("stop")),
+        (
+            "five stop strings",
+            "/v1/completions",
+            json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).to_string(),
+            400,
+            Some("stop"),
+        ),
         ("a wrong type", "/v1/completions", json!({"prompt": "x", "max_tokens": "many"}).to_string(), 400, None),
-        ("a bad role", "/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(), 400, Some("messages")),
+        (
+            "a bad role",
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            Some("messages"),
+        ),
         ("no messages", "/v1/chat/completions", json!({"messages": []}).to_string(), 400, Some("messages")),
-        ("too many top_logprobs", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 50}).to_string(), 400, Some("top_logprobs")),
-        ("a prompt token outside the vocabulary", "/v1/completions", json!({"prompt": [1, 5, 100000]}).to_string(), 400, Some("prompt")),
+        (
+            "too many top_logprobs",
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 50}).to_string(),
+            400,
+            Some("top_logprobs"),
+        ),
+        (
+            "a prompt token outside the vocabulary",
+            "/v1/completions",
+            json!({"prompt": [1, 5, 100000]}).to_string(),
+            400,
+            Some("prompt"),
+        ),
         ("an unknown route", "/v1/engines", "{}".into(), 404, None),
     ];
     for (what, path, body, status, param) in &cases {
@@ -428,7 +480,9 @@ fn full_queue_gets_429_and_a_disconnect_cancels() {
     let base = s.base.clone();
     // A: streaming, long; read its first chunk so it is in the batch.
     let a = ureq::post(&format!("{base}/v1/completions"))
-        .send_string(&json!({"prompt": "", "max_tokens": 200, "temperature": 0, "stream": true, "ignore_eos": true}).to_string())
+        .send_string(
+            &json!({"prompt": "", "max_tokens": 200, "temperature": 0, "stream": true, "ignore_eos": true}).to_string(),
+        )
         .unwrap();
     let mut a_lines = BufReader::new(a.into_reader()).lines();
     a_lines.next().unwrap().unwrap();
@@ -453,7 +507,9 @@ fn full_queue_gets_429_and_a_disconnect_cancels() {
 fn ctrl_c_drains_requests_in_flight() {
     let mut s = start(&["--debug-step-delay-ms", "20"]);
     let r = ureq::post(&format!("{}/v1/completions", s.base))
-        .send_string(&json!({"prompt": "", "max_tokens": 30, "temperature": 0, "stream": true, "ignore_eos": true}).to_string())
+        .send_string(
+            &json!({"prompt": "", "max_tokens": 30, "temperature": 0, "stream": true, "ignore_eos": true}).to_string(),
+        )
         .unwrap();
     let mut lines = BufReader::new(r.into_reader()).lines();
     lines.next().unwrap().unwrap();
@@ -461,7 +517,11 @@ fn ctrl_c_drains_requests_in_flight() {
     assert!(status.success());
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     assert_eq!(rest.iter().rev().find(|l| !l.is_empty()).map(String::as_str), Some("data: [DONE]"));
-    let finish = rest.iter().filter_map(|l| l.strip_prefix("data: ")).filter_map(|d| serde_json::from_str::<Value>(d).ok()).find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_string));
+    let finish = rest
+        .iter()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_string));
     assert_eq!(finish.as_deref(), Some("length"));
     let start = Instant::now();
     let code = loop {

@@ -83,7 +83,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
+        let body =
+            json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
         (self.status, Json(body)).into_response()
     }
 }
@@ -104,7 +105,11 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 
 async fn not_found(State(st): State<Arc<AppState>>, req: Request) -> Response {
     st.metrics.request("other", 404);
-    let message = format!("no route {} {}: the routes are /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics", req.method(), req.uri().path());
+    let message = format!(
+        "no route {} {}: the routes are /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics",
+        req.method(),
+        req.uri().path()
+    );
     ApiError::invalid(None, message).status(StatusCode::NOT_FOUND).code("unknown_url").into_response()
 }
 
@@ -197,9 +202,12 @@ async fn handle(st: &Arc<AppState>, kind: Kind, req: Request) -> Result<Response
         serde_json::from_value(value).map_err(|e| ApiError::invalid(None, format!("invalid request: {e}")))?;
     if let Some(model) = &body.model {
         if model != &st.name {
-            return Err(ApiError::invalid(Some("model"), format!("the model `{model}` does not exist; this server has `{}`", st.name))
-                .status(StatusCode::NOT_FOUND)
-                .code("model_not_found"));
+            return Err(ApiError::invalid(
+                Some("model"),
+                format!("the model `{model}` does not exist; this server has `{}`", st.name),
+            )
+            .status(StatusCode::NOT_FOUND)
+            .code("model_not_found"));
         }
     }
     let prompt = match kind {
@@ -210,7 +218,11 @@ async fn handle(st: &Arc<AppState>, kind: Kind, req: Request) -> Result<Response
     if prompt.len() >= st.context {
         return Err(ApiError::invalid(
             Some(prompt_param),
-            format!("the prompt is {} tokens; the context is {} tokens, so no room is left to generate", prompt.len(), st.context),
+            format!(
+                "the prompt is {} tokens; the context is {} tokens, so no room is left to generate",
+                prompt.len(),
+                st.context
+            ),
         )
         .code("context_length_exceeded"));
     }
@@ -231,7 +243,15 @@ async fn handle(st: &Arc<AppState>, kind: Kind, req: Request) -> Result<Response
             code: Some("queue_full"),
         });
     }
-    let meta = Meta { id: next_id(kind), created: now_secs(), model: st.name.clone(), kind, n, prompt_tokens: prompt.len(), logprobs };
+    let meta = Meta {
+        id: next_id(kind),
+        created: now_secs(),
+        model: st.name.clone(),
+        kind,
+        n,
+        prompt_tokens: prompt.len(),
+        logprobs,
+    };
     if body.stream {
         Ok(stream(meta, rx, include_usage))
     } else {
@@ -241,11 +261,14 @@ async fn handle(st: &Arc<AppState>, kind: Kind, req: Request) -> Result<Response
 
 fn completion_prompt(st: &AppState, prompt: Option<&Value>) -> Result<Vec<u32>, ApiError> {
     let bad = |m: &str| ApiError::invalid(Some("prompt"), m.to_string());
-    let encode = |text: &str| st.tokenizer.encode_prompt(text).map_err(|e| bad(&format!("cannot encode the prompt: {e}")));
+    let encode =
+        |text: &str| st.tokenizer.encode_prompt(text).map_err(|e| bad(&format!("cannot encode the prompt: {e}")));
     match prompt {
         None => Err(bad("`prompt` is required")),
         Some(Value::String(s)) => encode(s),
-        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => encode(items[0].as_str().unwrap_or("")),
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            encode(items[0].as_str().unwrap_or(""))
+        }
         Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_number) => {
             let vocab = st.tokenizer.vocab_size() as u64;
             items
@@ -270,9 +293,12 @@ fn chat_prompt(st: &AppState, messages: Option<&Value>) -> Result<Vec<u32>, ApiE
     }
     let mut msgs = Vec::new();
     for (i, m) in items.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| bad(format!("messages[{i}] has no string `role`")))?;
+        let role =
+            m.get("role").and_then(Value::as_str).ok_or_else(|| bad(format!("messages[{i}] has no string `role`")))?;
         if !["system", "developer", "user", "assistant", "tool"].contains(&role) {
-            return Err(bad(format!("messages[{i}].role `{role}` is not one of system, developer, user, assistant, tool")));
+            return Err(bad(format!(
+                "messages[{i}].role `{role}` is not one of system, developer, user, assistant, tool"
+            )));
         }
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
@@ -319,7 +345,10 @@ fn chat_prompt(st: &AppState, messages: Option<&Value>) -> Result<Vec<u32>, ApiE
 fn gen_params(st: &AppState, kind: Kind, body: &Body, prompt_len: usize) -> Result<GenParams, ApiError> {
     let temperature = body.temperature.unwrap_or(1.0);
     if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(Some("temperature"), format!("temperature {temperature} must be between 0 and 2")));
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            format!("temperature {temperature} must be between 0 and 2"),
+        ));
     }
     let top_p = body.top_p.unwrap_or(1.0);
     if !top_p.is_finite() || !(0.0..=1.0).contains(&top_p) {
@@ -384,7 +413,9 @@ fn gen_params(st: &AppState, kind: Kind, body: &Body, prompt_len: usize) -> Resu
                         format!("top_logprobs must be from 0 to {MAX_TOP_LOGPROBS_CHAT}"),
                     ))
                 }
-                Some(_) if !on => return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs needs logprobs: true")),
+                Some(_) if !on => {
+                    return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs needs logprobs: true"))
+                }
                 k => on.then_some(k.unwrap_or(0) as usize),
             }
         }
@@ -502,7 +533,9 @@ async fn collect(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<R
             completion += tokens;
             let logprobs = meta.logprobs(&lps[i], 0);
             match meta.kind {
-                Kind::Completion => json!({"text": texts[i], "index": i, "logprobs": logprobs, "finish_reason": reason}),
+                Kind::Completion => {
+                    json!({"text": texts[i], "index": i, "logprobs": logprobs, "finish_reason": reason})
+                }
                 Kind::Chat => json!({
                     "index": i,
                     "message": {"role": "assistant", "content": texts[i]},
@@ -545,16 +578,24 @@ fn stream(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>, include_usage: boo
                     let lp = meta.logprobs(&logprobs, offsets[index]);
                     offsets[index] += text.len();
                     match meta.kind {
-                        Kind::Completion => json!({"text": text, "index": index, "logprobs": lp, "finish_reason": null}),
-                        Kind::Chat => json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}),
+                        Kind::Completion => {
+                            json!({"text": text, "index": index, "logprobs": lp, "finish_reason": null})
+                        }
+                        Kind::Chat => {
+                            json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+                        }
                     }
                 }
                 Some(Event::Done { index, finish_reason, completion_tokens }) => {
                     left -= 1;
                     completion += completion_tokens;
                     match meta.kind {
-                        Kind::Completion => json!({"text": "", "index": index, "logprobs": null, "finish_reason": finish_reason}),
-                        Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason}),
+                        Kind::Completion => {
+                            json!({"text": "", "index": index, "logprobs": null, "finish_reason": finish_reason})
+                        }
+                        Kind::Chat => {
+                            json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
+                        }
                     }
                 }
                 None => return,

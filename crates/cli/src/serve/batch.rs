@@ -100,7 +100,15 @@ fn gemm_block(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: usize, wid
 /// multiply-add would round differently from llama2.c's separate multiply and add).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn gemm_block_avx(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: usize, width: usize, local: &mut [f32]) {
+unsafe fn gemm_block_avx(
+    panels: &[f32],
+    inp: usize,
+    x: &[f32],
+    rows: usize,
+    o0: usize,
+    width: usize,
+    local: &mut [f32],
+) {
     let mut c = 0;
     while c + COLS <= width {
         let panel = &panels[(o0 + c) * inp..(o0 + c + COLS) * inp];
@@ -139,7 +147,15 @@ unsafe fn gemm_block_avx(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 #[inline]
-unsafe fn tile_avx<const R: usize>(panel: &[f32], inp: usize, x: &[f32], r0: usize, local: &mut [f32], width: usize, c: usize) {
+unsafe fn tile_avx<const R: usize>(
+    panel: &[f32],
+    inp: usize,
+    x: &[f32],
+    r0: usize,
+    local: &mut [f32],
+    width: usize,
+    c: usize,
+) {
     use std::arch::x86_64::*;
     assert!(panel.len() >= inp * COLS && x.len() >= (r0 + R) * inp && local.len() >= (r0 + R - 1) * width + c + COLS);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -184,7 +200,16 @@ fn gemm_block_generic(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: us
 /// The last, narrower panel (columns `c..width` of the block): one column at a time,
 /// the same order of terms.
 #[allow(clippy::too_many_arguments)]
-fn tail_columns(panels: &[f32], inp: usize, x: &[f32], rows: usize, o0: usize, c: usize, width: usize, local: &mut [f32]) {
+fn tail_columns(
+    panels: &[f32],
+    inp: usize,
+    x: &[f32],
+    rows: usize,
+    o0: usize,
+    c: usize,
+    width: usize,
+    local: &mut [f32],
+) {
     let tail = width - c;
     if tail == 0 {
         return;
@@ -319,7 +344,8 @@ impl BatchModel {
         }
         // x: [n, dim], the residual stream of every row.
         let emb = self.params.token_embedding();
-        let mut x: Vec<f32> = rows.iter().flat_map(|r| &emb[r.token as usize * dim..(r.token as usize + 1) * dim]).copied().collect();
+        let mut x: Vec<f32> =
+            rows.iter().flat_map(|r| &emb[r.token as usize * dim..(r.token as usize + 1) * dim]).copied().collect();
         let mut xb = vec![0.0f32; n * dim];
         let mut q = vec![0.0f32; n * dim];
         let mut k = vec![0.0f32; n * kvd];
@@ -378,7 +404,12 @@ impl BatchModel {
         }
         let mut normed = vec![0.0f32; want.len() * dim];
         for (i, &r) in want.iter().enumerate() {
-            rmsnorm(&mut normed[i * dim..(i + 1) * dim], &x[r * dim..(r + 1) * dim], self.params.rms_final(), c.norm_eps);
+            rmsnorm(
+                &mut normed[i * dim..(i + 1) * dim],
+                &x[r * dim..(r + 1) * dim],
+                self.params.rms_final(),
+                c.norm_eps,
+            );
         }
         let vocab = c.vocab_size;
         let mut logits = vec![0.0f32; want.len() * vocab];
@@ -450,7 +481,8 @@ mod tests {
         let params = Params::init(&config, 3).unwrap();
         let model = BatchModel::new(params.clone());
         let seqs: [Vec<u32>; 3] = [vec![1, 5, 9, 200, 7], vec![1, 44], vec![1, 3, 3]];
-        let want: Vec<Vec<Vec<f32>>> = seqs.iter().map(|s| llama::reference::forward_sequence(&params, s).unwrap()).collect();
+        let want: Vec<Vec<Vec<f32>>> =
+            seqs.iter().map(|s| llama::reference::forward_sequence(&params, s).unwrap()).collect();
         let n_layers = config.n_layers;
         let mut kv: Vec<SeqKv> = (0..3).map(|_| SeqKv::new(n_layers)).collect();
         // Sequences 1 and 2 first run their tokens but the last, one per step.

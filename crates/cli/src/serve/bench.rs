@@ -101,12 +101,20 @@ pub fn run(args: ServeBench) -> Result<()> {
                 Some(p) => AnyTokenizer::open(p)?,
                 None => AnyTokenizer::Llama2c(made_up_tokenizer(config.vocab_size)?),
             };
-            Loaded { model: BatchModel::new(params), tokenizer, stop_ids: vec![1, 2], template: None, name: "bench".into() }
+            Loaded {
+                model: BatchModel::new(params),
+                tokenizer,
+                stop_ids: vec![1, 2],
+                template: None,
+                name: "bench".into(),
+            }
         }
         None if std::path::Path::new(&args.model).exists() => {
             super::load(&serve_args(&args.model, args.tokenizer.clone(), args.clients))?
         }
-        None => bail!("--model `{}` is neither a preset ({}) nor a file", args.model, llama::config::PRESETS.join(", ")),
+        None => {
+            bail!("--model `{}` is neither a preset ({}) nor a file", args.model, llama::config::PRESETS.join(", "))
+        }
     };
     let c = loaded.model.config().clone();
     println!(

@@ -55,8 +55,16 @@ pub struct TokenLogprob {
 pub enum Event {
     /// New text (possibly empty while a character or a possible stop string is held
     /// back) and, when asked for, the log-probabilities of the tokens it came from.
-    Text { index: usize, text: String, logprobs: Vec<TokenLogprob> },
-    Done { index: usize, finish_reason: &'static str, completion_tokens: usize },
+    Text {
+        index: usize,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Done {
+        index: usize,
+        finish_reason: &'static str,
+        completion_tokens: usize,
+    },
 }
 
 /// A request for the engine.

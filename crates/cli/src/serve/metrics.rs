@@ -97,7 +97,11 @@ impl Metrics {
             ("anetrain_batch_steps_total", "Batched forward passes.", &self.steps),
             ("anetrain_batch_rows_total", "Token rows over all batched forward passes.", &self.rows),
             ("anetrain_prefix_cache_hits_total", "Prompts that started from a cached prefix.", &self.prefix_hits),
-            ("anetrain_prefix_cache_tokens_total", "Prompt tokens whose keys and values came from the prefix cache.", &self.prefix_tokens),
+            (
+                "anetrain_prefix_cache_tokens_total",
+                "Prompt tokens whose keys and values came from the prefix cache.",
+                &self.prefix_tokens,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
@@ -109,7 +113,11 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
         }
-        self.ttft.write(&mut out, "anetrain_time_to_first_token_seconds", "From a request's arrival to its first token.");
+        self.ttft.write(
+            &mut out,
+            "anetrain_time_to_first_token_seconds",
+            "From a request's arrival to its first token.",
+        );
         self.itl.write(&mut out, "anetrain_inter_token_latency_seconds", "Between consecutive tokens of a sequence.");
         out
     }

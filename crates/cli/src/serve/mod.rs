@@ -138,9 +138,9 @@ pub fn load(args: &ServeArgs) -> Result<Loaded> {
             Some(p) => AnyTokenizer::open(p)?,
             None => AnyTokenizer::Llama2c(crate::sample::find_tokenizer(&args.model, None)?.0),
         };
-        tokenizer.check_model_vocab(params.config().vocab_size).with_context(|| {
-            format!("the tokenizer for {}", args.model.display())
-        })?;
+        tokenizer
+            .check_model_vocab(params.config().vocab_size)
+            .with_context(|| format!("the tokenizer for {}", args.model.display()))?;
         // llama2.c stops when the model predicts BOS.
         let stop = tokenizer.bos_id().filter(|_| tokenizer.as_llama2c().is_some()).into_iter().collect();
         let dir = args.tokenizer.as_deref().unwrap_or(&args.model).parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -165,11 +165,7 @@ pub fn load(args: &ServeArgs) -> Result<Loaded> {
     };
     let name = match &args.model_name {
         Some(n) => n.clone(),
-        None => args
-            .model
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into()),
+        None => args.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
     };
     let model = BatchModel::new(params);
     Ok(Loaded { model, tokenizer, stop_ids, template, name })

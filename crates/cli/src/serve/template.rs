@@ -42,7 +42,9 @@ impl ChatTemplate {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Array(list)) => {
                 let named = |name: &str| {
-                    list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name)).and_then(|t| t.get("template"))
+                    list.iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+                        .and_then(|t| t.get("template"))
                 };
                 match named("default").and_then(|t| t.as_str()) {
                     Some(s) => s.to_string(),
@@ -119,8 +121,10 @@ mod tests {
 
     #[test]
     fn plain_concatenation() {
-        let msgs =
-            [Message { role: "system".into(), content: "Be brief.".into() }, Message { role: "user".into(), content: "Hi".into() }];
+        let msgs = [
+            Message { role: "system".into(), content: "Be brief.".into() },
+            Message { role: "user".into(), content: "Hi".into() },
+        ];
         assert_eq!(plain(&msgs), "system: Be brief.\nuser: Hi\nassistant:");
     }
 }
