@@ -67,6 +67,9 @@ pub enum BenchCommand {
         #[arg(long, default_value = "fp32")]
         precision: Precision,
     },
+    /// `anetrain serve` in this process, driven by N streaming clients against one:
+    /// aggregate tokens/s, TTFT and inter-token latency p50/p99, and their ratio.
+    Serve(crate::serve::bench::ServeBench),
 }
 
 #[derive(Args, Debug)]
@@ -84,7 +87,7 @@ pub struct GemmBench {
 }
 
 /// A clap parser for counts that must be at least 1.
-fn positive(s: &str) -> std::result::Result<usize, String> {
+pub(crate) fn positive(s: &str) -> std::result::Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
@@ -124,6 +127,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Pipelines { model, steps, batch, seq, sim_compile_ms, precision } => {
             bench_pipelines(&model, steps, batch, seq, sim_compile_ms, precision)
         }
+        BenchCommand::Serve(args) => crate::serve::bench::run(args),
     }
 }
 

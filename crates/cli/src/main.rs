@@ -20,6 +20,7 @@ mod mil_cmd;
 mod npy;
 mod probe_cmd;
 mod sample;
+mod serve;
 mod train_cmd;
 
 /// Train Llama-family transformers on Apple's Neural Engine — and run the very same
@@ -66,6 +67,8 @@ enum Command {
     Dashboard(dashboard_cmd::DashboardArgs),
     /// PNG charts of loss and ms/step from telemetry files.
     Plot(dashboard_cmd::PlotArgs),
+    /// An OpenAI-compatible HTTP server (completions, chat, streaming, continuous batching).
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// An error the system, not the user, is responsible for: exit status 2.
@@ -172,6 +175,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => hf_cmd::generate(args),
         Command::Dashboard(args) => dashboard_cmd::dashboard(args),
         Command::Plot(args) => dashboard_cmd::plot(args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
