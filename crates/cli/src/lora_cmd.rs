@@ -330,3 +330,138 @@ pub fn export(args: &ExportArgs) -> Result<()> {
     }
     crate::train_cmd::export_params(args, &params)
 }
+
+/// Surface bytes one training step moves through the ANE on paper (`ios18`: fp32
+/// surfaces), the weights inside the dynamic pipeline's surfaces included: the dynamic
+/// pipeline's six kernels and the LoRA pipeline's per-layer kernels, each evaluated once
+/// per layer and micro-batch (the classifier runs on the CPU in both).
+fn ane_bytes_per_step(config: &llama::Config, lora: &LoraConfig, batch: usize, seq: usize) -> Result<(f64, f64)> {
+    use train::cost_model::KernelWork;
+    use train::kernels::{self, LayerDims};
+    use train::lora_kernels as lk;
+    use train::static_kernels as sk;
+    let dialect = mil::Dialect::Ios18;
+    let d = LayerDims { dim: config.dim, hidden: config.hidden_dim, n_heads: config.n_heads, n_kv_heads: config.n_kv_heads };
+    let t = batch * seq;
+    let io = |def: &train::kernels::KernelDef| KernelWork::of_program(def.name, &def.program).io_bytes();
+    let dynamic = [
+        kernels::qkv_forward(&d, t, dialect)?,
+        kernels::attention_forward(&d, batch, seq, dialect)?,
+        kernels::ffn_forward(&d, t, dialect)?,
+        kernels::ffn_backward(&d, t, dialect)?,
+        kernels::attention_backward(&d, batch, seq, dialect)?,
+        kernels::qkv_backward(&d, t, dialect)?,
+    ];
+    let full: f64 = dynamic.iter().map(io).sum::<f64>() * config.n_layers as f64;
+    // One layer's LoRA kernels (the baked values do not change the surfaces).
+    let (dim, kv, hid) = (d.dim, d.kv_dim(), d.hidden);
+    let w = |n: usize| vec![0.0f32; n];
+    let (rms, wq, wk, wv, wo) = (w(dim), w(dim * dim), w(kv * dim), w(kv * dim), w(dim * dim));
+    let (w1, w2, w3) = (w(hid * dim), w(dim * hid), w(hid * dim));
+    let aw = sk::AttentionWeights { rms: &rms, wq: &wq, wk: &wk, wv: &wv, wo: &wo, bias: None };
+    let fw = sk::FfnWeights { rms: &rms, w1: &w1, w2: &w2, w3: &w3 };
+    let (tg, r) = (&lora.targets, lora.rank);
+    let mut defs = vec![
+        lk::attention_forward(&d, batch, seq, 1e-5, &aw, tg, r, dialect)?,
+        lk::ffn_forward(&d, t, 1e-5, &fw, tg, r, dialect)?,
+        lk::ffn_backward(&d, t, &fw, tg, r, dialect)?,
+        lk::attention_backward_wo(&d, t, &wo, tg, r, dialect)?,
+        sk::attention_backward_free(&d, batch, seq, dialect)?,
+        lk::qkv_backward(&d, t, &aw, tg, r, dialect)?,
+    ];
+    let (attn, ffn): (Vec<_>, Vec<_>) = tg.iter().partition(|t| t.is_attention());
+    for g in [attn, ffn].into_iter().filter(|g| !g.is_empty()) {
+        defs.push(lk::adapter_grads(&d, t, &g, r, dialect)?);
+    }
+    let lora_bytes: f64 = defs.iter().map(io).sum::<f64>() * config.n_layers as f64;
+    Ok((full, lora_bytes))
+}
+
+/// `anetrain bench train --lora RANK`: full fine-tuning (dynamic pipeline) and LoRA
+/// fine-tuning of the same model on the same random tokens, in alternating rounds on
+/// one device; the fastest round of each is reported, with the optimizer-plus-gradient
+/// memory of both and the ANE surface bytes per step on paper.
+pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, rounds: usize) -> Result<()> {
+    use train::trainer::Trainer;
+    if steps == 0 || rounds == 0 {
+        bail!("--steps and --rounds must be at least 1");
+    }
+    let params = crate::bench::model_or_preset(spec)?;
+    let config = params.config().clone();
+    if seq > config.seq_len {
+        bail!("--seq {seq} is larger than the model's context of {}", config.seq_len);
+    }
+    let lora_cfg = LoraConfig::new(rank);
+    lora_cfg.validate(&config).map_err(anyhow::Error::msg)?;
+    let device = crate::devices::open_device(crate::devices::DeviceArg::Cpu, Precision::Fp32)?;
+    let n_tokens = (batch * (seq + 1) * 4).max(4096) as u64;
+    let tokens: Vec<u16> =
+        (0..n_tokens).map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16).collect();
+    let data = || train::data::Dataset::from_tokens("random tokens", tokens.clone(), config.vocab_size, seq);
+    let settings = TrainConfig {
+        steps: steps * rounds as u64 + 1,
+        lr: 1e-4,
+        min_lr: 1e-5,
+        warmup: 0,
+        batch,
+        accum: 1,
+        seq,
+        clip: 1.0,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        eval_every: 0,
+        eval_batches: 1,
+        ckpt_every: 0,
+        seed: 1,
+        loss_scaling: false,
+    };
+    let mut base = params.clone();
+    round_base_to_fp16(&mut base);
+    let lora = LoraParams::init(&config, &lora_cfg, 1);
+    let n_params = params.len();
+    let mut full = Trainer::new(device.as_ref(), params, settings.clone(), data()?, None)?;
+    let mut lt = LoraTrainer::new(device.as_ref(), base, lora, settings, train::binding::IoConvention::Packed, data()?, None)?;
+    let mut telemetry = Telemetry::none();
+    full.step(&mut telemetry)?; // warm-up
+    lt.step(&mut telemetry)?;
+    let (mut best_full, mut best_lora) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..rounds {
+        let t0 = full.cumulative.train_seconds;
+        for _ in 0..steps {
+            full.step(&mut telemetry)?;
+        }
+        best_full = best_full.min((full.cumulative.train_seconds - t0) / steps as f64 * 1e3);
+        let t0 = lt.cumulative.train_seconds;
+        for _ in 0..steps {
+            lt.step(&mut telemetry)?;
+        }
+        best_lora = best_lora.min((lt.cumulative.train_seconds - t0) / steps as f64 * 1e3);
+    }
+    // Full fine-tuning keeps a gradient and two AdamW moments per parameter (f32).
+    let mem_full = 3.0 * 4.0 * n_params as f64;
+    let mem_lora = lt.optimizer_and_gradient_bytes() as f64;
+    let (ane_full, ane_lora) = ane_bytes_per_step(&config, &lora_cfg, batch, seq)?;
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    println!(
+        "bench train --lora {rank}: {spec}, batch {batch} × seq {seq}, CPU device (fp32), fastest of {rounds} round(s) of {steps} step(s)"
+    );
+    println!("| | full fine-tuning (dynamic) | LoRA r={rank} (q,v) | LoRA / full |");
+    println!("|---|---:|---:|---:|");
+    println!("| ms/step | {best_full:.1} | {best_lora:.1} | {:.2}× |", best_lora / best_full);
+    println!(
+        "| optimizer + gradient memory | {:.1} MiB | {:.2} MiB | {:.4}× |",
+        mib(mem_full),
+        mib(mem_lora),
+        mem_lora / mem_full
+    );
+    println!(
+        "| ANE surface bytes per step (on paper, ios18) | {:.1} MiB | {:.1} MiB | {:.2}× |",
+        mib(ane_full),
+        mib(ane_lora),
+        ane_lora / ane_full
+    );
+    println!("| kernels compiled per run | 6 | {} | |", lt.kernels());
+    Ok(())
+}

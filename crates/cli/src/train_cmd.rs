@@ -151,7 +151,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// True when `--flag` (by argument id: `min_lr`) was given on the command line.
-    fn gave(&self, id: &str) -> bool {
+    pub(crate) fn gave(&self, id: &str) -> bool {
         self.given.iter().any(|g| g == id)
     }
 }
