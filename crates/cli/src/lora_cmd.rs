@@ -104,12 +104,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     if resuming && !lora_trainer::is_lora_checkpoint(&args.ckpt) {
-        bail!("--resume: {} is not a LoRA checkpoint (drop --lora to continue a full training run)", args.ckpt.display());
+        bail!(
+            "--resume: {} is not a LoRA checkpoint (drop --lora to continue a full training run)",
+            args.ckpt.display()
+        );
     }
     if resuming && (args.lora.any_setting() || args.lora.init_lora.is_some()) {
         let s = lora_trainer::read_summary(&args.ckpt)?;
         if args.lora.lora.is_some_and(|r| r != s.lora.rank) {
-            bail!("--lora {}: the checkpoint trains rank {}; a resumed run keeps it", args.lora.lora.unwrap_or(0), s.lora.rank);
+            bail!(
+                "--lora {}: the checkpoint trains rank {}; a resumed run keeps it",
+                args.lora.lora.unwrap_or(0),
+                s.lora.rank
+            );
         }
         if args.lora.init_lora.is_some() {
             bail!("--init-lora with --resume: the checkpoint already holds the adapters");
@@ -120,7 +127,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(p) => Some(llama::Tokenizer::read(p)?),
         None => {
             // The base's tokenizer: beside the checkpoint when resuming, else beside the model.
-            let beside = if resuming { args.ckpt.with_file_name("tokenizer.bin") } else { Path::new(&args.model).with_file_name("tokenizer.bin") };
+            let beside = if resuming {
+                args.ckpt.with_file_name("tokenizer.bin")
+            } else {
+                Path::new(&args.model).with_file_name("tokenizer.bin")
+            };
             beside.is_file().then(|| llama::Tokenizer::read(&beside)).transpose()?
         }
     };
@@ -154,7 +165,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     let c = &lora.config;
                     let clash = args.lora.lora.is_some_and(|r| r != c.rank)
                         || args.lora.lora_alpha.is_some_and(|a| a != c.alpha)
-                        || args.lora.lora_targets.as_deref().is_some_and(|t| LoraConfig::parse_targets(t).ok().as_ref() != Some(&c.targets));
+                        || args
+                            .lora
+                            .lora_targets
+                            .as_deref()
+                            .is_some_and(|t| LoraConfig::parse_targets(t).ok().as_ref() != Some(&c.targets));
                     if clash {
                         bail!(
                             "--init-lora {}: the adapter is rank {}, alpha {}, targets {}; drop --lora/--lora-alpha/--lora-targets or match them",
@@ -174,7 +189,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             None => {
                 let rank = args.lora.lora.expect("enabled");
                 let targets = match &args.lora.lora_targets {
-                    Some(list) => LoraConfig::parse_targets(list).map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?,
+                    Some(list) => {
+                        LoraConfig::parse_targets(list).map_err(|e| anyhow::anyhow!("--lora-targets: {e}"))?
+                    }
                     None => train::lora::DEFAULT_TARGETS.to_vec(),
                 };
                 let cfg = LoraConfig {
@@ -249,7 +266,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trainer.kernels(),
         if resuming { format!(", resuming after step {}", trainer.step) } else { String::new() }
     );
-    let bar = crate::train_cmd::progress_bar(args.quiet || args.telemetry.as_deref() == Some(Path::new("-")), trainer.step, last);
+    let bar = crate::train_cmd::progress_bar(
+        args.quiet || args.telemetry.as_deref() == Some(Path::new("-")),
+        trainer.step,
+        last,
+    );
     let cumulative_wall = trainer.cumulative.wall_seconds;
     let mut last_val = None;
     while trainer.step < last {
@@ -317,12 +338,18 @@ pub fn export(args: &ExportArgs) -> Result<()> {
             return crate::train_cmd::export_params(args, &merged);
         }
         if l.lora_adapter.is_none() {
-            bail!("{} is a LoRA checkpoint: give --lora-adapter DIR and/or --merge-lora with --to or --to-hf", args.model.display());
+            bail!(
+                "{} is a LoRA checkpoint: give --lora-adapter DIR and/or --merge-lora with --to or --to-hf",
+                args.model.display()
+            );
         }
         return Ok(());
     }
     if l.lora_adapter.is_some() || l.merge_lora {
-        bail!("--lora-adapter and --merge-lora need a LoRA checkpoint (from `train --lora`); {} is not one", args.model.display());
+        bail!(
+            "--lora-adapter and --merge-lora need a LoRA checkpoint (from `train --lora`); {} is not one",
+            args.model.display()
+        );
     }
     let mut params = crate::load_model(&args.model)?;
     if let Some(dir) = &l.lora {
@@ -341,7 +368,12 @@ fn ane_bytes_per_step(config: &llama::Config, lora: &LoraConfig, batch: usize, s
     use train::lora_kernels as lk;
     use train::static_kernels as sk;
     let dialect = mil::Dialect::Ios18;
-    let d = LayerDims { dim: config.dim, hidden: config.hidden_dim, n_heads: config.n_heads, n_kv_heads: config.n_kv_heads };
+    let d = LayerDims {
+        dim: config.dim,
+        hidden: config.hidden_dim,
+        n_heads: config.n_heads,
+        n_kv_heads: config.n_kv_heads,
+    };
     let t = batch * seq;
     let io = |def: &train::kernels::KernelDef| KernelWork::of_program(def.name, &def.program).io_bytes();
     let dynamic = [
@@ -395,8 +427,9 @@ pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, roun
     lora_cfg.validate(&config).map_err(anyhow::Error::msg)?;
     let device = crate::devices::open_device(crate::devices::DeviceArg::Cpu, Precision::Fp32)?;
     let n_tokens = (batch * (seq + 1) * 4).max(4096) as u64;
-    let tokens: Vec<u16> =
-        (0..n_tokens).map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16).collect();
+    let tokens: Vec<u16> = (0..n_tokens)
+        .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
+        .collect();
     let data = || train::data::Dataset::from_tokens("random tokens", tokens.clone(), config.vocab_size, seq);
     let settings = TrainConfig {
         steps: steps * rounds as u64 + 1,
@@ -422,7 +455,8 @@ pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, roun
     let lora = LoraParams::init(&config, &lora_cfg, 1);
     let n_params = params.len();
     let mut full = Trainer::new(device.as_ref(), params, settings.clone(), data()?, None)?;
-    let mut lt = LoraTrainer::new(device.as_ref(), base, lora, settings, train::binding::IoConvention::Packed, data()?, None)?;
+    let mut lt =
+        LoraTrainer::new(device.as_ref(), base, lora, settings, train::binding::IoConvention::Packed, data()?, None)?;
     let mut telemetry = Telemetry::none();
     full.step(&mut telemetry)?; // warm-up
     lt.step(&mut telemetry)?;

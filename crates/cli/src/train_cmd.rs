@@ -734,7 +734,9 @@ pub struct ExportArgs {
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    if args.lora.lora_adapter.is_some() || args.lora.merge_lora || args.lora.lora.is_some()
+    if args.lora.lora_adapter.is_some()
+        || args.lora.merge_lora
+        || args.lora.lora.is_some()
         || train::lora_trainer::is_lora_checkpoint(&args.model)
     {
         return crate::lora_cmd::export(&args);

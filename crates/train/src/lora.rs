@@ -36,8 +36,15 @@ pub enum LoraTarget {
 
 impl LoraTarget {
     /// Every target, in the order adapters are stored.
-    pub const ALL: [LoraTarget; 7] =
-        [LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O, LoraTarget::Gate, LoraTarget::Up, LoraTarget::Down];
+    pub const ALL: [LoraTarget; 7] = [
+        LoraTarget::Q,
+        LoraTarget::K,
+        LoraTarget::V,
+        LoraTarget::O,
+        LoraTarget::Gate,
+        LoraTarget::Up,
+        LoraTarget::Down,
+    ];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -93,7 +100,7 @@ impl LoraTarget {
     }
 
     /// The base weight `[out, in]` of this projection in layer `l`.
-    pub fn base<'p>(self, params: &'p Params, l: usize) -> &'p [f32] {
+    pub fn base(self, params: &Params, l: usize) -> &[f32] {
         let w = params.layer(l);
         match self {
             LoraTarget::Q => w.wq(),
@@ -160,9 +167,8 @@ impl LoraConfig {
         }
         let mut targets = Vec::new();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let t = LoraTarget::parse(item).ok_or_else(|| {
-                format!("`{item}` is not a projection: give some of q,k,v,o,gate,up,down (or `all`)")
-            })?;
+            let t = LoraTarget::parse(item)
+                .ok_or_else(|| format!("`{item}` is not a projection: give some of q,k,v,o,gate,up,down (or `all`)"))?;
             targets.push(t);
         }
         if targets.is_empty() {

@@ -489,13 +489,22 @@ impl LoraPipeline {
         let s = &mut self.scratch;
         // The classifier is frozen: its loss and dx only.
         s.dxn.fill(0.0);
-        let loss = self.classifier.forward_backward_input(&s.xn_final, base.classifier(), targets, grad_scale, &mut s.dxn);
+        let loss =
+            self.classifier.forward_backward_input(&s.xn_final, base.classifier(), targets, grad_scale, &mut s.dxn);
         lap(&mut t, &mut self.times.classifier);
         let (times, slots) = (&mut self.times, &mut self.slots);
         s.dx.fill(0.0);
         // The norms' gain gradients are not needed (frozen); their buffer is scratch.
         s.dgain.fill(0.0);
-        cpu_ops::rmsnorm_backward(&mut s.dx, &mut s.dgain, &s.dxn, &s.x_final, base.rms_final(), &s.r_final, &mut s.row);
+        cpu_ops::rmsnorm_backward(
+            &mut s.dx,
+            &mut s.dgain,
+            &s.dxn,
+            &s.x_final,
+            base.rms_final(),
+            &s.r_final,
+            &mut s.row,
+        );
         lap(&mut t, &mut times.rmsnorm);
         for l in (0..self.shape.config.n_layers).rev() {
             let w = base.layer(l);
@@ -517,7 +526,9 @@ impl LoraPipeline {
             k.take("gate", &mut s.gate);
             lap(&mut t, &mut times.surface_io);
             if let (Some(k), Some(kernel)) = (&mut slots.grads_ffn, &mut self.grads_ffn) {
-                for (name, data) in [("xn2", &a.xn2), ("gate", &s.gate), ("dh1", &s.dh1), ("dh3", &s.dh3), ("dy_ffn", &s.dx)] {
+                for (name, data) in
+                    [("xn2", &a.xn2), ("gate", &s.gate), ("dh1", &s.dh1), ("dh3", &s.dh3), ("dy_ffn", &s.dx)]
+                {
                     if k.has(name) {
                         k.write(name, data);
                     }
@@ -563,7 +574,8 @@ impl LoraPipeline {
             k.take("dx", &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
             if let (Some(k), Some(kernel)) = (&mut slots.grads_attn, &mut self.grads_attn) {
-                let blocks = [("xn1", &a.xn1), ("o", &a.o), ("dq", &s.dq), ("dk", &s.dk), ("dv", &s.dv), ("dy_attn", &s.dx)];
+                let blocks =
+                    [("xn1", &a.xn1), ("o", &a.o), ("dq", &s.dq), ("dk", &s.dk), ("dv", &s.dv), ("dy_attn", &s.dx)];
                 for (name, data) in blocks {
                     if k.has(name) {
                         k.write(name, data);

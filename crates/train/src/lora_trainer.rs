@@ -132,13 +132,23 @@ impl<'d> LoraTrainer<'d> {
             AdamWConfig { beta1: train.beta1, beta2: train.beta2, eps: train.eps, weight_decay: train.weight_decay };
         // Every adapter value is decayed, as torch.optim.AdamW does with PEFT's
         // trainable parameters (one parameter group).
-        let adam = AdamW::new(adam_config, lora.len(), vec![0..lora.len()]).map_err(|e| TrainError::Config(e.to_string()))?;
+        let adam = AdamW::new(adam_config, lora.len(), std::iter::once(0..lora.len()).collect())
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         let scaler = if train.loss_scaling { LossScaler::fp16() } else { LossScaler::disabled() };
         let sampler = data::Sampler::new(train.seed);
-        LoraTrainer::assemble(device, base, lora, train, io, (adam, scaler, sampler, 0, Cumulative::default()), train_data, val_data)
+        LoraTrainer::assemble(
+            device,
+            base,
+            lora,
+            train,
+            io,
+            (adam, scaler, sampler, 0, Cumulative::default()),
+            train_data,
+            val_data,
+        )
     }
 
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)] // the run's parts, resumed or fresh
     fn assemble(
         device: &'d dyn Device,
         base: Params,
@@ -194,7 +204,8 @@ impl<'d> LoraTrainer<'d> {
         if m.len() != lora.len() || v.len() != lora.len() {
             return Err(err("optimizer state does not match the adapters".into()));
         }
-        let mut adam = AdamW::new(meta.adam, lora.len(), vec![0..lora.len()]).map_err(|e| err(e.to_string()))?;
+        let mut adam = AdamW::new(meta.adam, lora.len(), std::iter::once(0..lora.len()).collect())
+            .map_err(|e| err(e.to_string()))?;
         (adam.m, adam.v, adam.step) = (m, v, meta.adam_step);
         let mut train = meta.train;
         if let Some(s) = steps {

@@ -126,7 +126,9 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig, PeftError> {
         Some(a) => return bad("lora_alpha", &format!("{a} must be positive")),
     };
     let dropout = field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
-    for (name, unsupported) in [("use_rslora", "rank-stabilised scaling"), ("use_dora", "DoRA"), ("fan_in_fan_out", "Conv1D-style layers")] {
+    for (name, unsupported) in
+        [("use_rslora", "rank-stabilised scaling"), ("use_dora", "DoRA"), ("fan_in_fan_out", "Conv1D-style layers")]
+    {
         if field(name).and_then(Value::as_bool) == Some(true) {
             return bad(name, &format!("{unsupported} is not supported"));
         }
@@ -199,7 +201,10 @@ pub fn read_adapter(dir: &Path, config: &Config) -> Result<LoraParams, PeftError
         let what = extra.map_or(String::new(), |n| format!(" (such as `{n}`)"));
         return Err(error(
             &path,
-            format!("holds {} tensors, its config implies {used}{what}: layers or modules the base does not have", st.len()),
+            format!(
+                "holds {} tensors, its config implies {used}{what}: layers or modules the base does not have",
+                st.len()
+            ),
         ));
     }
     Ok(lora)

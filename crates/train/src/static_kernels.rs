@@ -95,7 +95,16 @@ fn inv_rms(g: &mut Gen, name: &str, x: &Var, eps: f32) -> Var {
 /// sines are `cos`, `sin` (`[hd/2, T]`); `inverse` rotates by the opposite angles (the
 /// backward of the rotation, which is orthogonal). Elementwise only, no `concat`.
 #[allow(clippy::too_many_arguments)] // the value, its head split, the two tables, the direction
-pub(crate) fn rope(g: &mut Gen, name: &str, x: &Var, heads: usize, hd: usize, cos: &Var, sin: &Var, inverse: bool) -> Var {
+pub(crate) fn rope(
+    g: &mut Gen,
+    name: &str,
+    x: &Var,
+    heads: usize,
+    hd: usize,
+    cos: &Var,
+    sin: &Var,
+    inverse: bool,
+) -> Var {
     let (h, p, t) = (heads as i64, (hd / 2) as i64, x.ty.shape[3] as i64);
     let x4 = g.b.reshape(&format!("{name}_4"), x, &[h, p, 2, t]); // [h, p, 2, T]
     let e = g.b.slice_by_size(&format!("{name}_e"), &x4, &[0, 0, 0, 0], &[h, p, 1, t]);

@@ -7,9 +7,9 @@ use device::{cpu::CpuDevice, Device, Precision, Surface};
 use mil::lint::{self, Severity};
 use mil::Dialect;
 use train::kernels::{self, IoConvention, KernelDef, LayerDims, Target};
-use train::model::HEAD_PART_ROWS;
 use train::lora::LoraTarget;
 use train::lora_kernels as lk;
+use train::model::HEAD_PART_ROWS;
 use train::static_kernels as sk;
 
 /// The rules the packed convention exists to satisfy, and the surface rules that only

@@ -83,7 +83,8 @@ fn lora_loss_and_gradients_match_the_merged_model_through_the_chain_rule() {
         let what = format!("kv {n_kv}, bias {bias}, targets {targets}");
         let config = tiny(n_kv, bias);
         let base = fp16_base(&config, 3);
-        let lora_cfg = LoraConfig { alpha: 12.0, targets: LoraConfig::parse_targets(targets).unwrap(), ..LoraConfig::new(4) };
+        let lora_cfg =
+            LoraConfig { alpha: 12.0, targets: LoraConfig::parse_targets(targets).unwrap(), ..LoraConfig::new(4) };
         let lora = adapters(&config, &lora_cfg, 5);
         let (b, s) = (2, 8);
         let (inputs, targets) = batch(&config, b, s, 4);
@@ -163,7 +164,7 @@ fn a_lora_step_equals_a_full_step_with_the_base_frozen() {
     let (inputs, targets) = batch(&config, 2, 8, 23);
     let device = CpuDevice::new(Precision::Fp32);
     let adam_cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-    let all = vec![0..start.len()];
+    let all = std::iter::once(0..start.len()).collect::<Vec<_>>();
 
     let mut full = Params::zeros(&config).unwrap();
     DynamicPipeline::new(&device, &config, 2, 8)
@@ -171,7 +172,12 @@ fn a_lora_step_equals_a_full_step_with_the_base_frozen() {
         .forward_backward(&start.merge(&base), &mut full, &inputs, &targets, 1.0)
         .unwrap();
     let mut want = start.clone();
-    AdamW::new(adam_cfg, start.len(), all.clone()).unwrap().update(want.as_mut_slice(), &start.grads_from_full(&full), 1e-2, 1.0);
+    AdamW::new(adam_cfg, start.len(), all.clone()).unwrap().update(
+        want.as_mut_slice(),
+        &start.grads_from_full(&full),
+        1e-2,
+        1.0,
+    );
 
     let mut pipe = LoraPipeline::new(&device, base.clone(), &lora_cfg, 2, 8, IoConvention::Packed).unwrap();
     let mut grads = vec![0.0f32; start.len()];
