@@ -363,6 +363,10 @@ pub struct TrainBench {
     /// Print the figures as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Compare full fine-tuning with LoRA fine-tuning of this rank (q,v) on the CPU
+    /// device: ms/step, optimizer + gradient memory, ANE bytes per step on paper.
+    #[arg(long, value_name = "RANK")]
+    lora: Option<usize>,
 }
 
 /// scripts/bench_pytorch.py, carried in the binary so `--pytorch` works from any folder.
@@ -414,6 +418,9 @@ const MEMORY_BOUND_PHASES: [&str; 4] = ["surface_io", "rmsnorm", "optimizer", "o
 
 fn bench_train(b: &TrainBench) -> Result<()> {
     use train::trainer::Trainer;
+    if let Some(rank) = b.lora {
+        return crate::lora_cmd::bench(&b.model, rank, b.batch.unwrap_or(8), b.seq, b.steps, b.rounds);
+    }
     let device_arg = match b.device {
         TrainBenchDevice::AneModel => return bench_train_model(b),
         TrainBenchDevice::Cpu => DeviceArg::Cpu,

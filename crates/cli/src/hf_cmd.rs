@@ -170,6 +170,9 @@ pub struct GenerateArgs {
     /// .npy file, and stop (no generation): to compare with another implementation.
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder to apply (merged into the weights in memory, W + s·B·A).
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
 }
 
 /// `anetrain generate`: prefill the prompt, then decode one token at a time with the
@@ -223,7 +226,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         );
     }
     config.seq_len = context;
-    let params = Params::from_vec(&config, model.params.into_vec())?;
+    let mut params = Params::from_vec(&config, model.params.into_vec())?;
+    if let Some(dir) = &args.lora {
+        crate::lora_cmd::read_adapter(dir, &params, "--lora")?.merge_into(&mut params);
+    }
     let mut stop: Vec<u32> = tokenizer.eos_ids();
     stop.extend(&model.hf_config.eos_token_ids);
 

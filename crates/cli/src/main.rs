@@ -16,6 +16,7 @@ mod dashboard_cmd;
 mod data_cmd;
 mod devices;
 mod hf_cmd;
+mod lora_cmd;
 mod mil_cmd;
 mod npy;
 mod probe_cmd;

@@ -37,6 +37,9 @@ pub struct SampleArgs {
     pub device: DeviceArg,
     #[arg(long, default_value = "fp32")]
     pub precision: Precision,
+    /// A PEFT LoRA adapter folder to apply (merged into the weights in memory, W + s·B·A).
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
 }
 
 /// The tokenizer for a model (the given file, or tokenizer.bin beside the model) and
@@ -75,7 +78,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.top_p) {
         bail!("--top-p {} must be between 0 and 1", args.top_p);
     }
-    let params = crate::load_model(&args.model)?;
+    let mut params = crate::load_model(&args.model)?;
+    if let Some(dir) = &args.lora {
+        crate::lora_cmd::read_adapter(dir, &params, "--lora")?.merge_into(&mut params);
+    }
     let config = params.config().clone();
     let (tokenizer, tokenizer_path) = find_tokenizer(&args.model, args.tokenizer.as_deref())?;
     tokenizer

@@ -29,7 +29,7 @@ use crate::devices::{open_device, DeviceArg};
 /// model's loss keeps falling for a few hundred steps.
 const BUILTIN_STORIES: usize = 6000;
 /// Vocabulary of the BPE tokenizer trained on the built-in corpus (llama2.c's small models use 512).
-const BUILTIN_VOCAB: usize = 512;
+pub(crate) const BUILTIN_VOCAB: usize = 512;
 /// Fraction of the built-in tokens held out for validation.
 const BUILTIN_VAL_FRACTION: f64 = 0.05;
 
@@ -142,6 +142,9 @@ pub struct TrainArgs {
     /// (tens to hundreds), to see what double-buffered compilation hides.
     #[arg(long, value_name = "MS")]
     pub sim_compile_ms: Option<u64>,
+    // ── LoRA (crate::lora_cmd) ──
+    #[command(flatten)]
+    pub lora: crate::lora_cmd::LoraArgs,
     /// The flags given on the command line (not defaulted), by argument id.
     #[arg(skip)]
     pub given: Vec<String>,
@@ -149,7 +152,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// True when `--flag` (by argument id: `min_lr`) was given on the command line.
-    fn gave(&self, id: &str) -> bool {
+    pub(crate) fn gave(&self, id: &str) -> bool {
         self.given.iter().any(|g| g == id)
     }
 }
@@ -210,7 +213,7 @@ fn ane_io_choice(args: &TrainArgs) -> Result<IoChoice> {
 
 /// The device, with the CPU device's emulated compile budget and latency when asked for,
 /// and the I/O convention its kernels use.
-fn training_device(args: &TrainArgs) -> Result<(Box<dyn Device>, IoConvention)> {
+pub(crate) fn training_device(args: &TrainArgs) -> Result<(Box<dyn Device>, IoConvention)> {
     let requested = match args.ane_io {
         Some(AneIoArg::Multi) => IoConvention::Multi,
         _ => IoConvention::Packed,
@@ -250,10 +253,10 @@ fn training_cpu_device(args: &TrainArgs) -> Result<Box<dyn Device>> {
 }
 
 /// What the data step produced: the splits and the tokenizer to save beside the model.
-struct Data {
-    train: Dataset,
-    val: Option<Dataset>,
-    tokenizer: Option<Tokenizer>,
+pub(crate) struct Data {
+    pub(crate) train: Dataset,
+    pub(crate) val: Option<Dataset>,
+    pub(crate) tokenizer: Option<Tokenizer>,
 }
 
 /// The built-in corpus, tokenized with `tokenizer` or with a BPE vocabulary trained on it.
@@ -269,7 +272,7 @@ fn builtin_data(tokenizer: Option<Tokenizer>, vocab: usize, seq: usize, seed: u6
     Ok(Data { train: splits.train, val: splits.val, tokenizer: Some(tokenizer) })
 }
 
-fn load_data(args: &TrainArgs, config: &Config, seq: usize, tokenizer: Option<Tokenizer>) -> Result<Data> {
+pub(crate) fn load_data(args: &TrainArgs, config: &Config, seq: usize, tokenizer: Option<Tokenizer>) -> Result<Data> {
     if args.data.is_empty() {
         if args.val_data.is_some() {
             bail!("--val-data needs --data: the built-in corpus makes its own validation split");
@@ -293,7 +296,7 @@ fn load_data(args: &TrainArgs, config: &Config, seq: usize, tokenizer: Option<To
 }
 
 /// Model parameters to start from: a preset (random init), a model.bin or a checkpoint.
-fn initial_params(spec: &str, seed: u64, tokenizer_vocab: Option<usize>) -> Result<Params> {
+pub(crate) fn initial_params(spec: &str, seed: u64, tokenizer_vocab: Option<usize>) -> Result<Params> {
     if let Some(mut config) = Config::preset(spec) {
         // A fresh model takes its vocabulary from its tokenizer.
         if let Some(v) = tokenizer_vocab {
@@ -398,6 +401,10 @@ fn resume_schedule(args: &TrainArgs, t: &TrainConfig) -> (f32, f32, u64) {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    // LoRA runs have their own trainer and pipeline (crate::lora_cmd).
+    if args.lora.enabled() || (args.resume && train::lora_trainer::is_lora_checkpoint(&args.ckpt)) {
+        return crate::lora_cmd::run(args);
+    }
     let process_start = std::time::Instant::now();
     // The device and its flags first: a mistake there is named before anything else.
     let (device, io) = training_device(&args)?;
@@ -677,7 +684,7 @@ fn exec(_exe: &Path, _argv: &[std::ffi::OsString]) -> Result<()> {
     bail!("restarting needs exec(), which this system lacks: continue with --resume")
 }
 
-fn progress_bar(hidden: bool, pos: u64, len: u64) -> ProgressBar {
+pub(crate) fn progress_bar(hidden: bool, pos: u64, len: u64) -> ProgressBar {
     if hidden {
         return ProgressBar::hidden();
     }
@@ -692,7 +699,7 @@ fn progress_bar(hidden: bool, pos: u64, len: u64) -> ProgressBar {
 }
 
 /// A short sample from the trained model, so the user sees what it learned.
-fn print_sample(
+pub(crate) fn print_sample(
     device: &dyn device::Device,
     params: &Params,
     tokenizer: &Tokenizer,
@@ -721,7 +728,7 @@ pub struct ExportArgs {
     /// An anetrain checkpoint or a llama2.c model.bin.
     pub model: PathBuf,
     /// The llama2.c model.bin to write (tokenizer.bin is copied beside it).
-    #[arg(long, required_unless_present = "to_hf", conflicts_with = "to_hf")]
+    #[arg(long, required_unless_present_any = ["to_hf", "lora_adapter"], conflicts_with = "to_hf")]
     pub to: Option<PathBuf>,
     /// A Hugging Face folder to write instead: model.safetensors, config.json and
     /// tokenizer files (LlamaForCausalLM).
@@ -730,12 +737,27 @@ pub struct ExportArgs {
     /// llama2.c format version: 0 (legacy, what llama2.c's run reads) or 1.
     #[arg(long = "format-version", default_value_t = 0)]
     pub format_version: u8,
+    // ── LoRA (crate::lora_cmd) ──
+    #[command(flatten)]
+    pub lora: crate::lora_cmd::LoraExportArgs,
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    if args.lora.lora_adapter.is_some()
+        || args.lora.merge_lora
+        || args.lora.lora.is_some()
+        || train::lora_trainer::is_lora_checkpoint(&args.model)
+    {
+        return crate::lora_cmd::export(&args);
+    }
     let params = crate::load_model(&args.model)?;
+    export_params(&args, &params)
+}
+
+/// Writes `params` where `args` say (--to model.bin or --to-hf DIR).
+pub(crate) fn export_params(args: &ExportArgs, params: &Params) -> Result<()> {
     let to = match (&args.to, &args.to_hf) {
-        (_, Some(dir)) => return crate::hf_cmd::export_hf(&params, &args.model, dir),
+        (_, Some(dir)) => return crate::hf_cmd::export_hf(params, &args.model, dir),
         (Some(to), None) => to,
         (None, None) => bail!("give --to model.bin or --to-hf DIR"),
     };
@@ -747,7 +769,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
     if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    llama::llama2c::write_model(&params, to, version)?;
+    llama::llama2c::write_model(params, to, version)?;
     let tok = args.model.with_file_name("tokenizer.bin");
     let dest = to.with_file_name("tokenizer.bin");
     if tok.exists() && tok != dest {

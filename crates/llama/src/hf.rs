@@ -605,8 +605,8 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
-/// Decodes a tensor's bytes to f32.
-fn decode(view: &safetensors::tensor::TensorView<'_>, dst: &mut [f32]) {
+/// Decodes a tensor's bytes (F32, F16 or BF16, checked by the caller) to f32.
+pub fn decode(view: &safetensors::tensor::TensorView<'_>, dst: &mut [f32]) {
     let data = view.data();
     match view.dtype() {
         Dtype::F32 => {

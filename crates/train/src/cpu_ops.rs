@@ -525,6 +525,35 @@ impl ClassifierLoss {
         (loss_sum / t_len.max(1) as f64) as f32
     }
 
+    /// As [`ClassifierLoss::forward_backward`] for a frozen classifier: the mean
+    /// cross-entropy and `dx [D, T] += Wclsᵀ · dlogits` only, without `dWcls` (one of the
+    /// step's largest GEMMs, which LoRA fine-tuning does not need).
+    pub fn forward_backward_input(
+        &mut self,
+        x: &[f32],
+        wcls: &[f32],
+        targets: &[u32],
+        grad_scale: f32,
+        dx: &mut [f32],
+    ) -> f32 {
+        let t_len = self.check_shapes(x, wcls, targets);
+        assert_eq!(dx.len(), x.len(), "dx must be shaped like x");
+        let (vocab, dim) = (self.vocab, self.dim);
+        let row_scale = grad_scale / t_len.max(1) as f32;
+        let mut loss_sum = 0.0f64;
+        for t0 in (0..t_len).step_by(self.chunk) {
+            let n = self.chunk.min(t_len - t0);
+            let dlogits = chunk_logits(&mut self.logits, x, wcls, (t0, n, t_len));
+            loss_sum += softmax_cross_entropy_rows(dlogits, &targets[t0..t0 + n], vocab, row_scale);
+            let dlogits = MatRef::new(dlogits, n, vocab); // [n, V]
+            let w = MatRef::new(wcls, vocab, dim);
+            let dxc = MatMut::strided(&mut dx[t0..], dim, n, t_len);
+            // dx[:, t0..t0+n] += Wclsᵀ [D, V] · dlogitsᵀ [V, n]
+            matmul_acc(dxc, w.t(), dlogits.t());
+        }
+        (loss_sum / t_len.max(1) as f64) as f32
+    }
+
     /// Checks the operands and returns `T`.
     fn check_shapes(&self, x: &[f32], wcls: &[f32], targets: &[u32]) -> usize {
         let t_len = targets.len();

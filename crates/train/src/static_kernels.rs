@@ -66,7 +66,7 @@ pub struct FfnWeights<'a> {
 }
 
 /// Bakes `data` (row-major `shape`) as a BLOBFILE constant named `name`.
-fn bake(g: &mut Gen, name: &str, shape: &[usize], data: &[f32]) -> Var {
+pub(crate) fn bake(g: &mut Gen, name: &str, shape: &[usize], data: &[f32]) -> Var {
     let blob = g.weights.add_tensor(name, shape, data);
     g.b.constant(name, blob)
 }
@@ -74,7 +74,7 @@ fn bake(g: &mut Gen, name: &str, shape: &[usize], data: &[f32]) -> Var {
 /// RMSNorm over the channels of `x: [C, T]` (fp16): returns `(x · r · gain, r)` with
 /// `r = (mean_c x² + eps)^(-1/2)` `[1, T]`. `pow(·, -0.5)`, not `rsqrt`: the ANE is
 /// reported to reject `rsqrt`/`sqrt` after a reduction (see the lint).
-fn rmsnorm_in(g: &mut Gen, name: &str, x: &Var, gain: &Var, eps: f32) -> (Var, Var) {
+pub(crate) fn rmsnorm_in(g: &mut Gen, name: &str, x: &Var, gain: &Var, eps: f32) -> (Var, Var) {
     let r = inv_rms(g, name, x, eps);
     let xr = g.b.mul(&format!("{name}_xr"), x, &r);
     let y = g.b.mul(&format!("{name}_y"), &xr, gain);
@@ -95,7 +95,16 @@ fn inv_rms(g: &mut Gen, name: &str, x: &Var, eps: f32) -> Var {
 /// sines are `cos`, `sin` (`[hd/2, T]`); `inverse` rotates by the opposite angles (the
 /// backward of the rotation, which is orthogonal). Elementwise only, no `concat`.
 #[allow(clippy::too_many_arguments)] // the value, its head split, the two tables, the direction
-fn rope(g: &mut Gen, name: &str, x: &Var, heads: usize, hd: usize, cos: &Var, sin: &Var, inverse: bool) -> Var {
+pub(crate) fn rope(
+    g: &mut Gen,
+    name: &str,
+    x: &Var,
+    heads: usize,
+    hd: usize,
+    cos: &Var,
+    sin: &Var,
+    inverse: bool,
+) -> Var {
     let (h, p, t) = (heads as i64, (hd / 2) as i64, x.ty.shape[3] as i64);
     let x4 = g.b.reshape(&format!("{name}_4"), x, &[h, p, 2, t]); // [h, p, 2, T]
     let e = g.b.slice_by_size(&format!("{name}_e"), &x4, &[0, 0, 0, 0], &[h, p, 1, t]);

@@ -7,6 +7,8 @@ use device::{cpu::CpuDevice, Device, Precision, Surface};
 use mil::lint::{self, Severity};
 use mil::Dialect;
 use train::kernels::{self, IoConvention, KernelDef, LayerDims, Target};
+use train::lora::LoraTarget;
+use train::lora_kernels as lk;
 use train::model::HEAD_PART_ROWS;
 use train::static_kernels as sk;
 
@@ -86,6 +88,21 @@ fn every_kernel(s: &Shape, dialect: Dialect) -> Vec<KernelDef> {
     let chunks = sk::vocab_chunks(s.vocab, lint::MAX_DIMENSION);
     let rows = chunks[0].len();
     v.push(sk::classifier_softmax(dim, t, rows, &w(rows * dim), chunks.len() > 1, dialect).unwrap());
+    // LoRA: the baked kernels with adapters in the surface, and the weight-free gradient
+    // kernels (all targets at rank 8; PEFT's default q,v at rank 16).
+    for (targets, rank) in [(LoraTarget::ALL.to_vec(), 8), (vec![LoraTarget::Q, LoraTarget::V], 16)] {
+        v.extend([
+            lk::attention_forward(d, batch, seq, 1e-5, &aw, &targets, rank, dialect).unwrap(),
+            lk::ffn_forward(d, t, 1e-5, &fw, &targets, rank, dialect).unwrap(),
+            lk::ffn_backward(d, t, &fw, &targets, rank, dialect).unwrap(),
+            lk::attention_backward_wo(d, t, &wo, &targets, rank, dialect).unwrap(),
+            lk::qkv_backward(d, t, &aw, &targets, rank, dialect).unwrap(),
+        ]);
+        let (attn, ffn): (Vec<LoraTarget>, Vec<LoraTarget>) = targets.iter().partition(|t| t.is_attention());
+        for group in [attn, ffn].into_iter().filter(|g| !g.is_empty()) {
+            v.push(lk::adapter_grads(d, t, &group, rank, dialect).unwrap());
+        }
+    }
     v
 }
 
