@@ -214,6 +214,11 @@ impl Distributed {
         }
     }
 
+    /// [`Distributed::optimizer_bytes`] of a trainer's optimizer.
+    pub fn optimizer_bytes_of(&self, trainer: &crate::trainer::Trainer<'_>) -> usize {
+        self.optimizer_bytes(trainer.optimizer())
+    }
+
     /// True when global micro-batch `index` of a step is this rank's: `r, r + N, …`.
     pub fn owns(&self, index: usize) -> bool {
         index % self.size() == self.rank()
@@ -372,7 +377,7 @@ mod mpi_backend {
             let universe = mpi::initialize().ok_or("MPI was already initialised in this process")?;
             let world = universe.world();
             let version = mpi::environment::library_version().unwrap_or_else(|_| "MPI".into());
-            let version = version.lines().next().unwrap_or("MPI").trim().to_string();
+            let version = version.lines().next().and_then(|l| l.split(',').next()).unwrap_or("MPI").trim().to_string();
             Ok(Mpi { world, scratch: RefCell::new(Vec::new()), version, _universe: universe })
         }
     }

@@ -639,6 +639,11 @@ impl<'d> Trainer<'d> {
         Ok(())
     }
 
+    /// The AdamW state (without its moments under ZeRO-1: [`Distributed`] holds the shard).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.adam
+    }
+
     /// The ranks of this run (see [`Trainer::distribute`]).
     pub fn distributed(&self) -> &Distributed {
         &self.dist
