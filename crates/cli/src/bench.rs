@@ -662,7 +662,7 @@ fn bench_train_ranks(
     println!(
         "  bytes sent per step     {:>10.1} MB per rank  (fp32 gradients, ring-algorithm payload; buckets of {} MiB)",
         bytes / 1e6,
-        BUCKET * 4 >> 20
+        (BUCKET * 4) >> 20
     );
     println!(
         "  optimizer state         {:>10.1} MB per rank  (AdamW m and v; unsharded {:.1} MB)",

@@ -416,7 +416,8 @@ fn run_rank(args: TrainArgs, comm: std::rc::Rc<dyn train::distributed::Collectiv
     // Nothing is lost: a checkpoint a kill -9 left half-written goes; an existing
     // checkpoint is continued (--resume) or replaced (--overwrite), never silently;
     // and a path that cannot take a checkpoint is found now, not after the run.
-    for stale in root.then(|| train::checkpoint::remove_stale_temps(&args.ckpt)).unwrap_or_default() {
+    let stale_temps = if root { train::checkpoint::remove_stale_temps(&args.ckpt) } else { Vec::new() };
+    for stale in stale_temps {
         eprintln!("note: removed {}, a checkpoint write that an ended process left unfinished", stale.display());
     }
     if args.ckpt.is_file() && !args.resume && !args.overwrite {
