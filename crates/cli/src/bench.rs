@@ -367,6 +367,14 @@ pub struct TrainBench {
     /// device: ms/step, optimizer + gradient memory, ANE bytes per step on paper.
     #[arg(long, value_name = "RANK")]
     lora: Option<usize>,
+    /// Data parallel: run under `mpirun -np N` (built with `--features mpi`); each rank
+    /// trains one micro-batch of a step. Prints tokens/s per rank and in total, the time
+    /// in gradient collectives and the bytes sent per step.
+    #[arg(long, value_name = "N")]
+    ranks: Option<usize>,
+    /// With --ranks: ZeRO-1, the AdamW state sharded over the ranks.
+    #[arg(long, requires = "ranks")]
+    shard_optimizer: bool,
 }
 
 /// scripts/bench_pytorch.py, carried in the binary so `--pytorch` works from any folder.
@@ -458,6 +466,9 @@ fn bench_train(b: &TrainBench) -> Result<()> {
         bail!("--seq {seq} is larger than the model's context of {}", config.seq_len);
     }
     let device = open_device(device_arg, b.precision)?;
+    if let Some(ranks) = b.ranks {
+        return bench_train_ranks(b, ranks, device.as_ref(), params, batch);
+    }
     let tokens = random_tokens(&config, batch, seq);
     let data = train::data::Dataset::from_tokens("random tokens", tokens, config.vocab_size, seq)?;
     let settings = bench_settings(steps * b.rounds as u64 + 1, batch, seq, b.precision);
@@ -609,6 +620,88 @@ fn bench_train(b: &TrainBench) -> Result<()> {
             if ceiling_tokens_per_s < 1.3 * fastest { ": 1.3× is out of this machine's reach" } else { "" }
         );
     }
+    Ok(())
+}
+
+/// `bench train --ranks N` under `mpirun -np N`: data-parallel steps, one micro-batch of
+/// `batch` sequences per rank and step; rank 0 prints.
+fn bench_train_ranks(
+    b: &TrainBench,
+    ranks: usize,
+    device: &dyn device::Device,
+    params: llama::Params,
+    batch: usize,
+) -> Result<()> {
+    use train::distributed::{Distributed, BUCKET};
+    let comm = train::distributed::init().map_err(anyhow::Error::msg)?;
+    if comm.size() != ranks {
+        bail!(
+            "--ranks {ranks}: this process is one of {} rank(s); run `mpirun -np {ranks} anetrain bench train --ranks \
+             {ranks} …` with an anetrain built with `--features mpi`",
+            comm.size()
+        );
+    }
+    if b.json || b.pytorch.is_some() || b.rounds != 1 {
+        bail!("--ranks does not go with --json, --pytorch or --rounds");
+    }
+    let config = params.config().clone();
+    let n_params = params.len();
+    let tokens = random_tokens(&config, batch, b.seq);
+    let data = train::data::Dataset::from_tokens("random tokens", tokens, config.vocab_size, b.seq)?;
+    let mut settings = bench_settings(b.steps + 1, batch, b.seq, b.precision);
+    settings.accum = ranks;
+    let mut trainer = train::trainer::Trainer::new(device, params, settings, data, None)?;
+    trainer.distribute(Distributed::new(comm.clone()).with_sharded_optimizer(b.shard_optimizer))?;
+    let mut telemetry = train::telemetry::Telemetry::none();
+    trainer.step(&mut telemetry)?; // warm-up
+    let (warm, warm_comm) = (trainer.cumulative, trainer.distributed().stats());
+    let start = Instant::now();
+    for _ in 0..b.steps {
+        trainer.step(&mut telemetry)?;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let (c, stats) = (trainer.cumulative, trainer.distributed().stats());
+    let steps = b.steps as f64;
+    let total_tokens_per_s = (c.tokens - warm.tokens) as f64 / wall;
+    // Every rank's time in collectives, averaged over the ranks.
+    let mut comm_s = [stats.seconds - warm_comm.seconds];
+    comm.all_reduce_sum_f64(&mut comm_s);
+    let comm_ms = comm_s[0] / ranks as f64 / steps * 1e3;
+    let bytes = (stats.bytes_sent - warm_comm.bytes_sent) / steps;
+    let optimizer = trainer.distributed().optimizer_bytes_of(&trainer);
+    if !trainer.distributed().is_root() {
+        return Ok(());
+    }
+    println!(
+        "bench train --ranks {ranks}: {} ({:.1} M params), batch {batch} × seq {} per rank, on {} over {}{}, {} timed \
+         steps",
+        b.model,
+        n_params as f64 / 1e6,
+        b.seq,
+        device.name(),
+        comm.backend(),
+        if b.shard_optimizer { ", optimizer sharded (ZeRO-1)" } else { "" },
+        b.steps
+    );
+    let ms = wall / steps * 1e3;
+    println!("  ms/step                 {ms:>10.1}");
+    println!("  tokens/s total          {total_tokens_per_s:>10.1}");
+    println!("  tokens/s per rank       {:>10.1}", total_tokens_per_s / ranks as f64);
+    println!("  collectives ms/step     {comm_ms:>10.1}  ({:.1} % of the step; mean over ranks)", 100.0 * comm_ms / ms);
+    println!(
+        "  hidden behind backward  {:>10.1} %  (the collectives run after the backward: docs/DISTRIBUTED.md)",
+        0.0
+    );
+    println!(
+        "  bytes sent per step     {:>10.1} MB per rank  (fp32 gradients, ring-algorithm payload; buckets of {} MiB)",
+        bytes / 1e6,
+        (BUCKET * 4) >> 20
+    );
+    println!(
+        "  optimizer state         {:>10.1} MB per rank  (AdamW m and v; unsharded {:.1} MB)",
+        optimizer as f64 / 1e6,
+        (8 * n_params) as f64 / 1e6
+    );
     Ok(())
 }
 

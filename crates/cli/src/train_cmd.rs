@@ -145,6 +145,10 @@ pub struct TrainArgs {
     // ── LoRA (crate::lora_cmd) ──
     #[command(flatten)]
     pub lora: crate::lora_cmd::LoraArgs,
+    /// Data-parallel runs (`mpirun -np N anetrain train …`, built with `--features mpi`):
+    /// ZeRO-1, each rank keeps the AdamW state of 1/N of the parameters (same results).
+    #[arg(long)]
+    pub shard_optimizer: bool,
     /// The flags given on the command line (not defaulted), by argument id.
     #[arg(skip)]
     pub given: Vec<String>,
@@ -318,6 +322,7 @@ fn check_resume_flags(
     args: &TrainArgs,
     ckpt: &trainer::CheckpointSummary,
     tokenizer_vocab: Option<usize>,
+    ranks: usize,
 ) -> Result<Vec<String>> {
     let keep = "a resumed run keeps it: drop the flag, or start a new run with --overwrite";
     if args.gave("model") {
@@ -343,7 +348,8 @@ fn check_resume_flags(
     let t = &ckpt.train;
     let fixed: [(&str, &str, String, String); 10] = [
         ("batch", "--batch", args.batch.to_string(), t.batch.to_string()),
-        ("accum", "--accum", args.accum.to_string(), t.accum.to_string()),
+        // A checkpoint counts the micro-batches of a step over all ranks (--accum × ranks).
+        ("accum", "--accum × ranks", (args.accum * ranks).to_string(), t.accum.to_string()),
         ("seq", "--seq", args.seq.map_or(String::new(), |s| s.to_string()), t.seq.to_string()),
         ("clip", "--clip", args.clip.to_string(), t.clip.to_string()),
         ("weight_decay", "--weight-decay", args.weight_decay.to_string(), t.weight_decay.to_string()),
@@ -401,17 +407,37 @@ fn resume_schedule(args: &TrainArgs, t: &TrainConfig) -> (f32, f32, u64) {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    // LoRA runs have their own trainer and pipeline (crate::lora_cmd).
-    if args.lora.enabled() || (args.resume && train::lora_trainer::is_lora_checkpoint(&args.ckpt)) {
-        return crate::lora_cmd::run(args);
+    // Data parallel (docs/DISTRIBUTED.md): under mpirun every rank runs this. An error on
+    // one rank, named with its rank, ends the whole job (no rank waits forever in a
+    // collective); the abort comes before MPI is finalised.
+    let comm = train::distributed::init().map_err(anyhow::Error::msg)?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    // LoRA runs have their own trainer and pipeline (crate::lora_cmd), on one process.
+    let lora = args.lora.enabled() || (args.resume && train::lora_trainer::is_lora_checkpoint(&args.ckpt));
+    let result = if lora && ranks > 1 {
+        Err(anyhow::anyhow!("--lora: LoRA runs are not data-parallel yet; run them as one process (no mpirun)"))
+    } else if lora {
+        crate::lora_cmd::run(args)
+    } else {
+        run_rank(args, comm.clone())
+    };
+    if let (Err(e), true) = (&result, ranks > 1) {
+        eprintln!("anetrain: rank {rank} of {ranks}: error: {e:#}\nanetrain: rank {rank}: aborting the job");
+        train::distributed::abort_job(1);
     }
+    result
+}
+
+fn run_rank(args: TrainArgs, comm: std::rc::Rc<dyn train::distributed::Collective>) -> Result<()> {
     let process_start = std::time::Instant::now();
+    let (root, ranks) = (comm.rank() == 0, comm.size());
     // The device and its flags first: a mistake there is named before anything else.
     let (device, io) = training_device(&args)?;
     // Nothing is lost: a checkpoint a kill -9 left half-written goes; an existing
     // checkpoint is continued (--resume) or replaced (--overwrite), never silently;
     // and a path that cannot take a checkpoint is found now, not after the run.
-    for stale in train::checkpoint::remove_stale_temps(&args.ckpt) {
+    let stale_temps = if root { train::checkpoint::remove_stale_temps(&args.ckpt) } else { Vec::new() };
+    for stale in stale_temps {
         eprintln!("note: removed {}, a checkpoint write that an ended process left unfinished", stale.display());
     }
     if args.ckpt.is_file() && !args.resume && !args.overwrite {
@@ -423,7 +449,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             args.ckpt.display()
         );
     }
-    train::checkpoint::check_writable(&args.ckpt).context("--ckpt: cannot write a checkpoint there")?;
+    if root {
+        train::checkpoint::check_writable(&args.ckpt).context("--ckpt: cannot write a checkpoint there")?;
+    }
     let given_tokenizer = match &args.tokenizer {
         Some(p) => Some(Tokenizer::read(p)?),
         None if args.resume => {
@@ -446,7 +474,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let summary = if resuming { Some(trainer::checkpoint_summary(&args.ckpt)?) } else { None };
     let resume_notes = match &summary {
-        Some(s) => check_resume_flags(&args, s, tokenizer_vocab)?,
+        Some(s) => check_resume_flags(&args, s, tokenizer_vocab, ranks)?,
         None => Vec::new(),
     };
     let config = if let Some(s) = &summary {
@@ -490,7 +518,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if (lr, min_lr, warmup) != (s.train.lr, s.train.min_lr, s.train.warmup) {
             trainer.set_schedule(lr, min_lr, warmup)?;
         }
-        for note in &resume_notes {
+        for note in resume_notes.iter().filter(|_| root) {
             eprintln!("note: --resume: {note}");
         }
         trainer
@@ -502,7 +530,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
             warmup: args.warmup,
             batch: args.batch,
-            accum: args.accum,
+            accum: args.accum * ranks,
             seq,
             clip: args.clip,
             weight_decay: args.weight_decay,
@@ -520,7 +548,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let pipeline = pipeline.unwrap_or_default();
         Trainer::with_pipeline(device.as_ref(), params, settings, pipeline, data.train, data.val)?
     };
-    if let Some(t) = &data.tokenizer {
+    let dist = train::distributed::Distributed::new(comm.clone()).with_sharded_optimizer(args.shard_optimizer);
+    trainer.distribute(dist)?;
+    if let Some(t) = data.tokenizer.as_ref().filter(|_| root) {
         let path = args.ckpt.with_file_name("tokenizer.bin");
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -528,25 +558,41 @@ pub fn run(args: TrainArgs) -> Result<()> {
         t.write(&path)?;
     }
 
-    let mut telemetry = match &args.telemetry {
+    let mut telemetry = match args.telemetry.as_ref().filter(|_| root) {
         Some(p) => Telemetry::open(p).with_context(|| format!("--telemetry {}", p.display()))?,
         None => Telemetry::none(),
     };
     telemetry.emit(&trainer.start_event(args.precision.name(), resuming))?;
     let last = args.stop_after.map_or(trainer.train.steps, |k| k.min(trainer.train.steps));
-    let bar = progress_bar(args.quiet || args.telemetry.as_deref() == Some(Path::new("-")), trainer.step, last);
-    eprintln!(
-        "training {} ({:.2} M params) on {} ({}, {} pipeline): {} steps of {}×{} tokens{}",
-        if resuming { args.ckpt.display().to_string() } else { args.model.clone() },
-        trainer.params.len() as f64 / 1e6,
-        device.name(),
-        args.precision.name(),
-        trainer.pipeline_config().label(),
-        trainer.train.steps,
-        trainer.train.batch * trainer.train.accum,
-        trainer.train.seq,
-        if resuming { format!(", resuming after step {}", trainer.step) } else { String::new() }
-    );
+    let bar =
+        progress_bar(!root || args.quiet || args.telemetry.as_deref() == Some(Path::new("-")), trainer.step, last);
+    if ranks > 1 && root {
+        let t = &trainer.train;
+        eprintln!(
+            "data parallel over {ranks} ranks ({}{}): effective batch {} × --accum {} × {ranks} ranks = {} sequences \
+             of {} tokens per step",
+            comm.backend(),
+            if trainer.distributed().sharded() { ", optimizer state sharded (ZeRO-1)" } else { "" },
+            t.batch,
+            t.accum / ranks,
+            t.batch * t.accum,
+            t.seq
+        );
+    }
+    if root {
+        eprintln!(
+            "training {} ({:.2} M params) on {} ({}, {} pipeline): {} steps of {}×{} tokens{}",
+            if resuming { args.ckpt.display().to_string() } else { args.model.clone() },
+            trainer.params.len() as f64 / 1e6,
+            device.name(),
+            args.precision.name(),
+            trainer.pipeline_config().label(),
+            trainer.train.steps,
+            trainer.train.batch * trainer.train.accum,
+            trainer.train.seq,
+            if resuming { format!(", resuming after step {}", trainer.step) } else { String::new() }
+        );
+    }
     // Wall time counts this process from its start (setup and the first compile
     // included), on top of what earlier processes of the run counted.
     let session_start = process_start;
@@ -568,6 +614,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
                     device.compiles_left().unwrap_or(0),
                     trainer.pipeline_config().label(),
                     trainer.step_compiles_ahead()
+                );
+            }
+            if ranks > 1 {
+                trainer.save(&args.ckpt)?;
+                bail!(
+                    "the device's compile budget is spent after step {} (checkpointed), and a data-parallel run \
+                     cannot restart its processes under mpirun: continue with --resume, or train with --pipeline \
+                     dynamic (compiles once)",
+                    trainer.step
                 );
             }
             trainer.cumulative.wall_seconds = cumulative_wall + session_start.elapsed().as_secs_f64();
@@ -616,6 +671,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     telemetry.emit(&Event::Checkpoint { step: trainer.step, path: args.ckpt.display().to_string() })?;
     let report = trainer.report();
     telemetry.emit(&Event::End { report })?;
+    if !root {
+        return Ok(());
+    }
     eprintln!("{report}");
     eprintln!(
         "checkpoint: {} (step {}{})",

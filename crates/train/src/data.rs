@@ -361,6 +361,18 @@ impl Dataset {
     }
 }
 
+impl Dataset {
+    /// Draws the windows of a batch of `batch` sequences without reading them: the
+    /// sampler ends where [`Dataset::sample_batch`] would have left it. (A data-parallel
+    /// rank skips the other ranks' micro-batches of a step this way, so every rank and
+    /// every rank count walk the same stream; [`crate::distributed`].)
+    pub fn skip_batch(&self, sampler: &mut Sampler, batch: usize) {
+        for _ in 0..batch {
+            sampler.rng.gen_range(0..self.n_windows());
+        }
+    }
+}
+
 /// The random stream that picks windows: ChaCha8, reproducible from its state.
 #[derive(Clone, Debug)]
 pub struct Sampler {

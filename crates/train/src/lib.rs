@@ -19,6 +19,7 @@ pub mod corpus;
 pub mod cost_model;
 pub mod cpu_ops;
 pub mod data;
+pub mod distributed;
 pub mod double_buffer;
 pub mod download;
 pub mod kernels;

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::data::{self, Dataset, SamplerState};
-use crate::optim::{self, AdamW, AdamWConfig, LossScaler, LrSchedule};
+use crate::distributed::Distributed;
+use crate::optim::{AdamW, AdamWConfig, LossScaler, LrSchedule};
 use crate::pipelines::{CompileCost, Pipeline, PipelineConfig};
 use crate::telemetry::{Cumulative, Event, PhasesMs, Report, StepFlops, Telemetry};
 
@@ -234,6 +235,9 @@ pub struct Trainer<'d> {
     device: &'d dyn Device,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    /// The ranks of a data-parallel run (one process unless [`Trainer::distribute`]d).
+    /// `train.accum` counts the micro-batches of a step over all ranks.
+    dist: Distributed,
 }
 
 impl<'d> Trainer<'d> {
@@ -318,6 +322,7 @@ impl<'d> Trainer<'d> {
             train,
             inputs: vec![0; n],
             targets: vec![0; n],
+            dist: Distributed::default(),
         })
     }
 
@@ -404,11 +409,13 @@ impl<'d> Trainer<'d> {
             pipeline: self.pipeline_config,
             eval_pending: self.eval_pending,
         };
-        let mut arrays = vec![
-            ("params".into(), self.params.as_slice().to_vec()),
-            ("adam.m".into(), self.adam.m.clone()),
-            ("adam.v".into(), self.adam.v.clone()),
-        ];
+        // Data parallel: every rank calls this (ZeRO-1 gathers the moments); rank 0 writes.
+        let (m, v) = self.dist.full_moments(&self.adam, self.params.len());
+        if !self.dist.is_root() {
+            return Ok(());
+        }
+        let mut arrays =
+            vec![("params".into(), self.params.as_slice().to_vec()), ("adam.m".into(), m), ("adam.v".into(), v)];
         if let Some(stale) = self.pipeline.stale_params() {
             arrays.push((STALE_PARAMS.into(), stale.as_slice().to_vec()));
         }
@@ -440,10 +447,16 @@ impl<'d> Trainer<'d> {
         let accum = self.train.accum;
         let grad_scale = self.scaler.scale / accum as f32;
         // The `accum` micro-batches share one version of the kernels: one compile.
-        let Trainer { pipeline, params, grads, train_data, sampler, inputs, targets, device, .. } = self;
+        let batch = self.train.batch;
+        let Trainer { pipeline, params, grads, train_data, sampler, inputs, targets, device, dist, .. } = self;
         let (passes, cost) = pipeline.step(*device, params, step, |passes, weights| {
             let mut loss_sum = 0.0f64;
-            for _ in 0..accum {
+            for micro in 0..accum {
+                // Data parallel: this rank's micro-batches only; all ranks walk the stream.
+                if !dist.owns(micro) {
+                    train_data.skip_batch(sampler, batch);
+                    continue;
+                }
                 train_data.sample_batch(sampler, inputs, targets);
                 let loss = passes.forward_backward(weights, grads, inputs, targets, grad_scale)?;
                 if !loss.is_finite() {
@@ -453,13 +466,13 @@ impl<'d> Trainer<'d> {
             }
             Ok(loss_sum)
         })?;
-        let loss = (passes? / accum as f64) as f32;
+        let loss = (self.dist.sum_loss(passes?) / accum as f64) as f32;
         let opt_start = Instant::now();
-        let outcome = optim::step_with_scaling(
+        let outcome = self.dist.optimizer_step(
             &mut self.adam,
             &mut self.scaler,
             self.params.as_mut_slice(),
-            self.grads.as_slice(),
+            self.grads.as_mut_slice(),
             lr,
             self.train.clip,
         );
@@ -614,6 +627,26 @@ impl<'d> Trainer<'d> {
             map.insert("ane_extras".into(), self.pipeline_config.ane_extras.into());
         }
         v
+    }
+
+    /// Makes this a data-parallel run over `dist`'s ranks (all of which must call it,
+    /// with the same run): `train.accum` (the micro-batches of a step over all ranks) is
+    /// shared out, and with `--shard-optimizer` the AdamW state is sharded (ZeRO-1).
+    pub fn distribute(&mut self, mut dist: Distributed) -> Result<(), TrainError> {
+        dist.check_accum(self.train.accum).map_err(TrainError::Config)?;
+        dist.adopt(&mut self.adam).map_err(TrainError::Config)?;
+        self.dist = dist;
+        Ok(())
+    }
+
+    /// The AdamW state (without its moments under ZeRO-1: [`Distributed`] holds the shard).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.adam
+    }
+
+    /// The ranks of this run (see [`Trainer::distribute`]).
+    pub fn distributed(&self) -> &Distributed {
+        &self.dist
     }
 
     pub fn report(&self) -> Report {
