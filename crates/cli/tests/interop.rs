@@ -371,7 +371,14 @@ fn bad_model_folders_and_tokenizers_are_refused_clearly() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("Qwen2ForCausalLM", "Gemma2ForCausalLM")).unwrap();
     let out = anetrain(d, &["generate", "--model", "qwen", "--device", "cpu"]);
-    failed_with(&out, &["config.json", "Gemma2ForCausalLM is not supported", "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"]);
+    failed_with(
+        &out,
+        &[
+            "config.json",
+            "Gemma2ForCausalLM is not supported",
+            "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
+        ],
+    );
     std::fs::write(&config, text).unwrap();
 
     // A misshaped tensor.
