@@ -249,7 +249,7 @@ fn gemm_peak_gflops() -> f64 {
 
 /// Tokens for speed benchmarks: a step's speed does not depend on what the tokens say,
 /// so a cheap deterministic scramble of the vocabulary (ids 3 and up) will do.
-fn random_tokens(config: &llama::Config, batch: usize, seq: usize) -> Vec<u16> {
+pub(crate) fn random_tokens(config: &llama::Config, batch: usize, seq: usize) -> Vec<u16> {
     let n_tokens = (batch * (seq + 1) * 4).max(4096);
     (0..n_tokens as u64)
         .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
@@ -258,7 +258,12 @@ fn random_tokens(config: &llama::Config, batch: usize, seq: usize) -> Vec<u16> {
 
 /// Training settings of the speed benchmarks: llama2.c's optimizer, no evaluation or
 /// checkpoints, loss scaling with fp16.
-fn bench_settings(steps: u64, batch: usize, seq: usize, precision: Precision) -> train::trainer::TrainConfig {
+pub(crate) fn bench_settings(
+    steps: u64,
+    batch: usize,
+    seq: usize,
+    precision: Precision,
+) -> train::trainer::TrainConfig {
     train::trainer::TrainConfig {
         steps,
         lr: 1e-4,

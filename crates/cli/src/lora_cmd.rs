@@ -421,30 +421,9 @@ pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, roun
     let lora_cfg = LoraConfig::new(rank);
     lora_cfg.validate(&config).map_err(anyhow::Error::msg)?;
     let device = crate::devices::open_device(crate::devices::DeviceArg::Cpu, Precision::Fp32)?;
-    let n_tokens = (batch * (seq + 1) * 4).max(4096) as u64;
-    let tokens: Vec<u16> = (0..n_tokens)
-        .map(|i| (3 + (i.wrapping_mul(2654435761) >> 7) % (config.vocab_size as u64 - 3)) as u16)
-        .collect();
+    let tokens = crate::bench::random_tokens(&config, batch, seq);
     let data = || train::data::Dataset::from_tokens("random tokens", tokens.clone(), config.vocab_size, seq);
-    let settings = TrainConfig {
-        steps: steps * rounds as u64 + 1,
-        lr: 1e-4,
-        min_lr: 1e-5,
-        warmup: 0,
-        batch,
-        accum: 1,
-        seq,
-        clip: 1.0,
-        weight_decay: 0.1,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        eval_every: 0,
-        eval_batches: 1,
-        ckpt_every: 0,
-        seed: 1,
-        loss_scaling: false,
-    };
+    let settings = crate::bench::bench_settings(steps * rounds as u64 + 1, batch, seq, Precision::Fp32);
     let mut base = params.clone();
     round_base_to_fp16(&mut base);
     let lora = LoraParams::init(&config, &lora_cfg, 1);

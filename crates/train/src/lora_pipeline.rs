@@ -17,7 +17,7 @@
 
 use std::time::Instant;
 
-use device::{Device, Kernel, Surface};
+use device::{Device, Kernel};
 use llama::{Config, Params};
 
 use crate::binding::{IoConvention, KernelIo, Target};
@@ -27,7 +27,7 @@ use crate::lora::{LoraConfig, LoraParams, LoraTarget};
 use crate::lora_kernels::{self as lk, a_block, b_block};
 use crate::pipeline::{LayerActs, PhaseTimes};
 use crate::static_kernels::{self as sk, AttentionWeights, FfnWeights};
-use crate::static_pipeline::rope_tables;
+use crate::static_pipeline::{rope_tables, Slot};
 
 fn lap(t: &mut Instant, slot: &mut f64) {
     let now = Instant::now();
@@ -119,58 +119,19 @@ impl LoraShape {
     }
 }
 
-/// One kernel and the surfaces it reads and writes.
-struct Slot {
-    io: KernelIo,
-    inputs: Vec<Surface>,
-    outputs: Vec<Surface>,
-}
-
-impl Slot {
-    fn new(io: &KernelIo, kernel: &dyn Kernel) -> Slot {
-        Slot {
-            io: io.clone(),
-            inputs: kernel.inputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect(),
-            outputs: kernel.outputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect(),
+/// Writes layer `l`'s adapters for every adapter block a kernel's slot has: `A [r, in]`
+/// in the first `r` rows of its `[rp, in]` block, `s·B [out, r]` in the first `r`
+/// columns of its `[out, rp]` block (the padding stays zero from allocation).
+fn write_adapters(slot: &mut Slot, scaled: &LoraParams, l: usize) {
+    let r = scaled.config.rank;
+    for &t in &scaled.config.targets {
+        if !slot.has(a_block(t)) {
+            continue;
         }
-    }
-
-    fn has(&self, block: &str) -> bool {
-        self.io.inputs.iter().any(|s| s.find(block).is_some())
-    }
-
-    fn write(&mut self, block: &str, data: &[f32]) {
-        self.io.write(&mut self.inputs, block, data);
-    }
-
-    /// Writes layer `l`'s adapters for every adapter block this kernel has: `A [r, in]`
-    /// in the first `r` rows of its `[rp, in]` block, `s·B [out, r]` in the first `r`
-    /// columns of its `[out, rp]` block (the padding stays zero from allocation).
-    fn write_adapters(&mut self, scaled: &LoraParams, l: usize) {
-        let r = scaled.config.rank;
-        for &t in &scaled.config.targets {
-            if !self.has(a_block(t)) {
-                continue;
-            }
-            let s = scaled.slot(l, t).expect("targeted");
-            let (a, b) = scaled.adapter(l, t).expect("targeted");
-            self.io.write_at(&mut self.inputs, a_block(t), 0, r, s.inp, a);
-            self.io.write_at(&mut self.inputs, b_block(t), 0, s.out, r, b);
-        }
-    }
-
-    fn eval(&mut self, kernel: &mut dyn Kernel) -> device::Result<()> {
-        let ins: Vec<&Surface> = self.inputs.iter().collect();
-        let mut outs: Vec<&mut Surface> = self.outputs.iter_mut().collect();
-        kernel.eval(&ins, &mut outs)
-    }
-
-    fn take(&mut self, output: &str, dst: &mut Vec<f32>) {
-        self.io.take(&mut self.outputs, output, dst);
-    }
-
-    fn read(&self, output: &str, dst: &mut Vec<f32>) {
-        self.io.read(&self.outputs, output, dst);
+        let s = scaled.slot(l, t).expect("targeted");
+        let (a, b) = scaled.adapter(l, t).expect("targeted");
+        slot.io.write_at(&mut slot.inputs, a_block(t), 0, r, s.inp, a);
+        slot.io.write_at(&mut slot.inputs, b_block(t), 0, s.out, r, b);
     }
 }
 
@@ -417,7 +378,7 @@ impl LoraPipeline {
             a.x_in.copy_from_slice(&sc.x);
             let s = &mut slots.attn_fwd;
             s.write("x", &a.x_in);
-            s.write_adapters(&self.scaled, l);
+            write_adapters(s, &self.scaled, l);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.attn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
@@ -435,7 +396,7 @@ impl LoraPipeline {
             lap(&mut t, &mut times.other_cpu);
             let s = &mut slots.ffn_fwd;
             s.write("x", &a.x_mid);
-            s.write_adapters(&self.scaled, l);
+            write_adapters(s, &self.scaled, l);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.ffn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
@@ -466,11 +427,11 @@ impl LoraPipeline {
                 continue;
             }
             let s = lora.slot(l, t).expect("targeted");
-            slot.read(&format!("da_{}", t.name()), tmp); // [rp, in]
+            slot.io.read(&slot.outputs, &format!("da_{}", t.name()), tmp); // [rp, in]
             for (g, v) in grads[s.a.clone()].iter_mut().zip(&tmp[..r * s.inp]) {
                 *g += v;
             }
-            slot.read(&format!("dbt_{}", t.name()), tmp); // [rp, out]
+            slot.io.read(&slot.outputs, &format!("dbt_{}", t.name()), tmp); // [rp, out]
             let gb = &mut grads[s.b.clone()];
             for j in 0..r {
                 for o in 0..s.out {
@@ -522,7 +483,7 @@ impl LoraPipeline {
             k.write("dy", &s.dx);
             k.write("h1", &a.h1);
             k.write("h3", &a.h3);
-            k.write_adapters(&self.scaled, l);
+            write_adapters(k, &self.scaled, l);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.ffn_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
@@ -539,7 +500,7 @@ impl LoraPipeline {
                         k.write(name, data);
                     }
                 }
-                k.write_adapters(&self.scaled, l);
+                write_adapters(k, &self.scaled, l);
                 lap(&mut t, &mut times.surface_io);
                 k.eval(kernel.as_mut())?;
                 lap(&mut t, &mut times.device_backward);
@@ -552,7 +513,7 @@ impl LoraPipeline {
             // Attention backward: Woᵀ (+ the o adapter), then the weight-free part.
             let k = &mut slots.attn_bwd_wo;
             k.write("dy", &s.dx);
-            k.write_adapters(&self.scaled, l);
+            write_adapters(k, &self.scaled, l);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.attn_bwd_wo.as_mut())?;
             lap(&mut t, &mut times.device_backward);
@@ -573,7 +534,7 @@ impl LoraPipeline {
             k.write("dq", &s.dq);
             k.write("dk", &s.dk);
             k.write("dv", &s.dv);
-            k.write_adapters(&self.scaled, l);
+            write_adapters(k, &self.scaled, l);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.qkv_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
@@ -587,7 +548,7 @@ impl LoraPipeline {
                         k.write(name, data);
                     }
                 }
-                k.write_adapters(&self.scaled, l);
+                write_adapters(k, &self.scaled, l);
                 lap(&mut t, &mut times.surface_io);
                 k.eval(kernel.as_mut())?;
                 lap(&mut t, &mut times.device_backward);

@@ -243,15 +243,16 @@ impl KernelSet {
     }
 }
 
-/// The surfaces of one kernel signature, shared by every layer's kernel of that kind.
-struct Slot {
-    io: KernelIo,
-    inputs: Vec<Surface>,
-    outputs: Vec<Surface>,
+/// The surfaces of one kernel signature, shared by every layer's kernel of that kind
+/// (also the LoRA pipeline's).
+pub(crate) struct Slot {
+    pub(crate) io: KernelIo,
+    pub(crate) inputs: Vec<Surface>,
+    pub(crate) outputs: Vec<Surface>,
 }
 
 impl Slot {
-    fn new(io: &KernelIo, kernel: &dyn Kernel) -> Slot {
+    pub(crate) fn new(io: &KernelIo, kernel: &dyn Kernel) -> Slot {
         Slot {
             io: io.clone(),
             inputs: kernel.inputs().iter().map(|v| Surface::zeros(v.ty.dtype, &v.ty.shape)).collect(),
@@ -259,25 +260,30 @@ impl Slot {
         }
     }
 
+    /// Whether one of the input surfaces has block `block`.
+    pub(crate) fn has(&self, block: &str) -> bool {
+        self.io.inputs.iter().any(|s| s.find(block).is_some())
+    }
+
     /// Writes a `[rows, width]` row-major matrix into block `block`.
-    fn write(&mut self, block: &str, data: &[f32]) {
+    pub(crate) fn write(&mut self, block: &str, data: &[f32]) {
         self.io.write(&mut self.inputs, block, data);
     }
 
-    fn eval(&mut self, kernel: &mut dyn Kernel) -> device::Result<()> {
+    pub(crate) fn eval(&mut self, kernel: &mut dyn Kernel) -> device::Result<()> {
         let ins: Vec<&Surface> = self.inputs.iter().collect();
         let mut outs: Vec<&mut Surface> = self.outputs.iter_mut().collect();
         kernel.eval(&ins, &mut outs)
     }
 
     /// Output `output` into `dst`, which has its exact size.
-    fn read(&self, output: &str, dst: &mut [f32]) {
+    pub(crate) fn read(&self, output: &str, dst: &mut [f32]) {
         self.io.read_into(&self.outputs, output, dst);
     }
 
     /// Output `output` into a whole buffer, without a copy where the output has a
     /// surface of its own ([`KernelIo::take`]).
-    fn take(&mut self, output: &str, dst: &mut Vec<f32>) {
+    pub(crate) fn take(&mut self, output: &str, dst: &mut Vec<f32>) {
         self.io.take(&mut self.outputs, output, dst);
     }
 }
