@@ -691,6 +691,15 @@ impl RopeTable {
     /// # Panics
     /// If `head_dim` is odd or zero, or `seq` is zero.
     pub fn new(head_dim: usize, seq: usize, theta: f32) -> RopeTable {
+        RopeTable::with_scaling(head_dim, seq, theta, None)
+    }
+
+    /// Tables for `config`'s heads and RoPE frequencies (θ and any scaling).
+    pub fn for_config(config: &llama::Config, seq: usize) -> RopeTable {
+        RopeTable::with_scaling(config.head_dim(), seq, config.rope_theta, config.rope_scaling)
+    }
+
+    fn with_scaling(head_dim: usize, seq: usize, theta: f32, scaling: Option<llama::RopeScaling>) -> RopeTable {
         assert!(head_dim > 0 && head_dim.is_multiple_of(2), "head_dim must be even and positive, got {head_dim}");
         assert!(seq > 0, "seq must be positive");
         let pairs = head_dim / 2;
@@ -699,6 +708,7 @@ impl RopeTable {
         for i in 0..pairs {
             // f64 so large positions keep their precision before the final rounding.
             let freq = 1.0 / f64::from(theta).powf((2 * i) as f64 / head_dim as f64);
+            let freq = scaling.map_or(freq, |s| s.apply(freq));
             for pos in 0..seq {
                 let angle = pos as f64 * freq;
                 cos.push(angle.cos() as f32);
@@ -706,24 +716,6 @@ impl RopeTable {
             }
         }
         RopeTable { head_dim, seq, cos, sin }
-    }
-
-    /// Tables for `config`'s heads and RoPE frequencies (θ and any scaling), computed
-    /// in f64 as [`RopeTable::new`].
-    pub fn for_config(config: &llama::Config, seq: usize) -> RopeTable {
-        let head_dim = config.head_dim();
-        let mut table = RopeTable::new(head_dim, seq, config.rope_theta);
-        if let Some(scaling) = config.rope_scaling {
-            for i in 0..head_dim / 2 {
-                let freq = scaling.apply(1.0 / f64::from(config.rope_theta).powf((2 * i) as f64 / head_dim as f64));
-                for pos in 0..seq {
-                    let angle = pos as f64 * freq;
-                    table.cos[i * seq + pos] = angle.cos() as f32;
-                    table.sin[i * seq + pos] = angle.sin() as f32;
-                }
-            }
-        }
-        table
     }
 
     pub fn head_dim(&self) -> usize {
