@@ -420,19 +420,39 @@ impl BatchModel {
 
 /// One query row's attention, as [`llama::reference::forward`] computes it: per head,
 /// scores over positions `0..=pos`, softmax, weighted sum of the values.
+///
+/// Each score is still one sum over the head's dimensions in order (bit for bit the
+/// reference's), but [`SCORE_CHAINS`] positions are scored side by side: one score's
+/// adds depend on each other, so a lone chain waits out the add latency at every term
+/// while independent chains fill the pipeline.
 fn attend(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], pos: usize, c: &llama::Config) {
     let (hd, kvd) = (c.head_dim(), c.kv_dim());
+    let scale = (hd as f32).sqrt();
     let mut att = vec![0.0f32; pos + 1];
     for h in 0..c.n_heads {
         let kv_head = h / c.kv_group();
         let q_h = &q[h * hd..(h + 1) * hd];
-        for (t, score) in att.iter_mut().enumerate() {
-            let k_t = &keys[t * kvd + kv_head * hd..t * kvd + (kv_head + 1) * hd];
+        let key = |t: usize| &keys[t * kvd + kv_head * hd..t * kvd + (kv_head + 1) * hd];
+        let mut t0 = 0;
+        while t0 + SCORE_CHAINS <= att.len() {
+            let ks: [&[f32]; SCORE_CHAINS] = std::array::from_fn(|j| key(t0 + j));
+            let mut dots = [0.0f32; SCORE_CHAINS];
+            for (i, &a) in q_h.iter().enumerate() {
+                for j in 0..SCORE_CHAINS {
+                    dots[j] += a * ks[j][i];
+                }
+            }
+            for j in 0..SCORE_CHAINS {
+                att[t0 + j] = dots[j] / scale;
+            }
+            t0 += SCORE_CHAINS;
+        }
+        for (t, score) in att.iter_mut().enumerate().skip(t0) {
             let mut dot = 0.0f32;
-            for (a, b) in q_h.iter().zip(k_t) {
+            for (a, b) in q_h.iter().zip(key(t)) {
                 dot += a * b;
             }
-            *score = dot / (hd as f32).sqrt();
+            *score = dot / scale;
         }
         llama::sampler::softmax(&mut att);
         let out_h = &mut out[h * hd..(h + 1) * hd];
@@ -445,6 +465,9 @@ fn attend(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], pos: usize, 
         }
     }
 }
+
+/// Positions scored at once by [`attend`] (independent sums in flight).
+const SCORE_CHAINS: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -473,14 +496,15 @@ mod tests {
         }
     }
 
-    /// A batched step over three sequences (one prefilled in a chunk of 5 rows, two
+    /// A batched step over three sequences (one prefilled in a chunk of 12 rows, two
     /// decoding) gives each row the reference forward's logits, bit for bit.
     #[test]
     fn batched_step_equals_the_reference_forward() {
         let config = llama::Config { seq_len: 16, ..llama::Config::preset("tiny").unwrap() };
         let params = Params::init(&config, 3).unwrap();
         let model = BatchModel::new(params.clone());
-        let seqs: [Vec<u32>; 3] = [vec![1, 5, 9, 200, 7], vec![1, 44], vec![1, 3, 3]];
+        // Sequence 0 is longer than `SCORE_CHAINS`, so its attention takes the chained path.
+        let seqs: [Vec<u32>; 3] = [vec![1, 5, 9, 200, 7, 11, 13, 2, 250, 17, 19, 23], vec![1, 44], vec![1, 3, 3]];
         let want: Vec<Vec<Vec<f32>>> =
             seqs.iter().map(|s| llama::reference::forward_sequence(&params, s).unwrap()).collect();
         let n_layers = config.n_layers;
@@ -499,10 +523,11 @@ mod tests {
         rows.push(Row { seq: 2, token: 3, pos: 2, logits: true });
         let mut refs: Vec<&mut SeqKv> = kv.iter_mut().collect();
         let got = model.step(&rows, &mut refs);
-        for (pos, logits) in got[..5].iter().enumerate() {
+        let n0 = seqs[0].len();
+        for (pos, logits) in got[..n0].iter().enumerate() {
             assert_eq!(logits, &want[0][pos], "sequence 0 position {pos}");
         }
-        assert_eq!(got[5], want[1][1]);
-        assert_eq!(got[6], want[2][2]);
+        assert_eq!(got[n0], want[1][1]);
+        assert_eq!(got[n0 + 1], want[2][2]);
     }
 }
