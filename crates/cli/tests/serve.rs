@@ -33,16 +33,16 @@ impl Drop for Server {
 /// Starts `anetrain serve` on stories260K with `extra` flags; waits for its address.
 fn start(extra: &[&str]) -> Server {
     let f = fixtures();
-    let (model, tok) = (f.join("stories260K.bin"), f.join("tok512.bin"));
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--tokenizer".into(),
-        tok.display().to_string(),
-        "--port".into(),
-        "0".into(),
-    ];
+    let tok = f.join("tok512.bin").display().to_string();
+    let mut args = vec!["--tokenizer", &tok];
+    args.extend_from_slice(extra);
+    start_model(&f.join("stories260K.bin"), &args)
+}
+
+/// Starts `anetrain serve --model MODEL` with `extra` flags; waits for its address.
+fn start_model(model: &Path, extra: &[&str]) -> Server {
+    let mut args: Vec<String> =
+        vec!["serve".into(), "--model".into(), model.display().to_string(), "--port".into(), "0".into()];
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_anetrain"))
         .args(&args)
@@ -315,6 +315,49 @@ fn chat_template_from_tokenizer_config() {
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(streamed_text(&chunks, 0), reply);
+}
+
+/// A Hugging Face folder (stories260K exported by `anetrain export --to-hf`) serves with
+/// its own tokenizer.json and the chat_template of the tokenizer_config.json beside it:
+/// completions equal those of the llama2.c file, and the chat reply is the completion of
+/// the hand-rendered prompt (the template writes the BOS that a completion's encoding adds).
+#[test]
+fn hugging_face_folder_with_its_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    // export takes the tokenizer.bin beside the model.
+    std::fs::copy(fixtures().join("stories260K.bin"), dir.path().join("model.bin")).unwrap();
+    std::fs::copy(fixtures().join("tok512.bin"), dir.path().join("tokenizer.bin")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_anetrain"))
+        .arg("export")
+        .arg(dir.path().join("model.bin"))
+        .arg("--to-hf")
+        .arg(&hf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config_path = hf.join("tokenizer_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = json!(
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    // Named as the file is, so the same requests go to both servers.
+    let folder = start_model(&hf, &["--model-name", "stories260K.bin"]);
+    let file = start(&[]);
+    for prompt in ["Once upon a time", "The cat sat"] {
+        let (a, b) = (completion(&folder.base, prompt, 30), completion(&file.base, prompt, 30));
+        assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "prompt {prompt:?}");
+        assert_eq!(a["usage"], b["usage"], "prompt {prompt:?}");
+    }
+    let messages = json!([{"role": "user", "content": "A dog"}]);
+    let (code, chat) =
+        post(&folder.base, "/v1/chat/completions", &json!({"messages": messages, "max_tokens": 30, "temperature": 0}));
+    assert_eq!(code, 200, "{chat}");
+    let plain = completion(&folder.base, "<|user|>A dog<|assistant|>", 30);
+    assert_eq!(chat["choices"][0]["message"]["content"], plain["choices"][0]["text"]);
+    assert_eq!(chat["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"]);
 }
 
 /// Stop strings, n, seeds and log-probabilities.
