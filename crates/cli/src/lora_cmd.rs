@@ -15,7 +15,7 @@ use device::Precision;
 use llama::Params;
 use train::lora::{round_base_to_fp16, LoraConfig, LoraParams, DEFAULT_ALPHA};
 use train::lora_trainer::{self, LoraTrainer};
-use train::telemetry::{Event, Telemetry};
+use train::telemetry::{Event, PhasesMs, Telemetry};
 use train::trainer::TrainConfig;
 
 use crate::train_cmd::{ExportArgs, TrainArgs};
@@ -387,18 +387,19 @@ fn ane_bytes_per_step(config: &llama::Config, lora: &LoraConfig, batch: usize, s
     let (w1, w2, w3) = (w(hid * dim), w(dim * hid), w(hid * dim));
     let aw = sk::AttentionWeights { rms: &rms, wq: &wq, wk: &wk, wv: &wv, wo: &wo, bias: None };
     let fw = sk::FfnWeights { rms: &rms, w1: &w1, w2: &w2, w3: &w3 };
-    let (tg, r) = (&lora.targets, lora.rank);
+    let ad = lk::Adapters::new(&lora.targets, lora.rank).with_dropout(lora.dropout > 0.0);
+    let tg = &lora.targets;
     let mut defs = vec![
-        lk::attention_forward(&d, batch, seq, 1e-5, &aw, tg, r, dialect)?,
-        lk::ffn_forward(&d, t, 1e-5, &fw, tg, r, dialect)?,
-        lk::ffn_backward(&d, t, &fw, tg, r, dialect)?,
-        lk::attention_backward_wo(&d, t, &wo, tg, r, dialect)?,
+        lk::attention_forward(&d, batch, seq, 1e-5, &aw, &ad, dialect)?,
+        lk::ffn_forward(&d, t, 1e-5, &fw, &ad, dialect)?,
+        lk::ffn_backward(&d, t, &fw, &ad, dialect)?,
+        lk::attention_backward_wo(&d, t, &wo, &ad, dialect)?,
         sk::attention_backward_free(&d, batch, seq, dialect)?,
-        lk::qkv_backward(&d, t, &aw, tg, r, dialect)?,
+        lk::qkv_backward(&d, t, &aw, &ad, dialect)?,
     ];
     let (attn, ffn): (Vec<_>, Vec<_>) = tg.iter().partition(|t| t.is_attention());
     for g in [attn, ffn].into_iter().filter(|g| !g.is_empty()) {
-        defs.push(lk::adapter_grads(&d, t, &g, r, dialect)?);
+        defs.push(lk::adapter_grads(&d, t, &lk::Adapters { targets: &g, ..ad }, dialect)?);
     }
     let lora_bytes: f64 = defs.iter().map(io).sum::<f64>() * config.n_layers as f64;
     Ok((full, lora_bytes))
@@ -435,15 +436,19 @@ pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, roun
     full.step(&mut telemetry)?; // warm-up
     lt.step(&mut telemetry)?;
     let (mut best_full, mut best_lora) = (f64::INFINITY, f64::INFINITY);
+    // Phase sums over every timed step, for the per-phase table (where the time goes).
+    let (mut phases_full, mut phases_lora) = (PhasesMs::default(), PhasesMs::default());
     for _ in 0..rounds {
         let t0 = full.cumulative.train_seconds;
         for _ in 0..steps {
             full.step(&mut telemetry)?;
+            phases_full.add(&full.last_phases);
         }
         best_full = best_full.min((full.cumulative.train_seconds - t0) / steps as f64 * 1e3);
         let t0 = lt.cumulative.train_seconds;
         for _ in 0..steps {
             lt.step(&mut telemetry)?;
+            phases_lora.add(&lt.last_phases);
         }
         best_lora = best_lora.min((lt.cumulative.train_seconds - t0) / steps as f64 * 1e3);
     }
@@ -471,5 +476,13 @@ pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, roun
         ane_lora / ane_full
     );
     println!("| kernels compiled per run | 6 | {} | |", lt.kernels());
+    let n = (steps * rounds as u64) as f64;
+    println!();
+    println!("mean ms per step and phase (all {} timed steps):", steps * rounds as u64);
+    println!("| phase | full fine-tuning | LoRA r={rank} |");
+    println!("|---|---:|---:|");
+    for ((name, f), (_, l)) in phases_full.named().into_iter().zip(phases_lora.named()) {
+        println!("| {name} | {:.1} | {:.1} |", f / n, l / n);
+    }
     Ok(())
 }

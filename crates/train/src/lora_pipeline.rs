@@ -90,7 +90,7 @@ impl LoraShape {
     /// and the gradient kernels (attention group, FFN group).
     pub fn kernel_defs(&self, base: &Params) -> mil::Result<Vec<KernelDef>> {
         let (d, t, eps, target) = (&self.dims, self.tokens(), self.config.norm_eps, self.target());
-        let (targets, r) = (&self.lora.targets, self.lora.rank);
+        let ad = lk::Adapters::new(&self.lora.targets, self.lora.rank).with_dropout(self.lora.dropout > 0.0);
         let mut defs = Vec::with_capacity(self.kernel_count());
         for l in 0..self.config.n_layers {
             let w = base.layer(l);
@@ -103,16 +103,16 @@ impl LoraShape {
                 bias: w.qkv_bias(),
             };
             let fw = FfnWeights { rms: w.rms_ffn(), w1: w.w1(), w2: w.w2(), w3: w.w3() };
-            defs.push(lk::attention_forward(d, self.batch, self.seq, eps, &aw, targets, r, target)?);
-            defs.push(lk::ffn_forward(d, t, eps, &fw, targets, r, target)?);
-            defs.push(lk::ffn_backward(d, t, &fw, targets, r, target)?);
-            defs.push(lk::attention_backward_wo(d, t, aw.wo, targets, r, target)?);
-            defs.push(lk::qkv_backward(d, t, &aw, targets, r, target)?);
+            defs.push(lk::attention_forward(d, self.batch, self.seq, eps, &aw, &ad, target)?);
+            defs.push(lk::ffn_forward(d, t, eps, &fw, &ad, target)?);
+            defs.push(lk::ffn_backward(d, t, &fw, &ad, target)?);
+            defs.push(lk::attention_backward_wo(d, t, aw.wo, &ad, target)?);
+            defs.push(lk::qkv_backward(d, t, &aw, &ad, target)?);
         }
         defs.push(sk::attention_backward_free(d, self.batch, self.seq, target)?);
         for group in [self.attention_targets(), self.ffn_targets()] {
             if !group.is_empty() {
-                defs.push(lk::adapter_grads(d, t, &group, r, target)?);
+                defs.push(lk::adapter_grads(d, t, &lk::Adapters { targets: &group, ..ad }, target)?);
             }
         }
         Ok(defs)
@@ -441,6 +441,37 @@ impl LoraPipeline {
         }
     }
 
+    /// The attention group's adapter gradients of layer `l` (if any is adapted), added to
+    /// `grads`: from the forward's `xn1`, `o`, and `dq`, `dk`, `dv`, `dy_attn` (= `s.dx`).
+    #[allow(clippy::too_many_arguments)] // the pipeline's parts the borrow checker keeps apart
+    fn attention_grads(
+        slots: &mut Slots,
+        kernel: &mut Option<Box<dyn Kernel>>,
+        scaled: &LoraParams,
+        lora: &LoraParams,
+        l: usize,
+        a: &LayerActs,
+        s: &mut Scratch,
+        grads: &mut [f32],
+        times: &mut PhaseTimes,
+        t: &mut Instant,
+    ) -> device::Result<()> {
+        let (Some(k), Some(kernel)) = (&mut slots.grads_attn, kernel) else { return Ok(()) };
+        let blocks = [("xn1", &a.xn1), ("o", &a.o), ("dq", &s.dq), ("dk", &s.dk), ("dv", &s.dv), ("dy_attn", &s.dx)];
+        for (name, data) in blocks {
+            if k.has(name) {
+                k.write(name, data);
+            }
+        }
+        write_adapters(k, scaled, l);
+        lap(t, &mut times.surface_io);
+        k.eval(kernel.as_mut())?;
+        lap(t, &mut times.device_backward);
+        Self::add_adapter_grads(k, lora, l, grads, &mut s.grad_out);
+        lap(t, &mut times.surface_io);
+        Ok(())
+    }
+
     fn backward(
         &mut self,
         lora: &LoraParams,
@@ -473,6 +504,12 @@ impl LoraPipeline {
             &mut s.row,
         );
         lap(&mut t, &mut times.rmsnorm);
+        // Layer 0's input gradient feeds nothing (the embedding is frozen): below its
+        // adapters' gradients, layer 0 stops. With no q, k, v adapter it needs no
+        // attention backward at all (the o adapter's `dy` is the attention output's).
+        let qkv_adapted =
+            self.shape.lora.targets.iter().any(|t| matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V));
+        let attention_adapted = !self.shape.attention_targets().is_empty();
         for l in (0..self.shape.config.n_layers).rev() {
             let w = base.layer(l);
             let a = &self.acts[l];
@@ -507,10 +544,18 @@ impl LoraPipeline {
                 Self::add_adapter_grads(k, lora, l, grads, &mut s.grad_out);
                 lap(&mut t, &mut times.surface_io);
             }
+            if l == 0 && !attention_adapted {
+                break;
+            }
             cpu_ops::rmsnorm_backward(&mut s.dx, &mut s.dgain, &s.dxn, &a.x_mid, w.rms_ffn(), &a.inv_rms2, &mut s.row);
             lap(&mut t, &mut times.rmsnorm);
 
             // Attention backward: Woᵀ (+ the o adapter), then the weight-free part.
+            if l == 0 && !qkv_adapted {
+                // Only the o adapter: its gradient needs `dy_attn` (= s.dx) and `o`.
+                Self::attention_grads(slots, &mut self.grads_attn, &self.scaled, lora, l, a, s, grads, times, &mut t)?;
+                break;
+            }
             let k = &mut slots.attn_bwd_wo;
             k.write("dy", &s.dx);
             write_adapters(k, &self.scaled, l);
@@ -530,6 +575,11 @@ impl LoraPipeline {
             k.take("dq", &mut s.dq);
             k.take("dk", &mut s.dk);
             k.take("dv", &mut s.dv);
+            lap(&mut t, &mut times.surface_io);
+            if l == 0 {
+                Self::attention_grads(slots, &mut self.grads_attn, &self.scaled, lora, l, a, s, grads, times, &mut t)?;
+                break;
+            }
             let k = &mut slots.qkv_bwd;
             k.write("dq", &s.dq);
             k.write("dk", &s.dk);
@@ -540,21 +590,7 @@ impl LoraPipeline {
             lap(&mut t, &mut times.device_backward);
             k.take("dx", &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
-            if let (Some(k), Some(kernel)) = (&mut slots.grads_attn, &mut self.grads_attn) {
-                let blocks =
-                    [("xn1", &a.xn1), ("o", &a.o), ("dq", &s.dq), ("dk", &s.dk), ("dv", &s.dv), ("dy_attn", &s.dx)];
-                for (name, data) in blocks {
-                    if k.has(name) {
-                        k.write(name, data);
-                    }
-                }
-                write_adapters(k, &self.scaled, l);
-                lap(&mut t, &mut times.surface_io);
-                k.eval(kernel.as_mut())?;
-                lap(&mut t, &mut times.device_backward);
-                Self::add_adapter_grads(k, lora, l, grads, &mut s.grad_out);
-                lap(&mut t, &mut times.surface_io);
-            }
+            Self::attention_grads(slots, &mut self.grads_attn, &self.scaled, lora, l, a, s, grads, times, &mut t)?;
             cpu_ops::rmsnorm_backward(&mut s.dx, &mut s.dgain, &s.dxn, &a.x_in, w.rms_att(), &a.inv_rms1, &mut s.row);
             lap(&mut t, &mut times.rmsnorm);
         }

@@ -80,8 +80,9 @@ fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
 
 #[test]
 fn lora_loss_and_gradients_match_the_merged_model_through_the_chain_rule() {
-    // (kv heads, QKV biases, targets): the default q,v; every target with GQA and biases.
-    let cases = [(4, false, "q,v"), (2, true, "all"), (4, false, "o,down")];
+    // (kv heads, QKV biases, targets): the default q,v; every target with GQA and biases;
+    // o without q, k, v and the FFN alone (layer 0 stops early in both).
+    let cases = [(4, false, "q,v"), (2, true, "all"), (4, false, "o,down"), (4, false, "up")];
     for (n_kv, bias, targets) in cases {
         let what = format!("kv {n_kv}, bias {bias}, targets {targets}");
         let config = tiny(n_kv, bias);
