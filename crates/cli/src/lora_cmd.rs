@@ -205,12 +205,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         };
         lora.config.validate(&config).map_err(anyhow::Error::msg)?;
-        if lora.config.dropout > 0.0 {
-            bail!(
-                "--lora-dropout {}: the LoRA pipeline does not apply dropout yet (its kernels would need a mask block per target); use 0",
-                lora.config.dropout
-            );
-        }
         let data = crate::train_cmd::load_data(&args, &config, seq, given_tokenizer)?;
         let settings = TrainConfig {
             steps: args.steps,

@@ -1,5 +1,5 @@
 //! `anetrain train --lora` end to end: a run stopped and resumed ends with the adapters
-//! and optimizer state of a run that never stopped (bit for bit), the adapter exports as
+//! and optimizer state of a run that never stopped (bit for bit, with dropout), the adapter exports as
 //! a PEFT folder that `--init-lora` reads back exactly, and flag mistakes are named.
 
 mod common;
@@ -43,6 +43,9 @@ fn train_args<'a>(ckpt: &'a str, steps: &'a str) -> Vec<&'a str> {
         ckpt,
         "--ckpt-every",
         "0",
+        // Dropout's masks are drawn per step: the resumed run must draw the same.
+        "--lora-dropout",
+        "0.1",
     ]
 }
 

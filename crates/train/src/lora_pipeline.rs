@@ -19,12 +19,14 @@ use std::time::Instant;
 
 use device::{Device, Kernel};
 use llama::{Config, Params};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::binding::{IoConvention, KernelIo, Target};
 use crate::cpu_ops::{self, ClassifierLoss};
 use crate::kernels::{KernelDef, LayerDims};
 use crate::lora::{LoraConfig, LoraParams, LoraTarget};
-use crate::lora_kernels::{self as lk, a_block, b_block};
+use crate::lora_kernels::{self as lk, a_block, b_block, m_block};
 use crate::pipeline::{LayerActs, PhaseTimes};
 use crate::static_kernels::{self as sk, AttentionWeights, FfnWeights};
 use crate::static_pipeline::{rope_tables, Slot};
@@ -121,10 +123,11 @@ impl LoraShape {
 
 /// Writes layer `l`'s adapters for every adapter block a kernel's slot has: `A [r, in]`
 /// in the first `r` rows of its `[rp, in]` block, `s·B [out, r]` in the first `r`
-/// columns of its `[out, rp]` block (the padding stays zero from allocation).
-fn write_adapters(slot: &mut Slot, scaled: &LoraParams, l: usize) {
+/// columns of its `[out, rp]` block (the padding stays zero from allocation); and with
+/// dropout each target's mask (`masks[i]` for the `i`-th target: layer `l`'s).
+fn write_adapters(slot: &mut Slot, scaled: &LoraParams, l: usize, masks: &[Vec<f32>]) {
     let r = scaled.config.rank;
-    for &t in &scaled.config.targets {
+    for (i, &t) in scaled.config.targets.iter().enumerate() {
         if !slot.has(a_block(t)) {
             continue;
         }
@@ -132,6 +135,34 @@ fn write_adapters(slot: &mut Slot, scaled: &LoraParams, l: usize) {
         let (a, b) = scaled.adapter(l, t).expect("targeted");
         slot.io.write_at(&mut slot.inputs, a_block(t), 0, r, s.inp, a);
         slot.io.write_at(&mut slot.inputs, b_block(t), 0, s.out, r, b);
+        if let Some(mask) = masks.get(i) {
+            slot.write(m_block(t), mask);
+        }
+    }
+}
+
+/// SplitMix64's finaliser: spreads a seed's bits (so nearby seeds give unrelated streams).
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The dropout seed of micro-batch `micro` of optimizer step `step` (0-based) in a run
+/// seeded `run_seed`: a function of the three only, so a resumed or restarted run draws
+/// the masks the uninterrupted run drew.
+pub fn dropout_seed(run_seed: u64, step: u64, micro: usize) -> u64 {
+    mix(mix(mix(run_seed) ^ step) ^ micro as u64)
+}
+
+/// Fills `mask` (`[in, T]`) with PEFT's inverted dropout for layer `layer`, target number
+/// `target` under `seed`: each value `0` with probability `p`, else `1 / (1 − p)`.
+pub fn fill_dropout_mask(mask: &mut [f32], p: f32, seed: u64, layer: usize, target: usize) {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ mix(((layer as u64) << 8) | target as u64)));
+    let keep = 1.0 / (1.0 - p);
+    for v in mask.iter_mut() {
+        *v = if rng.gen::<f32>() < p { 0.0 } else { keep };
     }
 }
 
@@ -189,6 +220,10 @@ pub struct LoraPipeline {
     classifier: ClassifierLoss,
     /// The adapters as the kernels take them (`B` times the scale), refreshed per pass.
     scaled: LoraParams,
+    /// With dropout: one layer's mask per target (`[in, T]`, in target order), drawn
+    /// from `dropout_seed` (all ones without a seed: evaluation); empty without dropout.
+    masks: Vec<Vec<f32>>,
+    dropout_seed: Option<u64>,
     pub times: PhaseTimes,
     /// Seconds of the one compile.
     pub compile_seconds: f64,
@@ -300,6 +335,12 @@ impl LoraPipeline {
             },
             classifier: ClassifierLoss::new(vocab, dim, cpu_ops::DEFAULT_CLASSIFIER_CHUNK.min(t)),
             scaled: LoraParams::zeros(&shape.config, lora),
+            masks: if lora.dropout > 0.0 {
+                lora.targets.iter().map(|&tg| vec![1.0; lk::io_rows(&d, tg).0 * t]).collect()
+            } else {
+                Vec::new()
+            },
+            dropout_seed: None,
             shape,
             base,
             layers,
@@ -310,6 +351,23 @@ impl LoraPipeline {
             times: PhaseTimes::default(),
             compile_seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Dropout for the passes that follow: `Some(seed)` draws the masks from `seed` (a
+    /// training micro-batch: see [`dropout_seed`]), `None` applies no dropout
+    /// (evaluation). Without dropout (`p = 0`) this changes nothing.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        self.dropout_seed = seed;
+    }
+
+    /// Layer `l`'s dropout masks into `masks` (nothing without dropout).
+    fn draw_masks(masks: &mut [Vec<f32>], p: f32, seed: Option<u64>, l: usize) {
+        for (i, mask) in masks.iter_mut().enumerate() {
+            match seed {
+                Some(seed) => fill_dropout_mask(mask, p, seed, l, i),
+                None => mask.fill(1.0),
+            }
+        }
     }
 
     pub fn shape(&self) -> &LoraShape {
@@ -373,12 +431,15 @@ impl LoraPipeline {
         let mut t = Instant::now();
         cpu_ops::embedding_forward(&mut sc.x, self.base.token_embedding(), inputs, dim);
         lap(&mut t, &mut times.other_cpu);
+        let p = self.shape.lora.dropout;
         for (l, kernels) in self.layers.iter_mut().enumerate() {
+            Self::draw_masks(&mut self.masks, p, self.dropout_seed, l);
+            lap(&mut t, &mut times.other_cpu);
             let a = &mut self.acts[l];
             a.x_in.copy_from_slice(&sc.x);
             let s = &mut slots.attn_fwd;
             s.write("x", &a.x_in);
-            write_adapters(s, &self.scaled, l);
+            write_adapters(s, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.attn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
@@ -396,7 +457,7 @@ impl LoraPipeline {
             lap(&mut t, &mut times.other_cpu);
             let s = &mut slots.ffn_fwd;
             s.write("x", &a.x_mid);
-            write_adapters(s, &self.scaled, l);
+            write_adapters(s, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.ffn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
@@ -448,6 +509,7 @@ impl LoraPipeline {
         slots: &mut Slots,
         kernel: &mut Option<Box<dyn Kernel>>,
         scaled: &LoraParams,
+        masks: &[Vec<f32>],
         lora: &LoraParams,
         l: usize,
         a: &LayerActs,
@@ -463,7 +525,7 @@ impl LoraPipeline {
                 k.write(name, data);
             }
         }
-        write_adapters(k, scaled, l);
+        write_adapters(k, scaled, l, masks);
         lap(t, &mut times.surface_io);
         k.eval(kernel.as_mut())?;
         lap(t, &mut times.device_backward);
@@ -510,7 +572,11 @@ impl LoraPipeline {
         let qkv_adapted =
             self.shape.lora.targets.iter().any(|t| matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V));
         let attention_adapted = !self.shape.attention_targets().is_empty();
+        let p = self.shape.lora.dropout;
         for l in (0..self.shape.config.n_layers).rev() {
+            // The masks the forward drew for this layer (the same seed draws them again).
+            Self::draw_masks(&mut self.masks, p, self.dropout_seed, l);
+            lap(&mut t, &mut times.other_cpu);
             let w = base.layer(l);
             let a = &self.acts[l];
             let kernels = &mut self.layers[l];
@@ -520,7 +586,7 @@ impl LoraPipeline {
             k.write("dy", &s.dx);
             k.write("h1", &a.h1);
             k.write("h3", &a.h3);
-            write_adapters(k, &self.scaled, l);
+            write_adapters(k, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.ffn_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
@@ -537,7 +603,7 @@ impl LoraPipeline {
                         k.write(name, data);
                     }
                 }
-                write_adapters(k, &self.scaled, l);
+                write_adapters(k, &self.scaled, l, &self.masks);
                 lap(&mut t, &mut times.surface_io);
                 k.eval(kernel.as_mut())?;
                 lap(&mut t, &mut times.device_backward);
@@ -553,12 +619,24 @@ impl LoraPipeline {
             // Attention backward: Woᵀ (+ the o adapter), then the weight-free part.
             if l == 0 && !qkv_adapted {
                 // Only the o adapter: its gradient needs `dy_attn` (= s.dx) and `o`.
-                Self::attention_grads(slots, &mut self.grads_attn, &self.scaled, lora, l, a, s, grads, times, &mut t)?;
+                Self::attention_grads(
+                    slots,
+                    &mut self.grads_attn,
+                    &self.scaled,
+                    &self.masks,
+                    lora,
+                    l,
+                    a,
+                    s,
+                    grads,
+                    times,
+                    &mut t,
+                )?;
                 break;
             }
             let k = &mut slots.attn_bwd_wo;
             k.write("dy", &s.dx);
-            write_adapters(k, &self.scaled, l);
+            write_adapters(k, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.attn_bwd_wo.as_mut())?;
             lap(&mut t, &mut times.device_backward);
@@ -577,20 +655,44 @@ impl LoraPipeline {
             k.take("dv", &mut s.dv);
             lap(&mut t, &mut times.surface_io);
             if l == 0 {
-                Self::attention_grads(slots, &mut self.grads_attn, &self.scaled, lora, l, a, s, grads, times, &mut t)?;
+                Self::attention_grads(
+                    slots,
+                    &mut self.grads_attn,
+                    &self.scaled,
+                    &self.masks,
+                    lora,
+                    l,
+                    a,
+                    s,
+                    grads,
+                    times,
+                    &mut t,
+                )?;
                 break;
             }
             let k = &mut slots.qkv_bwd;
             k.write("dq", &s.dq);
             k.write("dk", &s.dk);
             k.write("dv", &s.dv);
-            write_adapters(k, &self.scaled, l);
+            write_adapters(k, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.qkv_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
             k.take("dx", &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
-            Self::attention_grads(slots, &mut self.grads_attn, &self.scaled, lora, l, a, s, grads, times, &mut t)?;
+            Self::attention_grads(
+                slots,
+                &mut self.grads_attn,
+                &self.scaled,
+                &self.masks,
+                lora,
+                l,
+                a,
+                s,
+                grads,
+                times,
+                &mut t,
+            )?;
             cpu_ops::rmsnorm_backward(&mut s.dx, &mut s.dgain, &s.dxn, &a.x_in, w.rms_att(), &a.inv_rms1, &mut s.row);
             lap(&mut t, &mut times.rmsnorm);
         }
