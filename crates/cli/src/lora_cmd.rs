@@ -399,6 +399,74 @@ fn ane_bytes_per_step(config: &llama::Config, lora: &LoraConfig, batch: usize, s
     Ok((full, lora_bytes))
 }
 
+/// `anetrain bench train --lora RANK --device ane-model`: one step of full fine-tuning
+/// (the dynamic pipeline as anetrain runs it) and of LoRA fine-tuning, predicted by the
+/// ANE cost model (`train::cost_model`: `plan`, `lora_plan`) on a chip; nothing runs.
+pub fn bench_ane_model(
+    spec: &str,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    chip: &str,
+    probe_json: Option<&Path>,
+) -> Result<()> {
+    use train::cost_model::{self, Chip, Fusions, StepShape};
+    use train::pipelines::{PipelineConfig, PipelineKind};
+    let config = crate::bench::model_or_preset_config(spec)?;
+    if seq == 0 || seq > config.seq_len {
+        bail!("--seq {seq} must be between 1 and the model's context of {}", config.seq_len);
+    }
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let lora_cfg = LoraConfig::new(rank);
+    lora_cfg.validate(&config).map_err(anyhow::Error::msg)?;
+    let Some(mut chip_model) = Chip::named(chip) else {
+        bail!("--chip {chip}: not a chip the model knows ({})", cost_model::chip_names().join(", "));
+    };
+    if let Some(path) = probe_json {
+        let report = crate::ane_model_cmd::read_probe(path)?;
+        chip_model = chip_model.with_probe(&report, &path.display().to_string()).map_err(anyhow::Error::msg)?.0;
+    }
+    let shape = StepShape { config: config.clone(), batch, seq, dialect: chip_model.dialect(), accum: 1 };
+    let full_plan = cost_model::plan(&shape, PipelineConfig::new(PipelineKind::Dynamic, false), &Fusions::new())?;
+    let full = cost_model::predict(&full_plan, &chip_model);
+    let lora = cost_model::predict(&cost_model::lora_plan(&shape, &lora_cfg)?, &chip_model);
+    let n_adapter = LoraParams::zeros(&config, &lora_cfg).len();
+    let (opt_full, opt_lora) =
+        (cost_model::optimizer_ms(&config, &chip_model), cost_model::lora_optimizer_ms(n_adapter, &chip_model));
+    println!(
+        "bench train --lora {rank}: {spec}, batch {batch} × seq {seq}, on the ANE cost model of {}: predicted, not run on hardware",
+        chip_model.label
+    );
+    println!("| | full fine-tuning (dynamic) | LoRA r={rank} (q,v) | LoRA / full |");
+    println!("|---|---:|---:|---:|");
+    let row = |name: &str, f: f64, l: f64, unit: &str| {
+        println!("| {name} | {f:.2}{unit} | {l:.2}{unit} | {:.2}× |", l / f);
+    };
+    row("ms/step (without AdamW)", full.ms_per_step, lora.ms_per_step, "");
+    row("ms/step with AdamW every step", full.ms_per_step + opt_full, lora.ms_per_step + opt_lora, "");
+    row("ANE busy, ms", full.ane_ms(), lora.ane_ms(), "");
+    row("ANE GFLOP", full.ane_flops / 1e9, lora.ane_flops / 1e9, "");
+    row("CPU GEMM GFLOP", full.cpu_gemm_flops / 1e9, lora.cpu_gemm_flops / 1e9, "");
+    println!("| evaluations per step | {} | {} | |", full.evals, lora.evals);
+    println!();
+    println!("LoRA kernels ({}):", lora.label);
+    println!("  {:<32} {:>5} {:>9} {:>9} {:>12}", "kernel", "evals", "ms/eval", "ms/step", "bound");
+    for r in &lora.kernels {
+        println!(
+            "  {:<32} {:>5} {:>9.3} {:>9.1} {:>12}",
+            r.work.name,
+            r.evals,
+            r.time.total_ms(),
+            r.total_ms(),
+            r.time.bound()
+        );
+    }
+    println!("  main thread: {}", lora.critical_path().trim_start_matches("main thread: "));
+    Ok(())
+}
+
 /// `anetrain bench train --lora RANK`: full fine-tuning (dynamic pipeline) and LoRA
 /// fine-tuning of the same model on the same random tokens, in alternating rounds on
 /// one device; the fastest round of each is reported, with the optimizer-plus-gradient
