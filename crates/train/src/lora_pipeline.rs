@@ -10,10 +10,12 @@
 //! `5·L + 3`, all compiled by [`LoraPipeline::new`].
 //!
 //! Per layer and micro-batch: the static pipeline's 2 forward and 4 backward evaluations,
-//! plus one gradient-kernel evaluation per adapted group. On the CPU: embedding,
-//! residuals, RMSNorm backwards (for `dx`; their gain gradients are dropped), the
-//! classifier's loss and `dx` — and nothing else: no `dW` of the base, no `dWcls`, no
-//! embedding gradient.
+//! plus one gradient-kernel evaluation per adapted group (layer 0 stops below its
+//! adapters' gradients: nothing needs the `dx` at its input). With dropout each
+//! adapter's input mask travels in the surfaces too ([`LoraPipeline::set_dropout_seed`]).
+//! On the CPU: embedding, residuals, RMSNorm backwards (for `dx`; their gain gradients
+//! are dropped), the classifier's loss and `dx` — and nothing else: no `dW` of the base,
+//! no `dWcls`, no embedding gradient.
 
 use std::time::Instant;
 
