@@ -24,7 +24,7 @@ pub struct ModelArgs {
 }
 
 /// Reads `--probe-json`: a report that `anetrain probe --json` wrote.
-fn read_probe(path: &std::path::Path) -> Result<device::probe::ProbeReport> {
+pub(crate) fn read_probe(path: &std::path::Path) -> Result<device::probe::ProbeReport> {
     let text = std::fs::read_to_string(path).with_context(|| format!("--probe-json {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| {
         format!("--probe-json {}: not a report of `anetrain probe --json` (JSON with results)", path.display())

@@ -432,6 +432,17 @@ const MEMORY_BOUND_PHASES: [&str; 4] = ["surface_io", "rmsnorm", "optimizer", "o
 fn bench_train(b: &TrainBench) -> Result<()> {
     use train::trainer::Trainer;
     if let Some(rank) = b.lora {
+        if matches!(b.device, TrainBenchDevice::AneModel) {
+            let chip = b.chip.clone().unwrap_or_else(|| "m4".into());
+            return crate::lora_cmd::bench_ane_model(
+                &b.model,
+                rank,
+                b.batch.unwrap_or(1),
+                b.seq,
+                &chip,
+                b.probe_json.as_deref(),
+            );
+        }
         return crate::lora_cmd::bench(&b.model, rank, b.batch.unwrap_or(8), b.seq, b.steps, b.rounds);
     }
     let device_arg = match b.device {

@@ -15,7 +15,7 @@ use device::Precision;
 use llama::Params;
 use train::lora::{round_base_to_fp16, LoraConfig, LoraParams, DEFAULT_ALPHA};
 use train::lora_trainer::{self, LoraTrainer};
-use train::telemetry::{Event, Telemetry};
+use train::telemetry::{Event, PhasesMs, Telemetry};
 use train::trainer::TrainConfig;
 
 use crate::train_cmd::{ExportArgs, TrainArgs};
@@ -205,12 +205,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         };
         lora.config.validate(&config).map_err(anyhow::Error::msg)?;
-        if lora.config.dropout > 0.0 {
-            bail!(
-                "--lora-dropout {}: the LoRA pipeline does not apply dropout yet (its kernels would need a mask block per target); use 0",
-                lora.config.dropout
-            );
-        }
         let data = crate::train_cmd::load_data(&args, &config, seq, given_tokenizer)?;
         let settings = TrainConfig {
             steps: args.steps,
@@ -387,21 +381,90 @@ fn ane_bytes_per_step(config: &llama::Config, lora: &LoraConfig, batch: usize, s
     let (w1, w2, w3) = (w(hid * dim), w(dim * hid), w(hid * dim));
     let aw = sk::AttentionWeights { rms: &rms, wq: &wq, wk: &wk, wv: &wv, wo: &wo, bias: None };
     let fw = sk::FfnWeights { rms: &rms, w1: &w1, w2: &w2, w3: &w3 };
-    let (tg, r) = (&lora.targets, lora.rank);
+    let ad = lk::Adapters::new(&lora.targets, lora.rank).with_dropout(lora.dropout > 0.0);
+    let tg = &lora.targets;
     let mut defs = vec![
-        lk::attention_forward(&d, batch, seq, 1e-5, &aw, tg, r, dialect)?,
-        lk::ffn_forward(&d, t, 1e-5, &fw, tg, r, dialect)?,
-        lk::ffn_backward(&d, t, &fw, tg, r, dialect)?,
-        lk::attention_backward_wo(&d, t, &wo, tg, r, dialect)?,
+        lk::attention_forward(&d, batch, seq, 1e-5, &aw, &ad, dialect)?,
+        lk::ffn_forward(&d, t, 1e-5, &fw, &ad, dialect)?,
+        lk::ffn_backward(&d, t, &fw, &ad, dialect)?,
+        lk::attention_backward_wo(&d, t, &wo, &ad, dialect)?,
         sk::attention_backward_free(&d, batch, seq, dialect)?,
-        lk::qkv_backward(&d, t, &aw, tg, r, dialect)?,
+        lk::qkv_backward(&d, t, &aw, &ad, dialect)?,
     ];
     let (attn, ffn): (Vec<_>, Vec<_>) = tg.iter().partition(|t| t.is_attention());
     for g in [attn, ffn].into_iter().filter(|g| !g.is_empty()) {
-        defs.push(lk::adapter_grads(&d, t, &g, r, dialect)?);
+        defs.push(lk::adapter_grads(&d, t, &lk::Adapters { targets: &g, ..ad }, dialect)?);
     }
     let lora_bytes: f64 = defs.iter().map(io).sum::<f64>() * config.n_layers as f64;
     Ok((full, lora_bytes))
+}
+
+/// `anetrain bench train --lora RANK --device ane-model`: one step of full fine-tuning
+/// (the dynamic pipeline as anetrain runs it) and of LoRA fine-tuning, predicted by the
+/// ANE cost model (`train::cost_model`: `plan`, `lora_plan`) on a chip; nothing runs.
+pub fn bench_ane_model(
+    spec: &str,
+    rank: usize,
+    batch: usize,
+    seq: usize,
+    chip: &str,
+    probe_json: Option<&Path>,
+) -> Result<()> {
+    use train::cost_model::{self, Chip, Fusions, StepShape};
+    use train::pipelines::{PipelineConfig, PipelineKind};
+    let config = crate::bench::model_or_preset_config(spec)?;
+    if seq == 0 || seq > config.seq_len {
+        bail!("--seq {seq} must be between 1 and the model's context of {}", config.seq_len);
+    }
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let lora_cfg = LoraConfig::new(rank);
+    lora_cfg.validate(&config).map_err(anyhow::Error::msg)?;
+    let Some(mut chip_model) = Chip::named(chip) else {
+        bail!("--chip {chip}: not a chip the model knows ({})", cost_model::chip_names().join(", "));
+    };
+    if let Some(path) = probe_json {
+        let report = crate::ane_model_cmd::read_probe(path)?;
+        chip_model = chip_model.with_probe(&report, &path.display().to_string()).map_err(anyhow::Error::msg)?.0;
+    }
+    let shape = StepShape { config: config.clone(), batch, seq, dialect: chip_model.dialect(), accum: 1 };
+    let full_plan = cost_model::plan(&shape, PipelineConfig::new(PipelineKind::Dynamic, false), &Fusions::new())?;
+    let full = cost_model::predict(&full_plan, &chip_model);
+    let lora = cost_model::predict(&cost_model::lora_plan(&shape, &lora_cfg)?, &chip_model);
+    let n_adapter = LoraParams::zeros(&config, &lora_cfg).len();
+    let (opt_full, opt_lora) =
+        (cost_model::optimizer_ms(&config, &chip_model), cost_model::lora_optimizer_ms(n_adapter, &chip_model));
+    println!(
+        "bench train --lora {rank}: {spec}, batch {batch} × seq {seq}, on the ANE cost model of {}: predicted, not run on hardware",
+        chip_model.label
+    );
+    println!("| | full fine-tuning (dynamic) | LoRA r={rank} (q,v) | LoRA / full |");
+    println!("|---|---:|---:|---:|");
+    let row = |name: &str, f: f64, l: f64, unit: &str| {
+        println!("| {name} | {f:.2}{unit} | {l:.2}{unit} | {:.2}× |", l / f);
+    };
+    row("ms/step (without AdamW)", full.ms_per_step, lora.ms_per_step, "");
+    row("ms/step with AdamW every step", full.ms_per_step + opt_full, lora.ms_per_step + opt_lora, "");
+    row("ANE busy, ms", full.ane_ms(), lora.ane_ms(), "");
+    row("ANE GFLOP", full.ane_flops / 1e9, lora.ane_flops / 1e9, "");
+    row("CPU GEMM GFLOP", full.cpu_gemm_flops / 1e9, lora.cpu_gemm_flops / 1e9, "");
+    println!("| evaluations per step | {} | {} | |", full.evals, lora.evals);
+    println!();
+    println!("LoRA kernels ({}):", lora.label);
+    println!("  {:<32} {:>5} {:>9} {:>9} {:>12}", "kernel", "evals", "ms/eval", "ms/step", "bound");
+    for r in &lora.kernels {
+        println!(
+            "  {:<32} {:>5} {:>9.3} {:>9.1} {:>12}",
+            r.work.name,
+            r.evals,
+            r.time.total_ms(),
+            r.total_ms(),
+            r.time.bound()
+        );
+    }
+    println!("  main thread: {}", lora.critical_path().trim_start_matches("main thread: "));
+    Ok(())
 }
 
 /// `anetrain bench train --lora RANK`: full fine-tuning (dynamic pipeline) and LoRA
@@ -435,15 +498,19 @@ pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, roun
     full.step(&mut telemetry)?; // warm-up
     lt.step(&mut telemetry)?;
     let (mut best_full, mut best_lora) = (f64::INFINITY, f64::INFINITY);
+    // Phase sums over every timed step, for the per-phase table (where the time goes).
+    let (mut phases_full, mut phases_lora) = (PhasesMs::default(), PhasesMs::default());
     for _ in 0..rounds {
         let t0 = full.cumulative.train_seconds;
         for _ in 0..steps {
             full.step(&mut telemetry)?;
+            phases_full.add(&full.last_phases);
         }
         best_full = best_full.min((full.cumulative.train_seconds - t0) / steps as f64 * 1e3);
         let t0 = lt.cumulative.train_seconds;
         for _ in 0..steps {
             lt.step(&mut telemetry)?;
+            phases_lora.add(&lt.last_phases);
         }
         best_lora = best_lora.min((lt.cumulative.train_seconds - t0) / steps as f64 * 1e3);
     }
@@ -471,5 +538,13 @@ pub fn bench(spec: &str, rank: usize, batch: usize, seq: usize, steps: u64, roun
         ane_lora / ane_full
     );
     println!("| kernels compiled per run | 6 | {} | |", lt.kernels());
+    let n = (steps * rounds as u64) as f64;
+    println!();
+    println!("mean ms per step and phase (all {} timed steps):", steps * rounds as u64);
+    println!("| phase | full fine-tuning | LoRA r={rank} |");
+    println!("|---|---:|---:|");
+    for ((name, f), (_, l)) in phases_full.named().into_iter().zip(phases_lora.named()) {
+        println!("| {name} | {:.1} | {:.1} |", f / n, l / n);
+    }
     Ok(())
 }

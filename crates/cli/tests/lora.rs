@@ -1,5 +1,5 @@
 //! `anetrain train --lora` end to end: a run stopped and resumed ends with the adapters
-//! and optimizer state of a run that never stopped (bit for bit), the adapter exports as
+//! and optimizer state of a run that never stopped (bit for bit, with dropout), the adapter exports as
 //! a PEFT folder that `--init-lora` reads back exactly, and flag mistakes are named.
 
 mod common;
@@ -43,6 +43,9 @@ fn train_args<'a>(ckpt: &'a str, steps: &'a str) -> Vec<&'a str> {
         ckpt,
         "--ckpt-every",
         "0",
+        // Dropout's masks are drawn per step: the resumed run must draw the same.
+        "--lora-dropout",
+        "0.1",
     ]
 }
 
@@ -97,4 +100,48 @@ fn lora_flag_mistakes_are_named() {
     bad.extend(["--pipeline", "static"]);
     failed_with(&anetrain(d, &bad), &["--lora", "--pipeline"]);
     failed_with(&anetrain(d, &["export", "nowhere.bin", "--lora-adapter", "x"]), &["LoRA checkpoint"]);
+}
+
+/// `bench train --lora R --device ane-model` prices a LoRA step on the cost model beside
+/// full fine-tuning: the LoRA plan evaluates 2 kernels per layer forward and 5 backward
+/// (q,v: FFN backward, Woᵀ, attention backward, QKV backward, gradients) less layer 0's
+/// QKV backward, against the dynamic pipeline's 6 per layer.
+#[test]
+fn bench_train_lora_on_the_ane_model_prints_both_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = anetrain(
+        dir.path(),
+        &["bench", "train", "--lora", "8", "--model", "tiny", "--batch", "1", "--seq", "32", "--device", "ane-model"],
+    );
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("predicted, not run on hardware"), "{text}");
+    let l = llama::Config::preset("tiny").unwrap().n_layers;
+    let evals = text.lines().find(|line| line.starts_with("| evaluations per step")).expect("an evaluations row");
+    assert_eq!(evals, format!("| evaluations per step | {} | {} | |", 6 * l, 7 * l - 1), "{text}");
+    let ms = text.lines().find(|line| line.starts_with("| ms/step (without AdamW)")).expect("a ms/step row");
+    let cells: Vec<f64> = ms.split('|').filter_map(|c| c.trim().trim_end_matches('×').parse().ok()).collect();
+    assert_eq!(cells.len(), 3, "{ms}");
+    assert!(cells[0] > 0.0 && cells[1] > 0.0, "{ms}");
+    assert!((cells[2] - cells[1] / cells[0]).abs() < 0.006, "the ratio is LoRA over full: {ms}");
+    failed_with(
+        &anetrain(
+            dir.path(),
+            &[
+                "bench",
+                "train",
+                "--lora",
+                "8",
+                "--model",
+                "tiny",
+                "--seq",
+                "32",
+                "--device",
+                "ane-model",
+                "--chip",
+                "z9",
+            ],
+        ),
+        &["--chip z9"],
+    );
 }

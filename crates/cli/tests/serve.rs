@@ -576,3 +576,60 @@ fn ctrl_c_drains_requests_in_flight() {
     };
     assert!(code.success(), "{code}");
 }
+
+/// `serve --lora DIR` answers greedy requests with the text `sample --lora DIR` prints for
+/// the same prompt and length (both apply the adapter merged at load), and that text is
+/// not the base model's (the adapter's B is far from zero, so the test can fail).
+#[test]
+fn serve_with_a_lora_adapter_gives_the_text_of_sample_with_it() {
+    use rand::{Rng, SeedableRng};
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    let params = llama::llama2c::read_model(f.join("stories260K.bin")).unwrap();
+    let cfg = train::lora::LoraConfig {
+        targets: train::lora::LoraConfig::parse_targets("q,v,down").unwrap(),
+        alpha: 16.0,
+        ..train::lora::LoraConfig::new(4)
+    };
+    let mut lora = train::lora::LoraParams::init(params.config(), &cfg, 3);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    for s in lora.slots().to_vec() {
+        for v in &mut lora.as_mut_slice()[s.b] {
+            *v = rng.gen_range(-0.5f32..0.5);
+        }
+    }
+    train::peft::write_adapter(&adapter, params.config(), &lora, None).unwrap();
+    let adapter_arg = adapter.display().to_string();
+    let sample = |lora: bool| {
+        let (model, tok) = (f.join("stories260K.bin"), f.join("tok512.bin"));
+        let mut args: Vec<String> =
+            ["sample", "--device", "cpu", "--temperature", "0", "--steps", "48", "--prompt", ""]
+                .map(String::from)
+                .to_vec();
+        args.extend(["--model".into(), model.display().to_string(), "--tokenizer".into(), tok.display().to_string()]);
+        if lora {
+            args.extend(["--lora".into(), adapter_arg.clone()]);
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_anetrain")).args(&args).output().unwrap();
+        assert!(out.status.success(), "sample failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().strip_suffix('\n').unwrap().to_string()
+    };
+    let (with, without) = (sample(true), sample(false));
+    assert_ne!(with, without, "the adapter must change the greedy text");
+    let s = start(&["--lora", &adapter_arg]);
+    let body = completion(&s.base, "", 48);
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), with, "serve --lora against sample --lora");
+    drop(s);
+    // A folder that is not an adapter is named in the error.
+    let out = Command::new(env!("CARGO_BIN_EXE_anetrain"))
+        .args(["serve", "--port", "0", "--lora", "/nonexistent-adapter", "--model"])
+        .arg(f.join("stories260K.bin"))
+        .arg("--tokenizer")
+        .arg(f.join("tok512.bin"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve with a missing adapter must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--lora /nonexistent-adapter"), "the error must name the flag and folder: {err}");
+}

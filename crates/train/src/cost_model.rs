@@ -908,6 +908,103 @@ fn dynamic_plan(b: &mut Builder, s: &StepShape, fuse_norm: bool, cls_on_ane: boo
     Ok(())
 }
 
+/// The plan of one LoRA step ([`crate::lora_pipeline::LoraPipeline`]): per layer the
+/// attention and FFN forward kernels (base baked, adapters in the surface), then from the
+/// top the FFN backward, the FFN group's gradient kernel, `Woᵀ`, the weight-free attention
+/// backward, the QKV backward and the attention group's gradient kernel, with the CPU's
+/// residuals and RMSNorm backwards between; the classifier gives its loss and `dx` only
+/// (two GEMMs, no `dWcls`); no weight gradient anywhere; layer 0 stops below its
+/// adapters' gradients. Every layer's kernels have the same work, so one of each kind is
+/// priced. AdamW over the adapters is left out, as [`plan`] leaves out the full one.
+pub fn lora_plan(shape: &StepShape, lora: &crate::lora::LoraConfig) -> mil::Result<Plan> {
+    use crate::lora::LoraTarget;
+    use crate::lora_kernels as lk;
+    let (d, t, dialect) = (shape.dims(), shape.tokens(), shape.dialect);
+    let (dim, kv, hid, vocab) = (d.dim, d.kv_dim(), d.hidden, shape.config.vocab_size);
+    let act = |c: usize, passes: f64| CpuWork::stream(passes * (c * t) as f64 * F32);
+    // Zero weights: the work read from a program does not depend on the baked values.
+    let z = |n: usize| vec![0.0f32; n];
+    let (rms, wq, wkv, wo) = (z(dim), z(dim * dim), z(kv * dim), z(dim * dim));
+    let (w13, w2) = (z(hid * dim), z(dim * hid));
+    let aw = sk::AttentionWeights { rms: &rms, wq: &wq, wk: &wkv, wv: &wkv, wo: &wo, bias: None };
+    let fw = sk::FfnWeights { rms: &rms, w1: &w13, w2: &w2, w3: &w13 };
+    let ad = lk::Adapters::new(&lora.targets, lora.rank).with_dropout(lora.dropout > 0.0);
+    let eps = shape.config.norm_eps;
+    let mut b = Builder { kernels: Vec::new(), tasks: Vec::new(), staged: false };
+    let attn_fwd =
+        b.kernel(KernelWork::of(&lk::attention_forward(&d, shape.batch, shape.seq, eps, &aw, &ad, dialect)?));
+    let ffn_fwd = b.kernel(KernelWork::of(&lk::ffn_forward(&d, t, eps, &fw, &ad, dialect)?));
+    let ffn_bwd = b.kernel(KernelWork::of(&lk::ffn_backward(&d, t, &fw, &ad, dialect)?));
+    let wo_bwd = b.kernel(KernelWork::of(&lk::attention_backward_wo(&d, t, &wo, &ad, dialect)?));
+    let free_bwd = b.kernel(KernelWork::of(&sk::attention_backward_free(&d, shape.batch, shape.seq, dialect)?));
+    let qkv_bwd = b.kernel(KernelWork::of(&lk::qkv_backward(&d, t, &aw, &ad, dialect)?));
+    let (attn, ffn): (Vec<LoraTarget>, Vec<LoraTarget>) = lora.targets.iter().partition(|t| t.is_attention());
+    let mut grads = |group: &[LoraTarget]| -> mil::Result<Option<usize>> {
+        if group.is_empty() {
+            return Ok(None);
+        }
+        let def = lk::adapter_grads(&d, t, &lk::Adapters { targets: group, ..ad }, dialect)?;
+        Ok(Some(b.kernel(KernelWork::of(&def))))
+    };
+    let (grads_attn, grads_ffn) = (grads(&attn)?, grads(&ffn)?);
+    let qkv_adapted = attn.iter().any(|t| *t != LoraTarget::O);
+
+    b.cpu("other", act(dim, 2.0)); // embedding
+    for _ in 0..shape.config.n_layers {
+        b.cpu("other", act(dim, 2.0)); // x_in = x
+        b.eval(attn_fwd);
+        b.cpu("other", act(dim, passes::RESIDUAL));
+        b.eval(ffn_fwd);
+        b.cpu("other", act(dim, passes::RESIDUAL));
+    }
+    b.cpu("rmsnorm", act(dim, passes::RMSNORM_FWD)); // final norm
+    let vt = (vocab * t) as f64;
+    let classifier = CpuWork::gemm(vocab, t, dim, false)
+        .plus(CpuWork::gemm(dim, t, vocab, false))
+        .plus(CpuWork::stream(passes::SOFTMAX_CE * vt * F32));
+    b.cpu("classifier", classifier);
+    b.cpu("rmsnorm", act(dim, passes::RMSNORM_BWD));
+    for l in (0..shape.config.n_layers).rev() {
+        b.eval(ffn_bwd);
+        if let Some(k) = grads_ffn {
+            b.eval(k);
+        }
+        if l == 0 && attn.is_empty() {
+            break;
+        }
+        b.cpu("rmsnorm", act(dim, passes::RMSNORM_BWD));
+        if l > 0 || qkv_adapted {
+            b.eval(wo_bwd);
+            b.eval(free_bwd);
+            if l > 0 {
+                b.eval(qkv_bwd);
+            }
+        }
+        if let Some(k) = grads_attn {
+            b.eval(k);
+        }
+        if l == 0 {
+            break;
+        }
+        b.cpu("rmsnorm", act(dim, passes::RMSNORM_BWD));
+    }
+    let label =
+        format!("lora r={} ({})", lora.rank, lora.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(","));
+    Ok(Plan {
+        label,
+        kernels: b.kernels,
+        tasks: b.tasks,
+        async_dw: false,
+        recompiled_kernels: 0,
+        background_compile: false,
+    })
+}
+
+/// AdamW over the `n` trainable values of a LoRA run, ms on `chip` (as [`optimizer_ms`]).
+pub fn lora_optimizer_ms(n: usize, chip: &Chip) -> f64 {
+    chip.cpu_ms(&CpuWork::stream(7.0 * n as f64 * F32))
+}
+
 /// One layer's weight gradients, `dW [out, in] += dy [out, T] · xᵀ [T, in]`, in the
 /// three groups the pipelines run them in.
 struct LayerDw {

@@ -25,6 +25,11 @@
 //!   is exact (it adds zeros) and its gradients are zero, which the host ignores.
 //! - Adapter blocks: `A` as `[rp, in]`, `B` as `[out, rp]` (PEFT's `lora_A.weight`,
 //!   `lora_B.weight` layouts), side by side with the activations on the spatial axis.
+//! - **Dropout** (PEFT's `lora_dropout`, on the adapter branch's input only): with
+//!   [`Adapters::dropout`] every target gets a mask block `m_{t} [in, T]` holding `0` or
+//!   `1/(1−p)`, drawn by the host (seeded per step, so a resumed run draws the same); the
+//!   branch computes `(sB)·A·(m⊙x)`, its `dx` term is `m⊙(Aᵀ·(sB)ᵀ·dy)`, and the gradients
+//!   use `m⊙x`. Without dropout no mask block exists and the programs are as before.
 
 use mil::Var;
 
@@ -38,6 +43,44 @@ const RANK_MULTIPLE: usize = 32;
 /// The rank as the kernels carry it: `rank` rounded up to a multiple of 32.
 pub fn padded_rank(rank: usize) -> usize {
     rank.div_ceil(RANK_MULTIPLE) * RANK_MULTIPLE
+}
+
+/// The adapters a kernel carries: which projections, their rank, and whether each has a
+/// dropout mask block.
+#[derive(Clone, Copy, Debug)]
+pub struct Adapters<'a> {
+    pub targets: &'a [LoraTarget],
+    pub rank: usize,
+    /// A mask block `m_{t} [in, T]` per target (dropout probability above zero).
+    pub dropout: bool,
+}
+
+impl<'a> Adapters<'a> {
+    /// `targets` of rank `rank`, without dropout.
+    pub fn new(targets: &'a [LoraTarget], rank: usize) -> Adapters<'a> {
+        Adapters { targets, rank, dropout: false }
+    }
+
+    pub fn with_dropout(self, dropout: bool) -> Adapters<'a> {
+        Adapters { dropout, ..self }
+    }
+
+    fn has(&self, target: LoraTarget) -> bool {
+        self.targets.contains(&target)
+    }
+}
+
+/// Name of the input block holding the dropout mask of `target`'s input.
+pub fn m_block(target: LoraTarget) -> &'static str {
+    match target {
+        LoraTarget::Q => "m_q",
+        LoraTarget::K => "m_k",
+        LoraTarget::V => "m_v",
+        LoraTarget::O => "m_o",
+        LoraTarget::Gate => "m_gate",
+        LoraTarget::Up => "m_up",
+        LoraTarget::Down => "m_down",
+    }
 }
 
 /// Name of the input block holding `A` of `target`.
@@ -90,7 +133,7 @@ pub fn dy_block(target: LoraTarget) -> &'static str {
 }
 
 /// Rows of `x_block(target)` and of `dy_block(target)`.
-fn io_rows(d: &LayerDims, target: LoraTarget) -> (usize, usize) {
+pub fn io_rows(d: &LayerDims, target: LoraTarget) -> (usize, usize) {
     let (dim, kv, hid) = (d.dim, d.kv_dim(), d.hidden);
     match target {
         LoraTarget::Q | LoraTarget::O => (dim, dim),
@@ -100,55 +143,76 @@ fn io_rows(d: &LayerDims, target: LoraTarget) -> (usize, usize) {
     }
 }
 
-/// The adapter blocks of `targets` (those `keep` selects): `A [rp, in]`, `B [out, rp]`.
+/// The adapter blocks of `ad`'s targets (those `keep` selects): `A [rp, in]`,
+/// `B [out, rp]`, and with dropout the mask `[in, T]`.
 fn adapter_blocks(
     d: &LayerDims,
-    rp: usize,
-    targets: &[LoraTarget],
+    t_len: usize,
+    ad: &Adapters<'_>,
     keep: impl Fn(LoraTarget) -> bool,
 ) -> Vec<(&'static str, usize, usize)> {
+    let rp = padded_rank(ad.rank);
     let mut blocks = Vec::new();
-    for &t in targets.iter().filter(|&&t| keep(t)) {
+    for &t in ad.targets.iter().filter(|&&t| keep(t)) {
         let (inp, out) = io_rows(d, t);
         blocks.push((a_block(t), rp, inp));
         blocks.push((b_block(t), out, rp));
+        if ad.dropout {
+            blocks.push((m_block(t), inp, t_len));
+        }
     }
     blocks
 }
 
-/// `(sB)·(A·x)` for `x: [in, T]` → `[out, T]`.
-fn adapter_forward(g: &mut Gen, target: LoraTarget, x: &Var) -> Var {
+/// The adapter branch's input: `m⊙x` with dropout, else `x`.
+fn dropped(g: &mut Gen, ad: &Adapters<'_>, target: LoraTarget, x: &Var) -> Var {
+    if !ad.dropout {
+        return x.clone();
+    }
+    let m = g.block(m_block(target));
+    g.b.mul(&format!("lora_{}_xdrop", target.name()), x, &m)
+}
+
+/// `(sB)·(A·x)` for `x: [in, T]` → `[out, T]` (`x` after dropout).
+fn adapter_forward(g: &mut Gen, ad: &Adapters<'_>, target: LoraTarget, x: &Var) -> Var {
+    let x = dropped(g, ad, target, x);
     let a = g.block(a_block(target));
     let b = g.block(b_block(target));
     let n = target.name();
-    let u = g.b.matmul(&format!("lora_{n}_ax"), &a, x, false, false); // [rp, T]
+    let u = g.b.matmul(&format!("lora_{n}_ax"), &a, &x, false, false); // [rp, T]
     g.b.matmul(&format!("lora_{n}_bax"), &b, &u, false, false) // [out, T]
 }
 
-/// `Aᵀ·((sB)ᵀ·dy)` for `dy: [out, T]` → `[in, T]`: the adapter's part of `dx`.
-fn adapter_backward(g: &mut Gen, target: LoraTarget, dy: &Var) -> Var {
+/// `Aᵀ·((sB)ᵀ·dy)` for `dy: [out, T]` → `[in, T]`: the adapter's part of `dx` (times the
+/// dropout mask, the derivative of `m⊙x`).
+fn adapter_backward(g: &mut Gen, ad: &Adapters<'_>, target: LoraTarget, dy: &Var) -> Var {
     let a = g.block(a_block(target));
     let b = g.block(b_block(target));
     let n = target.name();
     let v = g.b.matmul(&format!("lora_{n}_bdy"), &b, dy, true, false); // [rp, T]
-    g.b.matmul(&format!("lora_{n}_dx"), &a, &v, true, false) // [in, T]
+    let dx = g.b.matmul(&format!("lora_{n}_dx"), &a, &v, true, false); // [in, T]
+    if !ad.dropout {
+        return dx;
+    }
+    let m = g.block(m_block(target));
+    g.b.mul(&format!("lora_{n}_dxdrop"), &dx, &m)
 }
 
 /// `base + adapter` when `target` is adapted, else `base`.
-fn plus_adapter_forward(g: &mut Gen, targets: &[LoraTarget], target: LoraTarget, base: Var, x: &Var) -> Var {
-    if !targets.contains(&target) {
+fn plus_adapter_forward(g: &mut Gen, ad: &Adapters<'_>, target: LoraTarget, base: Var, x: &Var) -> Var {
+    if !ad.has(target) {
         return base;
     }
-    let delta = adapter_forward(g, target, x);
+    let delta = adapter_forward(g, ad, target, x);
     g.b.add(&format!("lora_{}_y", target.name()), &base, &delta)
 }
 
 /// Adds the adapter's `dx` term of `target` (from `dy`) to `acc`, when adapted.
-fn plus_adapter_backward(g: &mut Gen, targets: &[LoraTarget], target: LoraTarget, acc: Var, dy: &Var) -> Var {
-    if !targets.contains(&target) {
+fn plus_adapter_backward(g: &mut Gen, ad: &Adapters<'_>, target: LoraTarget, acc: Var, dy: &Var) -> Var {
+    if !ad.has(target) {
         return acc;
     }
-    let delta = adapter_backward(g, target, dy);
+    let delta = adapter_backward(g, ad, target, dy);
     g.b.add(&format!("lora_{}_dxsum", target.name()), &acc, &delta)
 }
 
@@ -164,15 +228,14 @@ pub fn attention_forward(
     seq: usize,
     eps: f32,
     w: &AttentionWeights<'_>,
-    targets: &[LoraTarget],
-    rank: usize,
+    ad: &Adapters<'_>,
     target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
     let (dim, kv, hd) = (d.dim, d.kv_dim(), d.head_dim());
-    let (t, rp) = (batch * seq, padded_rank(rank));
+    let (t, rp) = (batch * seq, padded_rank(ad.rank));
     let mut g = Gen::new(target);
     let mut blocks = vec![("x", dim, t), ("cos", hd / 2, t), ("sin", hd / 2, t)];
-    blocks.extend(adapter_blocks(d, rp, targets, LoraTarget::is_attention));
+    blocks.extend(adapter_blocks(d, t, ad, LoraTarget::is_attention));
     g.surface("x", dim.max(rp), &blocks);
     let x = g.block("x");
     let cos = g.block("cos");
@@ -192,9 +255,9 @@ pub fn attention_forward(
         k = g.b.add("k_b", &k, &bk);
         v = g.b.add("v_b", &v, &bv);
     }
-    let q = plus_adapter_forward(&mut g, targets, LoraTarget::Q, q, &xn);
-    let k = plus_adapter_forward(&mut g, targets, LoraTarget::K, k, &xn);
-    let v = plus_adapter_forward(&mut g, targets, LoraTarget::V, v, &xn);
+    let q = plus_adapter_forward(&mut g, ad, LoraTarget::Q, q, &xn);
+    let k = plus_adapter_forward(&mut g, ad, LoraTarget::K, k, &xn);
+    let v = plus_adapter_forward(&mut g, ad, LoraTarget::V, v, &xn);
     let q = rope(&mut g, "q_rot", &q, d.n_heads, hd, &cos, &sin, false);
     let k = rope(&mut g, "k_rot", &k, d.n_kv_heads, hd, &cos, &sin, false);
     let mask = causal_mask(&mut g, seq, d.group());
@@ -207,7 +270,7 @@ pub fn attention_forward(
     let o = h.merge_queries(&mut g, "o2", &oh); // [D, T]
     let wo = bake(&mut g, "wo", &[1, 1, dim, dim], w.wo);
     let y = g.b.matmul("y_base", &wo, &o, false, false);
-    let y = plus_adapter_forward(&mut g, targets, LoraTarget::O, y, &o);
+    let y = plus_adapter_forward(&mut g, ad, LoraTarget::O, y, &o);
     g.output("xn", &xn);
     g.output("r", &r);
     g.output("q", &q);
@@ -227,16 +290,15 @@ pub fn ffn_forward(
     t: usize,
     eps: f32,
     w: &FfnWeights<'_>,
-    targets: &[LoraTarget],
-    rank: usize,
+    ad: &Adapters<'_>,
     target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
-    let (dim, hid, rp) = (d.dim, d.hidden, padded_rank(rank));
+    let (dim, hid, rp) = (d.dim, d.hidden, padded_rank(ad.rank));
     let mut g = Gen::new(target);
     let mut blocks = vec![("x", dim, t)];
     let ffn = |t: LoraTarget| !t.is_attention();
-    blocks.extend(adapter_blocks(d, rp, targets, ffn));
-    let channels = if targets.iter().any(|&t| ffn(t)) { dim.max(hid).max(rp) } else { dim };
+    blocks.extend(adapter_blocks(d, t, ad, ffn));
+    let channels = if ad.targets.iter().any(|&t| ffn(t)) { dim.max(hid).max(rp) } else { dim };
     g.surface("x", channels, &blocks);
     let x = g.block("x");
     let gain = bake(&mut g, "rms_ffn", &[1, 1, dim, 1], w.rms);
@@ -245,13 +307,13 @@ pub fn ffn_forward(
     let w13 = bake(&mut g, "w13", &[1, 1, 2 * hid, dim], &w13);
     let h13 = g.b.matmul("h13", &w13, &xn, false, false); // [2H, T]
     let parts = g.split_rows("h13_parts", &h13, &[hid, hid]);
-    let h1 = plus_adapter_forward(&mut g, targets, LoraTarget::Gate, parts[0].clone(), &xn);
-    let h3 = plus_adapter_forward(&mut g, targets, LoraTarget::Up, parts[1].clone(), &xn);
+    let h1 = plus_adapter_forward(&mut g, ad, LoraTarget::Gate, parts[0].clone(), &xn);
+    let h3 = plus_adapter_forward(&mut g, ad, LoraTarget::Up, parts[1].clone(), &xn);
     let act = g.b.silu("act", &h1);
     let gate = g.b.mul("gate", &act, &h3);
     let w2 = bake(&mut g, "w2", &[1, 1, dim, hid], w.w2);
     let y = g.b.matmul("y_base", &w2, &gate, false, false);
-    let y = plus_adapter_forward(&mut g, targets, LoraTarget::Down, y, &gate);
+    let y = plus_adapter_forward(&mut g, ad, LoraTarget::Down, y, &gate);
     g.output("xn", &xn);
     g.output("r", &r);
     g.output("h1", &h1);
@@ -268,21 +330,20 @@ pub fn ffn_backward(
     d: &LayerDims,
     t: usize,
     w: &FfnWeights<'_>,
-    targets: &[LoraTarget],
-    rank: usize,
+    ad: &Adapters<'_>,
     target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
-    let (dim, hid, rp) = (d.dim, d.hidden, padded_rank(rank));
+    let (dim, hid, rp) = (d.dim, d.hidden, padded_rank(ad.rank));
     let mut g = Gen::new(target);
     let mut blocks = vec![("dy", dim, t), ("h1", hid, t), ("h3", hid, t)];
-    blocks.extend(adapter_blocks(d, rp, targets, |t| !t.is_attention()));
+    blocks.extend(adapter_blocks(d, t, ad, |t| !t.is_attention()));
     g.surface("dy", dim.max(hid).max(rp), &blocks);
     let dy = g.block("dy");
     let h1 = g.block("h1");
     let h3 = g.block("h3");
     let w2 = bake(&mut g, "w2", &[1, 1, dim, hid], w.w2);
     let dgate = g.b.matmul("dgate_base", &w2, &dy, true, false); // [H, T]
-    let dgate = plus_adapter_backward(&mut g, targets, LoraTarget::Down, dgate, &dy);
+    let dgate = plus_adapter_backward(&mut g, ad, LoraTarget::Down, dgate, &dy);
     // silu(h1) = h1·σ(h1); silu'(h1) = σ(h1)·(1 + h1·(1 − σ(h1))).
     let sig = g.b.sigmoid("sig", &h1);
     let act = g.b.mul("act", &h1, &sig);
@@ -300,8 +361,8 @@ pub fn ffn_backward(
     let dx1 = g.b.matmul("dx1", &w1, &dh1, true, false);
     let dx3 = g.b.matmul("dx3", &w3, &dh3, true, false);
     let dx = g.b.add("dx_base", &dx1, &dx3);
-    let dx = plus_adapter_backward(&mut g, targets, LoraTarget::Gate, dx, &dh1);
-    let dx = plus_adapter_backward(&mut g, targets, LoraTarget::Up, dx, &dh3);
+    let dx = plus_adapter_backward(&mut g, ad, LoraTarget::Gate, dx, &dh1);
+    let dx = plus_adapter_backward(&mut g, ad, LoraTarget::Up, dx, &dh3);
     g.output("dx", &dx);
     g.output("dh1", &dh1);
     g.output("dh3", &dh3);
@@ -315,19 +376,18 @@ pub fn attention_backward_wo(
     d: &LayerDims,
     t: usize,
     wo: &[f32],
-    targets: &[LoraTarget],
-    rank: usize,
+    ad: &Adapters<'_>,
     target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
-    let (dim, rp) = (d.dim, padded_rank(rank));
+    let (dim, rp) = (d.dim, padded_rank(ad.rank));
     let mut g = Gen::new(target);
     let mut blocks = vec![("dy", dim, t)];
-    blocks.extend(adapter_blocks(d, rp, targets, |t| t == LoraTarget::O));
+    blocks.extend(adapter_blocks(d, t, ad, |t| t == LoraTarget::O));
     g.surface("dy", dim.max(rp), &blocks);
     let dy = g.block("dy");
     let wo = bake(&mut g, "wo", &[1, 1, dim, dim], wo);
     let d_o = g.b.matmul("do_base", &wo, &dy, true, false);
-    let d_o = plus_adapter_backward(&mut g, targets, LoraTarget::O, d_o, &dy);
+    let d_o = plus_adapter_backward(&mut g, ad, LoraTarget::O, d_o, &dy);
     g.output("do", &d_o);
     g.finish("lora_attention_backward_wo")
 }
@@ -339,14 +399,13 @@ pub fn qkv_backward(
     d: &LayerDims,
     t: usize,
     w: &AttentionWeights<'_>,
-    targets: &[LoraTarget],
-    rank: usize,
+    ad: &Adapters<'_>,
     target: impl Into<Target>,
 ) -> mil::Result<KernelDef> {
-    let (dim, kv, rp) = (d.dim, d.kv_dim(), padded_rank(rank));
+    let (dim, kv, rp) = (d.dim, d.kv_dim(), padded_rank(ad.rank));
     let mut g = Gen::new(target);
     let mut blocks = vec![("dq", dim, t), ("dk", kv, t), ("dv", kv, t)];
-    blocks.extend(adapter_blocks(d, rp, targets, |t| matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)));
+    blocks.extend(adapter_blocks(d, t, ad, |t| matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)));
     g.surface("dq", dim.max(rp), &blocks);
     let dq = g.block("dq");
     let dk = g.block("dk");
@@ -359,9 +418,9 @@ pub fn qkv_backward(
     let c = g.b.matmul("dxv", &wv, &dv, true, false);
     let ab = g.b.add("dxqk", &a, &b);
     let dx = g.b.add("dx_base", &ab, &c);
-    let dx = plus_adapter_backward(&mut g, targets, LoraTarget::Q, dx, &dq);
-    let dx = plus_adapter_backward(&mut g, targets, LoraTarget::K, dx, &dk);
-    let dx = plus_adapter_backward(&mut g, targets, LoraTarget::V, dx, &dv);
+    let dx = plus_adapter_backward(&mut g, ad, LoraTarget::Q, dx, &dq);
+    let dx = plus_adapter_backward(&mut g, ad, LoraTarget::K, dx, &dk);
+    let dx = plus_adapter_backward(&mut g, ad, LoraTarget::V, dx, &dv);
     g.output("dx", &dx);
     g.finish("lora_qkv_backward")
 }
@@ -373,15 +432,9 @@ pub fn qkv_backward(
 /// [`x_block`], [`dy_block`], each once), then the adapters. Outputs, all with `rp`
 /// channels and side by side on the spatial axis: `da_{t} [rp, in] = (sB)ᵀ·dy·xᵀ` (the
 /// gradient of `A`, exactly) and `dbt_{t} [rp, out] = (A·x)·dyᵀ` (`dBᵀ / s`).
-pub fn adapter_grads(
-    d: &LayerDims,
-    t: usize,
-    targets: &[LoraTarget],
-    rank: usize,
-    target: impl Into<Target>,
-) -> mil::Result<KernelDef> {
+pub fn adapter_grads(d: &LayerDims, t: usize, ad: &Adapters<'_>, target: impl Into<Target>) -> mil::Result<KernelDef> {
+    let targets = ad.targets;
     assert!(!targets.is_empty(), "a gradient kernel needs a target");
-    let rp = padded_rank(rank);
     let mut g = Gen::new(target);
     let mut blocks: Vec<(&'static str, usize, usize)> = Vec::new();
     for &tg in targets {
@@ -392,7 +445,7 @@ pub fn adapter_grads(
             }
         }
     }
-    blocks.extend(adapter_blocks(d, rp, targets, |_| true));
+    blocks.extend(adapter_blocks(d, t, ad, |_| true));
     let channels = blocks.iter().map(|b| b.1).max().expect("blocks");
     g.surface("x", channels, &blocks);
     // Each block read once (a block read twice would declare its slice twice).
@@ -401,6 +454,8 @@ pub fn adapter_grads(
     for &tg in targets {
         let n = tg.name();
         let (x, dy, a, b) = (get(x_block(tg)), get(dy_block(tg)), get(a_block(tg)), get(b_block(tg)));
+        // With dropout, `x` as the branch saw it: `m⊙x`.
+        let x = if ad.dropout { g.b.mul(&format!("g_{n}_xdrop"), &x, &get(m_block(tg))) } else { x };
         let u = g.b.matmul(&format!("g_{n}_ax"), &a, &x, false, false); // [rp, T]
         let v = g.b.matmul(&format!("g_{n}_bdy"), &b, &dy, true, false); // [rp, T]
         let da = g.b.matmul(&format!("g_{n}_da"), &v, &x, false, true); // [rp, in]

@@ -10,21 +10,25 @@
 //! `5·L + 3`, all compiled by [`LoraPipeline::new`].
 //!
 //! Per layer and micro-batch: the static pipeline's 2 forward and 4 backward evaluations,
-//! plus one gradient-kernel evaluation per adapted group. On the CPU: embedding,
-//! residuals, RMSNorm backwards (for `dx`; their gain gradients are dropped), the
-//! classifier's loss and `dx` — and nothing else: no `dW` of the base, no `dWcls`, no
-//! embedding gradient.
+//! plus one gradient-kernel evaluation per adapted group (layer 0 stops below its
+//! adapters' gradients: nothing needs the `dx` at its input). With dropout each
+//! adapter's input mask travels in the surfaces too ([`LoraPipeline::set_dropout_seed`]).
+//! On the CPU: embedding, residuals, RMSNorm backwards (for `dx`; their gain gradients
+//! are dropped), the classifier's loss and `dx` — and nothing else: no `dW` of the base,
+//! no `dWcls`, no embedding gradient.
 
 use std::time::Instant;
 
 use device::{Device, Kernel};
 use llama::{Config, Params};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::binding::{IoConvention, KernelIo, Target};
 use crate::cpu_ops::{self, ClassifierLoss};
 use crate::kernels::{KernelDef, LayerDims};
 use crate::lora::{LoraConfig, LoraParams, LoraTarget};
-use crate::lora_kernels::{self as lk, a_block, b_block};
+use crate::lora_kernels::{self as lk, a_block, b_block, m_block};
 use crate::pipeline::{LayerActs, PhaseTimes};
 use crate::static_kernels::{self as sk, AttentionWeights, FfnWeights};
 use crate::static_pipeline::{rope_tables, Slot};
@@ -90,7 +94,7 @@ impl LoraShape {
     /// and the gradient kernels (attention group, FFN group).
     pub fn kernel_defs(&self, base: &Params) -> mil::Result<Vec<KernelDef>> {
         let (d, t, eps, target) = (&self.dims, self.tokens(), self.config.norm_eps, self.target());
-        let (targets, r) = (&self.lora.targets, self.lora.rank);
+        let ad = lk::Adapters::new(&self.lora.targets, self.lora.rank).with_dropout(self.lora.dropout > 0.0);
         let mut defs = Vec::with_capacity(self.kernel_count());
         for l in 0..self.config.n_layers {
             let w = base.layer(l);
@@ -103,16 +107,16 @@ impl LoraShape {
                 bias: w.qkv_bias(),
             };
             let fw = FfnWeights { rms: w.rms_ffn(), w1: w.w1(), w2: w.w2(), w3: w.w3() };
-            defs.push(lk::attention_forward(d, self.batch, self.seq, eps, &aw, targets, r, target)?);
-            defs.push(lk::ffn_forward(d, t, eps, &fw, targets, r, target)?);
-            defs.push(lk::ffn_backward(d, t, &fw, targets, r, target)?);
-            defs.push(lk::attention_backward_wo(d, t, aw.wo, targets, r, target)?);
-            defs.push(lk::qkv_backward(d, t, &aw, targets, r, target)?);
+            defs.push(lk::attention_forward(d, self.batch, self.seq, eps, &aw, &ad, target)?);
+            defs.push(lk::ffn_forward(d, t, eps, &fw, &ad, target)?);
+            defs.push(lk::ffn_backward(d, t, &fw, &ad, target)?);
+            defs.push(lk::attention_backward_wo(d, t, aw.wo, &ad, target)?);
+            defs.push(lk::qkv_backward(d, t, &aw, &ad, target)?);
         }
         defs.push(sk::attention_backward_free(d, self.batch, self.seq, target)?);
         for group in [self.attention_targets(), self.ffn_targets()] {
             if !group.is_empty() {
-                defs.push(lk::adapter_grads(d, t, &group, r, target)?);
+                defs.push(lk::adapter_grads(d, t, &lk::Adapters { targets: &group, ..ad }, target)?);
             }
         }
         Ok(defs)
@@ -121,10 +125,11 @@ impl LoraShape {
 
 /// Writes layer `l`'s adapters for every adapter block a kernel's slot has: `A [r, in]`
 /// in the first `r` rows of its `[rp, in]` block, `s·B [out, r]` in the first `r`
-/// columns of its `[out, rp]` block (the padding stays zero from allocation).
-fn write_adapters(slot: &mut Slot, scaled: &LoraParams, l: usize) {
+/// columns of its `[out, rp]` block (the padding stays zero from allocation); and with
+/// dropout each target's mask (`masks[i]` for the `i`-th target: layer `l`'s).
+fn write_adapters(slot: &mut Slot, scaled: &LoraParams, l: usize, masks: &[Vec<f32>]) {
     let r = scaled.config.rank;
-    for &t in &scaled.config.targets {
+    for (i, &t) in scaled.config.targets.iter().enumerate() {
         if !slot.has(a_block(t)) {
             continue;
         }
@@ -132,6 +137,34 @@ fn write_adapters(slot: &mut Slot, scaled: &LoraParams, l: usize) {
         let (a, b) = scaled.adapter(l, t).expect("targeted");
         slot.io.write_at(&mut slot.inputs, a_block(t), 0, r, s.inp, a);
         slot.io.write_at(&mut slot.inputs, b_block(t), 0, s.out, r, b);
+        if let Some(mask) = masks.get(i) {
+            slot.write(m_block(t), mask);
+        }
+    }
+}
+
+/// SplitMix64's finaliser: spreads a seed's bits (so nearby seeds give unrelated streams).
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The dropout seed of micro-batch `micro` of optimizer step `step` (0-based) in a run
+/// seeded `run_seed`: a function of the three only, so a resumed or restarted run draws
+/// the masks the uninterrupted run drew.
+pub fn dropout_seed(run_seed: u64, step: u64, micro: usize) -> u64 {
+    mix(mix(mix(run_seed) ^ step) ^ micro as u64)
+}
+
+/// Fills `mask` (`[in, T]`) with PEFT's inverted dropout for layer `layer`, target number
+/// `target` under `seed`: each value `0` with probability `p`, else `1 / (1 − p)`.
+pub fn fill_dropout_mask(mask: &mut [f32], p: f32, seed: u64, layer: usize, target: usize) {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ mix(((layer as u64) << 8) | target as u64)));
+    let keep = 1.0 / (1.0 - p);
+    for v in mask.iter_mut() {
+        *v = if rng.gen::<f32>() < p { 0.0 } else { keep };
     }
 }
 
@@ -189,6 +222,10 @@ pub struct LoraPipeline {
     classifier: ClassifierLoss,
     /// The adapters as the kernels take them (`B` times the scale), refreshed per pass.
     scaled: LoraParams,
+    /// With dropout: one layer's mask per target (`[in, T]`, in target order), drawn
+    /// from `dropout_seed` (all ones without a seed: evaluation); empty without dropout.
+    masks: Vec<Vec<f32>>,
+    dropout_seed: Option<u64>,
     pub times: PhaseTimes,
     /// Seconds of the one compile.
     pub compile_seconds: f64,
@@ -300,6 +337,12 @@ impl LoraPipeline {
             },
             classifier: ClassifierLoss::new(vocab, dim, cpu_ops::DEFAULT_CLASSIFIER_CHUNK.min(t)),
             scaled: LoraParams::zeros(&shape.config, lora),
+            masks: if lora.dropout > 0.0 {
+                lora.targets.iter().map(|&tg| vec![1.0; lk::io_rows(&d, tg).0 * t]).collect()
+            } else {
+                Vec::new()
+            },
+            dropout_seed: None,
             shape,
             base,
             layers,
@@ -310,6 +353,23 @@ impl LoraPipeline {
             times: PhaseTimes::default(),
             compile_seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Dropout for the passes that follow: `Some(seed)` draws the masks from `seed` (a
+    /// training micro-batch: see [`dropout_seed`]), `None` applies no dropout
+    /// (evaluation). Without dropout (`p = 0`) this changes nothing.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        self.dropout_seed = seed;
+    }
+
+    /// Layer `l`'s dropout masks into `masks` (nothing without dropout).
+    fn draw_masks(masks: &mut [Vec<f32>], p: f32, seed: Option<u64>, l: usize) {
+        for (i, mask) in masks.iter_mut().enumerate() {
+            match seed {
+                Some(seed) => fill_dropout_mask(mask, p, seed, l, i),
+                None => mask.fill(1.0),
+            }
+        }
     }
 
     pub fn shape(&self) -> &LoraShape {
@@ -373,12 +433,15 @@ impl LoraPipeline {
         let mut t = Instant::now();
         cpu_ops::embedding_forward(&mut sc.x, self.base.token_embedding(), inputs, dim);
         lap(&mut t, &mut times.other_cpu);
+        let p = self.shape.lora.dropout;
         for (l, kernels) in self.layers.iter_mut().enumerate() {
+            Self::draw_masks(&mut self.masks, p, self.dropout_seed, l);
+            lap(&mut t, &mut times.other_cpu);
             let a = &mut self.acts[l];
             a.x_in.copy_from_slice(&sc.x);
             let s = &mut slots.attn_fwd;
             s.write("x", &a.x_in);
-            write_adapters(s, &self.scaled, l);
+            write_adapters(s, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.attn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
@@ -396,7 +459,7 @@ impl LoraPipeline {
             lap(&mut t, &mut times.other_cpu);
             let s = &mut slots.ffn_fwd;
             s.write("x", &a.x_mid);
-            write_adapters(s, &self.scaled, l);
+            write_adapters(s, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             s.eval(kernels.ffn_fwd.as_mut())?;
             lap(&mut t, &mut times.device_forward);
@@ -441,6 +504,38 @@ impl LoraPipeline {
         }
     }
 
+    /// The attention group's adapter gradients of layer `l` (if any is adapted), added to
+    /// `grads`: from the forward's `xn1`, `o`, and `dq`, `dk`, `dv`, `dy_attn` (= `s.dx`).
+    #[allow(clippy::too_many_arguments)] // the pipeline's parts the borrow checker keeps apart
+    fn attention_grads(
+        slots: &mut Slots,
+        kernel: &mut Option<Box<dyn Kernel>>,
+        scaled: &LoraParams,
+        masks: &[Vec<f32>],
+        lora: &LoraParams,
+        l: usize,
+        a: &LayerActs,
+        s: &mut Scratch,
+        grads: &mut [f32],
+        times: &mut PhaseTimes,
+        t: &mut Instant,
+    ) -> device::Result<()> {
+        let (Some(k), Some(kernel)) = (&mut slots.grads_attn, kernel) else { return Ok(()) };
+        let blocks = [("xn1", &a.xn1), ("o", &a.o), ("dq", &s.dq), ("dk", &s.dk), ("dv", &s.dv), ("dy_attn", &s.dx)];
+        for (name, data) in blocks {
+            if k.has(name) {
+                k.write(name, data);
+            }
+        }
+        write_adapters(k, scaled, l, masks);
+        lap(t, &mut times.surface_io);
+        k.eval(kernel.as_mut())?;
+        lap(t, &mut times.device_backward);
+        Self::add_adapter_grads(k, lora, l, grads, &mut s.grad_out);
+        lap(t, &mut times.surface_io);
+        Ok(())
+    }
+
     fn backward(
         &mut self,
         lora: &LoraParams,
@@ -473,7 +568,17 @@ impl LoraPipeline {
             &mut s.row,
         );
         lap(&mut t, &mut times.rmsnorm);
+        // Layer 0's input gradient feeds nothing (the embedding is frozen): below its
+        // adapters' gradients, layer 0 stops. With no q, k, v adapter it needs no
+        // attention backward at all (the o adapter's `dy` is the attention output's).
+        let qkv_adapted =
+            self.shape.lora.targets.iter().any(|t| matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V));
+        let attention_adapted = !self.shape.attention_targets().is_empty();
+        let p = self.shape.lora.dropout;
         for l in (0..self.shape.config.n_layers).rev() {
+            // The masks the forward drew for this layer (the same seed draws them again).
+            Self::draw_masks(&mut self.masks, p, self.dropout_seed, l);
+            lap(&mut t, &mut times.other_cpu);
             let w = base.layer(l);
             let a = &self.acts[l];
             let kernels = &mut self.layers[l];
@@ -483,7 +588,7 @@ impl LoraPipeline {
             k.write("dy", &s.dx);
             k.write("h1", &a.h1);
             k.write("h3", &a.h3);
-            write_adapters(k, &self.scaled, l);
+            write_adapters(k, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.ffn_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
@@ -500,20 +605,40 @@ impl LoraPipeline {
                         k.write(name, data);
                     }
                 }
-                write_adapters(k, &self.scaled, l);
+                write_adapters(k, &self.scaled, l, &self.masks);
                 lap(&mut t, &mut times.surface_io);
                 k.eval(kernel.as_mut())?;
                 lap(&mut t, &mut times.device_backward);
                 Self::add_adapter_grads(k, lora, l, grads, &mut s.grad_out);
                 lap(&mut t, &mut times.surface_io);
             }
+            if l == 0 && !attention_adapted {
+                break;
+            }
             cpu_ops::rmsnorm_backward(&mut s.dx, &mut s.dgain, &s.dxn, &a.x_mid, w.rms_ffn(), &a.inv_rms2, &mut s.row);
             lap(&mut t, &mut times.rmsnorm);
 
             // Attention backward: Woᵀ (+ the o adapter), then the weight-free part.
+            if l == 0 && !qkv_adapted {
+                // Only the o adapter: its gradient needs `dy_attn` (= s.dx) and `o`.
+                Self::attention_grads(
+                    slots,
+                    &mut self.grads_attn,
+                    &self.scaled,
+                    &self.masks,
+                    lora,
+                    l,
+                    a,
+                    s,
+                    grads,
+                    times,
+                    &mut t,
+                )?;
+                break;
+            }
             let k = &mut slots.attn_bwd_wo;
             k.write("dy", &s.dx);
-            write_adapters(k, &self.scaled, l);
+            write_adapters(k, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.attn_bwd_wo.as_mut())?;
             lap(&mut t, &mut times.device_backward);
@@ -530,31 +655,46 @@ impl LoraPipeline {
             k.take("dq", &mut s.dq);
             k.take("dk", &mut s.dk);
             k.take("dv", &mut s.dv);
+            lap(&mut t, &mut times.surface_io);
+            if l == 0 {
+                Self::attention_grads(
+                    slots,
+                    &mut self.grads_attn,
+                    &self.scaled,
+                    &self.masks,
+                    lora,
+                    l,
+                    a,
+                    s,
+                    grads,
+                    times,
+                    &mut t,
+                )?;
+                break;
+            }
             let k = &mut slots.qkv_bwd;
             k.write("dq", &s.dq);
             k.write("dk", &s.dk);
             k.write("dv", &s.dv);
-            write_adapters(k, &self.scaled, l);
+            write_adapters(k, &self.scaled, l, &self.masks);
             lap(&mut t, &mut times.surface_io);
             k.eval(kernels.qkv_bwd.as_mut())?;
             lap(&mut t, &mut times.device_backward);
             k.take("dx", &mut s.dxn);
             lap(&mut t, &mut times.surface_io);
-            if let (Some(k), Some(kernel)) = (&mut slots.grads_attn, &mut self.grads_attn) {
-                let blocks =
-                    [("xn1", &a.xn1), ("o", &a.o), ("dq", &s.dq), ("dk", &s.dk), ("dv", &s.dv), ("dy_attn", &s.dx)];
-                for (name, data) in blocks {
-                    if k.has(name) {
-                        k.write(name, data);
-                    }
-                }
-                write_adapters(k, &self.scaled, l);
-                lap(&mut t, &mut times.surface_io);
-                k.eval(kernel.as_mut())?;
-                lap(&mut t, &mut times.device_backward);
-                Self::add_adapter_grads(k, lora, l, grads, &mut s.grad_out);
-                lap(&mut t, &mut times.surface_io);
-            }
+            Self::attention_grads(
+                slots,
+                &mut self.grads_attn,
+                &self.scaled,
+                &self.masks,
+                lora,
+                l,
+                a,
+                s,
+                grads,
+                times,
+                &mut t,
+            )?;
             cpu_ops::rmsnorm_backward(&mut s.dx, &mut s.dgain, &s.dxn, &a.x_in, w.rms_att(), &a.inv_rms1, &mut s.row);
             lap(&mut t, &mut times.rmsnorm);
         }

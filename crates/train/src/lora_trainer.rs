@@ -21,7 +21,7 @@ use crate::binding::IoConvention;
 use crate::checkpoint::Checkpoint;
 use crate::data::{self, Dataset, SamplerState};
 use crate::lora::{LoraConfig, LoraParams};
-use crate::lora_pipeline::LoraPipeline;
+use crate::lora_pipeline::{dropout_seed, LoraPipeline};
 use crate::optim::{self, AdamW, AdamWConfig, LossScaler, LrSchedule};
 use crate::telemetry::{Cumulative, Event, PhasesMs, Report, StepFlops, Telemetry};
 use crate::trainer::{StepInfo, TrainConfig, TrainError};
@@ -297,8 +297,10 @@ impl<'d> LoraTrainer<'d> {
         let accum = self.train.accum;
         let grad_scale = self.scaler.scale / accum as f32;
         let mut loss_sum = 0.0f64;
-        for _ in 0..accum {
+        for micro in 0..accum {
             self.train_data.sample_batch(&mut self.sampler, &mut self.inputs, &mut self.targets);
+            // Dropout masks drawn from the step and micro-batch: a resumed run draws the same.
+            self.pipeline.set_dropout_seed(Some(dropout_seed(self.train.seed, step, micro)));
             let loss =
                 self.pipeline.forward_backward(&self.lora, &mut self.grads, &self.inputs, &self.targets, grad_scale)?;
             if !loss.is_finite() {
@@ -372,6 +374,7 @@ impl<'d> LoraTrainer<'d> {
     pub fn evaluate(&mut self) -> Result<Option<f32>, TrainError> {
         let Some(val) = self.val_data.as_ref().filter(|_| self.train.eval_batches > 0) else { return Ok(None) };
         let mut sampler = data::Sampler::new(self.train.seed ^ 0x5EED_0F5A_11E5);
+        self.pipeline.set_dropout_seed(None); // evaluation: no dropout
         let mut sum = 0.0f64;
         let n = self.train.eval_batches;
         for _ in 0..n {

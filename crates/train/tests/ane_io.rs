@@ -89,18 +89,21 @@ fn every_kernel(s: &Shape, dialect: Dialect) -> Vec<KernelDef> {
     let rows = chunks[0].len();
     v.push(sk::classifier_softmax(dim, t, rows, &w(rows * dim), chunks.len() > 1, dialect).unwrap());
     // LoRA: the baked kernels with adapters in the surface, and the weight-free gradient
-    // kernels (all targets at rank 8; PEFT's default q,v at rank 16).
-    for (targets, rank) in [(LoraTarget::ALL.to_vec(), 8), (vec![LoraTarget::Q, LoraTarget::V], 16)] {
+    // kernels (all targets at rank 8 with dropout masks; PEFT's default q,v at rank 16).
+    for (targets, rank, dropout) in
+        [(LoraTarget::ALL.to_vec(), 8, true), (vec![LoraTarget::Q, LoraTarget::V], 16, false)]
+    {
+        let ad = lk::Adapters::new(&targets, rank).with_dropout(dropout);
         v.extend([
-            lk::attention_forward(d, batch, seq, 1e-5, &aw, &targets, rank, dialect).unwrap(),
-            lk::ffn_forward(d, t, 1e-5, &fw, &targets, rank, dialect).unwrap(),
-            lk::ffn_backward(d, t, &fw, &targets, rank, dialect).unwrap(),
-            lk::attention_backward_wo(d, t, &wo, &targets, rank, dialect).unwrap(),
-            lk::qkv_backward(d, t, &aw, &targets, rank, dialect).unwrap(),
+            lk::attention_forward(d, batch, seq, 1e-5, &aw, &ad, dialect).unwrap(),
+            lk::ffn_forward(d, t, 1e-5, &fw, &ad, dialect).unwrap(),
+            lk::ffn_backward(d, t, &fw, &ad, dialect).unwrap(),
+            lk::attention_backward_wo(d, t, &wo, &ad, dialect).unwrap(),
+            lk::qkv_backward(d, t, &aw, &ad, dialect).unwrap(),
         ]);
         let (attn, ffn): (Vec<LoraTarget>, Vec<LoraTarget>) = targets.iter().partition(|t| t.is_attention());
         for group in [attn, ffn].into_iter().filter(|g| !g.is_empty()) {
-            v.push(lk::adapter_grads(d, t, &group, rank, dialect).unwrap());
+            v.push(lk::adapter_grads(d, t, &lk::Adapters { targets: &group, ..ad }, dialect).unwrap());
         }
     }
     v

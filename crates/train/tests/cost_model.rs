@@ -239,4 +239,43 @@ fn the_plans_evaluate_what_the_pipelines_evaluate() {
             );
         }
     }
+
+    // The LoRA pipeline, for target sets that take each of layer 0's early exits, and
+    // with dropout masks.
+    for (targets, dropout) in [("q,v", 0.0), ("o,down", 0.1), ("up", 0.0), ("q,k,v,o,gate,up,down", 0.2)] {
+        let dev = Recording {
+            inner: device::cpu::CpuDevice::new(device::Precision::Fp32),
+            programs: Mutex::new(Vec::new()),
+            log: Arc::new(Mutex::new(Vec::new())),
+        };
+        let lora_cfg = train::lora::LoraConfig {
+            targets: train::lora::LoraConfig::parse_targets(targets).unwrap(),
+            dropout,
+            ..train::lora::LoraConfig::new(4)
+        };
+        let lora = train::lora::LoraParams::init(&config, &lora_cfg, 2);
+        let io = train::binding::IoConvention::Packed;
+        let mut p = train::lora_pipeline::LoraPipeline::new(&dev, params.clone(), &lora_cfg, batch, seq, io).unwrap();
+        p.set_dropout_seed(Some(3));
+        let mut grads = vec![0.0f32; lora.len()];
+        p.forward_backward(&lora, &mut grads, &tokens, &tokens, 1.0).unwrap();
+        let programs = dev.programs.lock().unwrap();
+        let ran: Vec<cost_model::KernelWork> =
+            dev.log.lock().unwrap().iter().map(|&id| cost_model::KernelWork::of_program("", &programs[id])).collect();
+        let shape = StepShape { config: config.clone(), batch, seq, dialect: dev.dialect(), accum: 1 };
+        let plan = cost_model::lora_plan(&shape, &lora_cfg).unwrap();
+        let planned: Vec<&cost_model::KernelWork> = plan
+            .tasks
+            .iter()
+            .filter_map(|t| match t {
+                cost_model::Task::Eval(k) => Some(&plan.kernels[*k]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ran.len(), planned.len(), "LoRA {targets}: evaluations per step");
+        for (i, (r, p)) in ran.iter().zip(&planned).enumerate() {
+            let key = |w: &cost_model::KernelWork| (w.matmul_flops, w.elementwise_ops, w.input_bytes, w.output_bytes);
+            assert_eq!(key(r), key(p), "LoRA {targets}: evaluation {i} ran another program than the plan's {}", p.name);
+        }
+    }
 }

@@ -80,8 +80,9 @@ fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
 
 #[test]
 fn lora_loss_and_gradients_match_the_merged_model_through_the_chain_rule() {
-    // (kv heads, QKV biases, targets): the default q,v; every target with GQA and biases.
-    let cases = [(4, false, "q,v"), (2, true, "all"), (4, false, "o,down")];
+    // (kv heads, QKV biases, targets): the default q,v; every target with GQA and biases;
+    // o without q, k, v and the FFN alone (layer 0 stops early in both).
+    let cases = [(4, false, "q,v"), (2, true, "all"), (4, false, "o,down"), (4, false, "up")];
     for (n_kv, bias, targets) in cases {
         let what = format!("kv {n_kv}, bias {bias}, targets {targets}");
         let config = tiny(n_kv, bias);
@@ -236,4 +237,102 @@ fn fp16_device_keeps_the_lora_loss_close() {
     let got = pipe.forward_backward(&lora, &mut grads, &inputs, &targets, 1.0).unwrap();
     assert!((got - want).abs() < 0.02 * want, "fp16 loss {got}, fp32 {want}");
     assert!(grads.iter().all(|g| g.is_finite()) && grads.iter().any(|&g| g != 0.0));
+}
+
+#[test]
+fn dropout_gradients_match_finite_differences_with_a_fixed_mask() {
+    let config = tiny(2, false);
+    let base = fp16_base(&config, 21);
+    let lora_cfg = LoraConfig { targets: LoraTarget::ALL.to_vec(), dropout: 0.3, ..LoraConfig::new(2) };
+    let mut lora = adapters(&config, &lora_cfg, 22);
+    let (inputs, targets) = batch(&config, 2, 8, 23);
+    let device = CpuDevice::new(Precision::Fp32);
+    let mut pipe = LoraPipeline::new(&device, base, &lora_cfg, 2, 8, IoConvention::Packed).unwrap();
+    let eval_loss = pipe.loss(&lora, &inputs, &targets).unwrap();
+    // The same seed draws the same masks in every pass: the loss is a fixed function.
+    pipe.set_dropout_seed(Some(99));
+    let mut grads = vec![0.0f32; lora.len()];
+    let loss = pipe.forward_backward(&lora, &mut grads, &inputs, &targets, 1.0).unwrap();
+    assert_eq!(pipe.loss(&lora, &inputs, &targets).unwrap(), loss, "the same seed must draw the same masks");
+    assert!((loss - eval_loss).abs() > 1e-4, "dropout changed nothing: {loss} vs {eval_loss} without it");
+    pipe.set_dropout_seed(Some(100));
+    assert_ne!(pipe.loss(&lora, &inputs, &targets).unwrap(), loss, "another seed must draw other masks");
+    pipe.set_dropout_seed(Some(99));
+    let largest = grads.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+    // As lora_gradients_match_finite_differences, with h = 3e-3: the masks (0 or 1/0.7)
+    // steepen the loss (gradients up to ~1), and at h = 1e-2 the O(h²) truncation reached
+    // 0.7 % of a gradient; f32 noise ≈ 4e-7 / h ≈ 1.3e-4 stays well inside the tolerance.
+    let h = 3e-3f32;
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    for s in lora.slots().to_vec() {
+        for range in [s.a.clone(), s.b.clone()] {
+            for _ in 0..3 {
+                let i = rng.gen_range(range.clone());
+                let v0 = lora.as_slice()[i];
+                lora.as_mut_slice()[i] = v0 + h;
+                let up = pipe.loss(&lora, &inputs, &targets).unwrap();
+                lora.as_mut_slice()[i] = v0 - h;
+                let down = pipe.loss(&lora, &inputs, &targets).unwrap();
+                lora.as_mut_slice()[i] = v0;
+                let fd = (up - down) / (2.0 * h);
+                assert!(
+                    (fd - grads[i]).abs() <= 2e-3 * largest.max(1e-2),
+                    "layer {} {} value {i}: finite difference {fd}, gradient {}",
+                    s.layer,
+                    s.target.name(),
+                    grads[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_zero_and_dropout_without_a_seed_are_bit_identical_to_no_dropout() {
+    let config = tiny(4, false);
+    let base = fp16_base(&config, 31);
+    let plain = LoraConfig { targets: LoraTarget::ALL.to_vec(), ..LoraConfig::new(4) };
+    let lora = adapters(&config, &plain, 32);
+    let (inputs, targets) = batch(&config, 2, 8, 33);
+    let device = CpuDevice::new(Precision::Fp32);
+    let run = |cfg: &LoraConfig, seed: Option<u64>| {
+        let mut pipe = LoraPipeline::new(&device, base.clone(), cfg, 2, 8, IoConvention::Packed).unwrap();
+        pipe.set_dropout_seed(seed);
+        let lora = LoraParams::from_vec(&config, cfg, lora.as_slice().to_vec()).unwrap();
+        let mut grads = vec![0.0f32; lora.len()];
+        let loss = pipe.forward_backward(&lora, &mut grads, &inputs, &targets, 1.0).unwrap();
+        (loss.to_bits(), grads.iter().map(|g| g.to_bits()).collect::<Vec<u32>>())
+    };
+    let reference = run(&plain, None);
+    // p = 0 compiles the programs without mask blocks: a seed changes nothing.
+    assert_eq!(run(&plain, Some(5)), reference, "p = 0 with a dropout seed");
+    // p > 0 without a seed (evaluation) multiplies by masks of ones: exact.
+    let dropped = LoraConfig { dropout: 0.4, ..plain.clone() };
+    assert_eq!(run(&dropped, None), reference, "p = 0.4 without a seed");
+    assert_ne!(run(&dropped, Some(5)), reference, "p = 0.4 with a seed must drop something");
+}
+
+#[test]
+fn dropout_masks_drop_p_of_the_values_and_scale_the_rest() {
+    use train::lora_pipeline::{dropout_seed, fill_dropout_mask};
+    let p = 0.25f32;
+    let mut mask = vec![0.0f32; 100_000];
+    fill_dropout_mask(&mut mask, p, 7, 3, 1);
+    let zeros = mask.iter().filter(|&&v| v == 0.0).count() as f64 / mask.len() as f64;
+    // Binomial: standard deviation sqrt(p(1−p)/n) ≈ 0.0014; 5σ either way.
+    assert!((zeros - 0.25).abs() < 0.007, "{zeros} of the values dropped, expected 0.25");
+    assert!(mask.iter().all(|&v| v == 0.0 || v == 1.0 / (1.0 - p)), "kept values must be 1/(1−p)");
+    let mut again = vec![0.0f32; mask.len()];
+    fill_dropout_mask(&mut again, p, 7, 3, 1);
+    assert_eq!(again, mask, "the same seed, layer and target draw the same mask");
+    for (seed, layer, target) in [(8, 3, 1), (7, 4, 1), (7, 3, 0)] {
+        fill_dropout_mask(&mut again, p, seed, layer, target);
+        assert_ne!(again, mask, "seed {seed}, layer {layer}, target {target} must draw another mask");
+    }
+    let seeds = [dropout_seed(1, 0, 0), dropout_seed(1, 1, 0), dropout_seed(1, 0, 1), dropout_seed(2, 0, 0)];
+    for i in 0..seeds.len() {
+        for j in i + 1..seeds.len() {
+            assert_ne!(seeds[i], seeds[j], "step, micro-batch and run seed must each change the seed");
+        }
+    }
 }

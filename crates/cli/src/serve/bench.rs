@@ -74,6 +74,7 @@ fn serve_args(spec: &str, tokenizer: Option<std::path::PathBuf>, clients: usize)
         prefill_chunk: 64,
         max_body_bytes: 1 << 20,
         prefix_cache_mib: 256,
+        lora: None,
         debug_step_delay_ms: 0,
     }
 }

@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// MiB of keys and values the prompt-prefix cache keeps.
     #[arg(long, default_value_t = 256)]
     pub prefix_cache_mib: usize,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to
+    /// serve with the model: merged into the weights once at load (W + s·B·A), as
+    /// `sample --lora` does; the batched engine then runs as without one.
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
     /// (testing) sleep this long after every batched step, so that tests can hold
     /// requests in flight (queue full, cancellation, draining) without a large model.
     #[arg(long, hide = true, default_value_t = 0)]
@@ -146,6 +151,10 @@ pub fn load(args: &ServeArgs) -> Result<Loaded> {
         let dir = args.tokenizer.as_deref().unwrap_or(&args.model).parent().unwrap_or(Path::new(".")).to_path_buf();
         (params, tokenizer, stop, dir)
     };
+    let mut params = params;
+    if let Some(dir) = &args.lora {
+        crate::lora_cmd::read_adapter(dir, &params, "--lora")?.merge_into(&mut params);
+    }
     stop_ids.extend(tokenizer.eos_ids());
     stop_ids.sort_unstable();
     stop_ids.dedup();
