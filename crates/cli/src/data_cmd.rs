@@ -199,7 +199,8 @@ fn pretokenize_cmd(args: PretokenizeArgs) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("cannot start worker threads")?;
     let progress = bar(args.quiet, "{pos:>9}/{len} stories  {wide_bar}  {per_sec}  ETA {eta}");
     let start = std::time::Instant::now();
-    let result = pool.install(|| pretokenize::pretokenize_files(&tokenizer, &args.inputs, &args.out, Some(width), &progress));
+    let result =
+        pool.install(|| pretokenize::pretokenize_files(&tokenizer, &args.inputs, &args.out, Some(width), &progress));
     progress.finish_and_clear();
     let summaries = result?;
     let (stories, tokens): (usize, usize) = summaries.iter().fold((0, 0), |(s, t), x| (s + x.stories, t + x.tokens));

@@ -81,8 +81,20 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
         let tag = &rest[at..];
         let Some(close) = tag.find("%}") else { break };
         let inner = &tag[2..close];
-        let left = if inner.starts_with('-') { "-" } else if inner.starts_with('+') { "+" } else { "" };
-        let right = if inner.ends_with('-') { "-" } else if inner.ends_with('+') { "+" } else { "" };
+        let left = if inner.starts_with('-') {
+            "-"
+        } else if inner.starts_with('+') {
+            "+"
+        } else {
+            ""
+        };
+        let right = if inner.ends_with('-') {
+            "-"
+        } else if inner.ends_with('+') {
+            "+"
+        } else {
+            ""
+        };
         let word = inner.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim();
         let marker = match word {
             "generation" => Some(GENERATION_START),
@@ -120,7 +132,9 @@ impl ChatTemplate {
                 };
                 match named("default").and_then(|t| t.as_str()) {
                     Some(s) => s.to_string(),
-                    None => return Err(err!(Format, "chat_template is a list without a `default` template").in_file(path)),
+                    None => {
+                        return Err(err!(Format, "chat_template is a list without a `default` template").in_file(path))
+                    }
                 }
             }
             Some(_) => {
@@ -169,7 +183,10 @@ impl ChatTemplate {
     ) -> std::result::Result<Rendered, String> {
         let markers = [GENERATION_START, GENERATION_END];
         if messages.iter().any(|m| m.content.contains(markers) || m.role.contains(markers)) {
-            return Err(format!("a message holds U+{:X} or U+{:X}, reserved here", GENERATION_START as u32, GENERATION_END as u32));
+            return Err(format!(
+                "a message holds U+{:X} or U+{:X}, reserved here",
+                GENERATION_START as u32, GENERATION_END as u32
+            ));
         }
         let template = self.env.get_template("chat").expect("added in new");
         let raw = template

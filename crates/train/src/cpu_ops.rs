@@ -25,8 +25,8 @@
 use device::cpu::simd;
 use rayon::prelude::*;
 
-use crate::linalg::{add_assign, matmul, matmul_acc, MatMut, MatRef};
 use crate::data::{loss_tokens, IGNORE_TARGET};
+use crate::linalg::{add_assign, matmul, matmul_acc, MatMut, MatRef};
 
 /// Columns (positions) handled together when reducing over channels: the running sums
 /// live in a stack array of this many lanes. 64 f32 = 4 cache lines.

@@ -238,7 +238,9 @@ impl Layout {
             other => return Err(bad(format!("header says {other} bytes per token; a shard has 2 (u16) or 4 (u32)"))),
         };
         if flags & !FLAG_MASK != 0 || reserved != 0 {
-            return Err(bad(format!("unknown header flags {flags:#x} / reserved {reserved:#x} (written by a newer version?)")));
+            return Err(bad(format!(
+                "unknown header flags {flags:#x} / reserved {reserved:#x} (written by a newer version?)"
+            )));
         }
         let masked = flags & FLAG_MASK != 0;
         let per_token = width.bytes() as u64 + u64::from(masked);

@@ -57,7 +57,8 @@ fn generation_tags_match_transformers_assistant_mask() {
 fn prefix_rule_without_tags_matches_transformers_assistant_mask() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("tokenizer_config.json")).unwrap()).unwrap();
-    let source = config["chat_template"].as_str().unwrap().replace("{% generation %}", "").replace("{% endgeneration %}", "");
+    let source =
+        config["chat_template"].as_str().unwrap().replace("{% generation %}", "").replace("{% endgeneration %}", "");
     let template = ChatTemplate::new(source, String::new(), "<|im_end|>".into()).unwrap();
     assert!(!template.has_generation_markers());
     check_against_transformers(&ChatFormat::Template(template));
@@ -83,8 +84,11 @@ fn a_template_that_rewrites_earlier_turns_is_refused_by_line() {
     assert!(err.contains("chats.jsonl:2: messages[1] (assistant)") && err.contains("generation"), "{err}");
 
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n{\"messages\": [{\"role\": \"user\"}]}\n")
-        .unwrap();
+    std::fs::write(
+        &bad,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n{\"messages\": [{\"role\": \"user\"}]}\n",
+    )
+    .unwrap();
     let err = chat_data::read_jsonl(&bad).unwrap_err().to_string();
     assert!(err.ends_with("bad.jsonl:2: messages[0].content: missing"), "{err}");
 }
@@ -139,8 +143,8 @@ fn chat_shards_train_only_on_assistant_tokens() {
 
 #[test]
 fn plain_format_for_models_without_a_template() {
-    let tokenizer = AnyTokenizer::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tok512.bin"))
-        .unwrap();
+    let tokenizer =
+        AnyTokenizer::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tok512.bin")).unwrap();
     let messages = [Message::new("user", "Hi there"), Message::new("assistant", "Hello friend")];
     let got = chat_data::encode(&tokenizer, &ChatFormat::Plain, &messages).unwrap();
     // BOS, then the text; the reply and the final EOS are the loss tokens.

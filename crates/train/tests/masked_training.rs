@@ -34,7 +34,8 @@ fn tiny() -> Config {
 /// Tokens with a pattern, and a mask of "prompt" (0) and "reply" (1) stretches.
 fn tokens_and_mask(vocab: usize) -> (Vec<u32>, Vec<u8>) {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let tokens = (0..3000u32).map(|i| if rng.gen_bool(0.8) { i % 13 + 3 } else { rng.gen_range(0..vocab as u32) }).collect();
+    let tokens =
+        (0..3000u32).map(|i| if rng.gen_bool(0.8) { i % 13 + 3 } else { rng.gen_range(0..vocab as u32) }).collect();
     let mask = (0..3000).map(|i| u8::from(i % 10 >= 6)).collect();
     (tokens, mask)
 }
@@ -66,18 +67,13 @@ fn run(pipeline: PipelineConfig, data: Dataset, t: TrainConfig) -> (Vec<f32>, Ve
     let config = tiny();
     let device = CpuDevice::new(Precision::Fp32);
     let params = Params::init(&config, 1).unwrap();
-    let mut trainer =
-        Trainer::with_pipeline(&device, params, t.clone(), pipeline, data, None).unwrap();
+    let mut trainer = Trainer::with_pipeline(&device, params, t.clone(), pipeline, data, None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("telemetry.jsonl");
     let mut telemetry = Telemetry::open(&path).unwrap();
     let losses = (0..t.steps).map(|_| trainer.step(&mut telemetry).unwrap().loss).collect();
     drop(telemetry);
-    let events = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     (losses, trainer.params.as_slice().to_vec(), events)
 }
 
