@@ -237,7 +237,7 @@ fn chat_cmd(args: ChatArgs) -> Result<()> {
         Some(path) => match ChatTemplate::from_tokenizer_config(path)? {
             Some(template) => {
                 eprintln!("chat template: {}", path.display());
-                ChatFormat::Template(template)
+                ChatFormat::Template(Box::new(template))
             }
             None if args.chat_template.is_some() => {
                 bail!("--chat-template {}: the file has no chat_template", path.display())

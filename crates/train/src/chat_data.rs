@@ -46,7 +46,7 @@ use crate::data::{self, DataError, TokenWidth};
 /// How conversations become text.
 pub enum ChatFormat {
     /// A Hugging Face chat template.
-    Template(ChatTemplate),
+    Template(Box<ChatTemplate>),
     /// No template: `role: content` lines (see the module docs).
     Plain,
 }

@@ -214,7 +214,7 @@ impl Layout {
             return Err(DataError::Empty { source_name: name.to_string() });
         }
         if !bytes.starts_with(SHARD_MAGIC) {
-            if bytes.len() % 2 != 0 {
+            if !bytes.len().is_multiple_of(2) {
                 return Err(DataError::OddLength { source_name: name.to_string(), bytes: bytes.len() as u64 });
             }
             return Ok(Layout { tokens_at: 0, width: TokenWidth::U16, n_tokens: bytes.len() / 2, mask_at: None });

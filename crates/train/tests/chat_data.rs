@@ -50,7 +50,7 @@ fn check_against_transformers(format: &ChatFormat) {
 fn generation_tags_match_transformers_assistant_mask() {
     let template = ChatTemplate::from_tokenizer_config(&fixture().join("tokenizer_config.json")).unwrap().unwrap();
     assert!(template.has_generation_markers());
-    check_against_transformers(&ChatFormat::Template(template));
+    check_against_transformers(&ChatFormat::Template(Box::new(template)));
 }
 
 #[test]
@@ -61,7 +61,7 @@ fn prefix_rule_without_tags_matches_transformers_assistant_mask() {
         config["chat_template"].as_str().unwrap().replace("{% generation %}", "").replace("{% endgeneration %}", "");
     let template = ChatTemplate::new(source, String::new(), "<|im_end|>".into()).unwrap();
     assert!(!template.has_generation_markers());
-    check_against_transformers(&ChatFormat::Template(template));
+    check_against_transformers(&ChatFormat::Template(Box::new(template)));
 }
 
 #[test]
@@ -78,9 +78,15 @@ fn a_template_that_rewrites_earlier_turns_is_refused_by_line() {
     )
     .unwrap();
     let tokenizer = AnyTokenizer::open(fixture().join("tokenizer.json")).unwrap();
-    let err = chat_data::chat_files(&tokenizer, &ChatFormat::Template(template), &[input], dir.path(), TokenWidth::U16)
-        .unwrap_err()
-        .to_string();
+    let err = chat_data::chat_files(
+        &tokenizer,
+        &ChatFormat::Template(Box::new(template)),
+        &[input],
+        dir.path(),
+        TokenWidth::U16,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("chats.jsonl:2: messages[1] (assistant)") && err.contains("generation"), "{err}");
 
     let bad = dir.path().join("bad.jsonl");
@@ -98,7 +104,7 @@ fn chat_shards_train_only_on_assistant_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let tokenizer = AnyTokenizer::open(fixture().join("tokenizer.json")).unwrap();
     let template = ChatTemplate::from_tokenizer_config(&fixture().join("tokenizer_config.json")).unwrap().unwrap();
-    let format = ChatFormat::Template(template);
+    let format = ChatFormat::Template(Box::new(template));
     // u32 even though the vocabulary fits u16: the headed layout both ways.
     for width in [TokenWidth::U16, TokenWidth::U32] {
         let out = dir.path().join(width.to_string());

@@ -184,7 +184,7 @@ fn u32_shards_hold_ids_beyond_u16_and_read_like_u16_ones() {
     assert_eq!(bytes[32 + 4 * 3..32 + 4 * 4], tokens[3].to_le_bytes());
 
     let seq = 8;
-    let data = Dataset::open(&[path.clone()], &HoldOut::Fraction(0.0), vocab, seq).unwrap().train;
+    let data = Dataset::open(std::slice::from_ref(&path), &HoldOut::Fraction(0.0), vocab, seq).unwrap().train;
     assert!(!data.is_masked());
     let mut window = vec![0u32; seq + 1];
     for index in [0, 17, data.n_windows() - 1] {
@@ -233,10 +233,10 @@ fn masked_shards_turn_masked_targets_into_ignore() {
     for (row_in, row_t) in inputs.chunks(seq).zip(targets.chunks(seq)) {
         // tokens[i] = 1 + i % 50 and windows are shorter than 50: the first input says where.
         let start = (0..200 - seq).find(|&p| tokens[p..p + seq] == *row_in).unwrap();
-        for s in 0..seq {
+        for (s, &target) in row_t.iter().enumerate() {
             let pos = start + s + 1;
             let want = if mask[pos] == 1 { tokens[pos] } else { IGNORE_TARGET };
-            assert_eq!(row_t[s], want, "target of position {pos}");
+            assert_eq!(target, want, "target of position {pos}");
         }
     }
     assert_eq!(loss_tokens(&targets), targets.iter().filter(|&&t| t != IGNORE_TARGET).count());
