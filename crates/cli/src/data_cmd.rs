@@ -1,20 +1,55 @@
 //! Data and tokenizers on the command line: `anetrain data download tinystories`,
-//! `anetrain data pretokenize`, and `anetrain tokenizer train`.
+//! `anetrain data pretokenize`, `anetrain data chat`, and `anetrain tokenizer train`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use llama::chat::ChatTemplate;
 use llama::tokenizers::AnyTokenizer;
+use train::chat_data::{self, ChatFormat};
+use train::data::TokenWidth;
 use train::{download, pretokenize};
 
 #[derive(Subcommand, Debug)]
 pub enum DataCommand {
     /// Download a dataset archive (resumable) and unpack it.
     Download(DownloadArgs),
-    /// Encode JSON (TinyStories) or text files into u16 shards for `train --data`.
+    /// Encode JSON (TinyStories) or text files into token shards for `train --data`.
     Pretokenize(PretokenizeArgs),
+    /// Render chat JSONL with the model's chat template into masked shards (the loss
+    /// counts the assistant's tokens only) for `train --data` and `lora --data`.
+    Chat(ChatArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// A Hugging Face model folder (its tokenizer.json and tokenizer_config.json), a
+    /// tokenizer.json (the chat template is read from the tokenizer_config.json beside
+    /// it), or a llama2.c tokenizer.bin / SentencePiece .model (no template).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// JSONL inputs: one {"messages": [{"role": …, "content": …}, …]} per line.
+    #[arg(long = "in", required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
+    /// Output folder; each input becomes OUT/<input stem>.bin (a masked shard).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A tokenizer_config.json whose chat_template to use instead of the one found
+    /// with the tokenizer.
+    #[arg(long, conflicts_with = "plain")]
+    pub chat_template: Option<PathBuf>,
+    /// Ignore any chat template: plain `role: content` lines (as `serve` prompts
+    /// models without a template).
+    #[arg(long)]
+    pub plain: bool,
+    /// Token width (default: u16 up to 65 536 ids, else u32).
+    #[arg(long, value_enum)]
+    pub width: Option<WidthArg>,
+    /// Worker threads (default: one per core). The output is the same for any number.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,11 +93,30 @@ pub struct PretokenizeArgs {
     /// Output folder; each input becomes OUT/<input stem>.bin.
     #[arg(long)]
     pub out: PathBuf,
+    /// Token width of the shards: u16 (llama2.c's headerless files) or u32 (headed).
+    /// Default: u16 when the vocabulary has at most 65 536 ids, else u32.
+    #[arg(long, value_enum)]
+    pub width: Option<WidthArg>,
     /// Worker threads (default: one per core). The output is the same for any number.
     #[arg(long)]
     pub threads: Option<usize>,
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WidthArg {
+    U16,
+    U32,
+}
+
+impl From<WidthArg> for TokenWidth {
+    fn from(w: WidthArg) -> TokenWidth {
+        match w {
+            WidthArg::U16 => TokenWidth::U16,
+            WidthArg::U32 => TokenWidth::U32,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +139,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Download(args) => download_cmd(args),
         DataCommand::Pretokenize(args) => pretokenize_cmd(args),
+        DataCommand::Chat(args) => chat_cmd(args),
     }
 }
 
@@ -138,11 +193,14 @@ fn download_cmd(args: DownloadArgs) -> Result<()> {
 fn pretokenize_cmd(args: PretokenizeArgs) -> Result<()> {
     let tokenizer = AnyTokenizer::open(&args.tokenizer)?;
     pretokenize::check_tokenizer(&tokenizer).with_context(|| format!("--tokenizer {}", args.tokenizer.display()))?;
+    let width = pretokenize::shard_width(&tokenizer, args.width.map(TokenWidth::from))
+        .with_context(|| format!("--width u16 with --tokenizer {}", args.tokenizer.display()))?;
     let threads = args.threads.unwrap_or(0);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("cannot start worker threads")?;
     let progress = bar(args.quiet, "{pos:>9}/{len} stories  {wide_bar}  {per_sec}  ETA {eta}");
     let start = std::time::Instant::now();
-    let result = pool.install(|| pretokenize::pretokenize_files(&tokenizer, &args.inputs, &args.out, &progress));
+    let result =
+        pool.install(|| pretokenize::pretokenize_files(&tokenizer, &args.inputs, &args.out, Some(width), &progress));
     progress.finish_and_clear();
     let summaries = result?;
     let (stories, tokens): (usize, usize) = summaries.iter().fold((0, 0), |(s, t), x| (s + x.stories, t + x.tokens));
@@ -150,12 +208,62 @@ fn pretokenize_cmd(args: PretokenizeArgs) -> Result<()> {
         eprintln!("{} → {}: {} stories, {} tokens", s.input.display(), s.output.display(), s.stories, s.tokens);
     }
     eprintln!(
-        "{stories} stories, {tokens} tokens with {} ({} ids) in {:.1} s on {} threads",
+        "{stories} stories, {tokens} {width} tokens with {} ({} ids) in {:.1} s on {} threads",
         tokenizer.kind(),
         tokenizer.vocab_size(),
         start.elapsed().as_secs_f64(),
         pool.current_num_threads()
     );
+    Ok(())
+}
+
+fn chat_cmd(args: ChatArgs) -> Result<()> {
+    let tokenizer = AnyTokenizer::open(&args.tokenizer)?;
+    let width = pretokenize::shard_width(&tokenizer, args.width.map(TokenWidth::from))
+        .with_context(|| format!("--width u16 with --tokenizer {}", args.tokenizer.display()))?;
+    let config_path = match &args.chat_template {
+        Some(path) => Some(path.clone()),
+        None if args.plain => None,
+        None => {
+            let dir = if args.tokenizer.is_dir() {
+                args.tokenizer.clone()
+            } else {
+                args.tokenizer.parent().map(PathBuf::from).unwrap_or_default()
+            };
+            Some(dir.join("tokenizer_config.json")).filter(|p| p.is_file())
+        }
+    };
+    let format = match &config_path {
+        Some(path) => match ChatTemplate::from_tokenizer_config(path)? {
+            Some(template) => {
+                eprintln!("chat template: {}", path.display());
+                ChatFormat::Template(Box::new(template))
+            }
+            None if args.chat_template.is_some() => {
+                bail!("--chat-template {}: the file has no chat_template", path.display())
+            }
+            None => ChatFormat::Plain,
+        },
+        None => ChatFormat::Plain,
+    };
+    if matches!(format, ChatFormat::Plain) {
+        eprintln!("no chat template: plain `role: content` lines, BOS first, EOS after a final assistant reply");
+    }
+    let threads = args.threads.unwrap_or(0);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("cannot start worker threads")?;
+    let start = std::time::Instant::now();
+    let summaries = pool.install(|| chat_data::chat_files(&tokenizer, &format, &args.inputs, &args.out, width))?;
+    for s in &summaries {
+        eprintln!(
+            "{} → {}: {} conversations, {} tokens, {} of them the assistant's (the loss counts those)",
+            s.input.display(),
+            s.output.display(),
+            s.conversations,
+            s.tokens,
+            s.loss_tokens
+        );
+    }
+    eprintln!("{width} tokens with {} in {:.1} s", tokenizer.kind(), start.elapsed().as_secs_f64());
     Ok(())
 }
 

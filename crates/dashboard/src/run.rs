@@ -290,6 +290,7 @@ impl RunLog {
                 phases_ms,
                 loss_scale: _,
                 compile_stall_ms,
+                loss_tokens: _,
             } => {
                 let run = self.run_mut();
                 // A step number seen before without a `start` between (a writer that

@@ -13,7 +13,9 @@
 //! - [`generate`](generate::generate): llama2.c's generation loop over any forward pass;
 //! - [`hf`]: Hugging Face folders (config.json + safetensors, Llama and Qwen2), with the
 //!   RoPE permutation between llama2.c's and Hugging Face's conventions;
-//! - [`tokenizers`](mod@tokenizers): llama2.c, SentencePiece and Hugging Face tokenizers behind one type.
+//! - [`tokenizers`](mod@tokenizers): llama2.c, SentencePiece and Hugging Face tokenizers behind one type;
+//! - [`chat`]: chat templates (`tokenizer_config.json`'s, run by minijinja) and the plain
+//!   `role: content` format of models without one.
 //!
 //! The `train` crate builds MIL kernels and training on top of these types; the `cli`
 //! crate wires them to files and flags.
@@ -56,6 +58,7 @@
 //! assert_eq!((logits.len(), logits[0].len()), (3, 512));
 //! ```
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;

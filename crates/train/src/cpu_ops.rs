@@ -25,6 +25,7 @@
 use device::cpu::simd;
 use rayon::prelude::*;
 
+use crate::data::{loss_tokens, IGNORE_TARGET};
 use crate::linalg::{add_assign, matmul, matmul_acc, MatMut, MatRef};
 
 /// Columns (positions) handled together when reducing over channels: the running sums
@@ -350,9 +351,11 @@ pub const DEFAULT_CLASSIFIER_CHUNK: usize = 512;
 /// `logits: [N, V]` row-major, one row per position (so the softmax runs over contiguous
 /// memory), `targets: [N]`. Returns the *sum* over rows of `−log softmax(row)[target]`,
 /// in f64. Each row is replaced by `grad_scale · (softmax(row) − onehot(target))`.
+/// A row whose target is [`IGNORE_TARGET`] (masked out) adds nothing to the sum and
+/// its gradient row is zero.
 ///
 /// # Panics
-/// If a target is `≥ V` or the lengths disagree.
+/// If a target other than [`IGNORE_TARGET`] is `≥ V`, or the lengths disagree.
 pub fn softmax_cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: f32) -> f64 {
     assert_eq!(logits.len(), targets.len() * vocab, "logits must be [N={}, V={vocab}]", targets.len());
     cross_entropy_rows(logits, targets, vocab, Some(grad_scale))
@@ -361,13 +364,19 @@ pub fn softmax_cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: us
 /// The summed cross-entropy of rows of logits, each row left as `e^(l − max)`, or, with
 /// `grad_scale`, turned into its gradient (see [`softmax_cross_entropy_rows`]).
 fn cross_entropy_rows(logits: &mut [f32], targets: &[u32], vocab: usize, grad_scale: Option<f32>) -> f64 {
-    if let Some(&target) = targets.iter().find(|&&target| target as usize >= vocab) {
+    if let Some(&target) = targets.iter().find(|&&target| target as usize >= vocab && target != IGNORE_TARGET) {
         panic!("target {target} is outside the vocabulary of {vocab}");
     }
     logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
         .map(|(row, &target)| {
+            if target == IGNORE_TARGET {
+                if grad_scale.is_some() {
+                    row.fill(0.0);
+                }
+                return 0.0;
+            }
             simd(
                 #[inline(always)]
                 || {
@@ -448,7 +457,8 @@ impl ClassifierLoss {
         self
     }
 
-    /// Mean cross-entropy of `Wcls · x` against `targets`.
+    /// Mean cross-entropy of `Wcls · x` against `targets`, over the targets that are
+    /// not [`IGNORE_TARGET`] (0 when there are none).
     ///
     /// `x: [D, T]`, `wcls: [V, D]`, `targets: [T]`.
     pub fn forward(&mut self, x: &[f32], wcls: &[f32], targets: &[u32]) -> f32 {
@@ -460,12 +470,13 @@ impl ClassifierLoss {
             let logits = chunk_logits(&mut self.logits, x, wcls, (t0, n, t_len));
             loss_sum += cross_entropy_rows(logits, &targets[t0..t0 + n], vocab, None);
         }
-        (loss_sum / t_len.max(1) as f64) as f32
+        (loss_sum / loss_tokens(targets).max(1) as f64) as f32
     }
 
     /// Mean cross-entropy, and the gradients of `grad_scale × mean loss`:
     /// `dx: [D, T] += Wclsᵀ · dlogits` and `dwcls: [V, D] += dlogits · xᵀ`, where
-    /// `dlogits = grad_scale · (softmax − onehot) / T`.
+    /// `dlogits = grad_scale · (softmax − onehot) / N` for the `N` targets that are not
+    /// [`IGNORE_TARGET`] (`N = T` without a mask) and 0 for the others.
     ///
     /// `grad_scale` carries the loss scale of fp16 training and `1 / accumulation_steps`
     /// when micro-batches are accumulated. Returns the unscaled mean loss.
@@ -488,7 +499,7 @@ impl ClassifierLoss {
         assert_eq!(dx.len(), x.len(), "dx must be shaped like x");
         assert_eq!(dwcls.len(), wcls.len(), "dwcls must be shaped like wcls");
         let (vocab, dim) = (self.vocab, self.dim);
-        let row_scale = grad_scale / t_len.max(1) as f32;
+        let row_scale = grad_scale / loss_tokens(targets).max(1) as f32;
         if self.transposed {
             self.dwt.resize(dim * vocab, 0.0);
         }
@@ -522,7 +533,7 @@ impl ClassifierLoss {
         if self.transposed && t_len > 0 {
             add_assign(MatMut::new(dwcls, vocab, dim), MatRef::new(&self.dwt, dim, vocab).t());
         }
-        (loss_sum / t_len.max(1) as f64) as f32
+        (loss_sum / loss_tokens(targets).max(1) as f64) as f32
     }
 
     /// As [`ClassifierLoss::forward_backward`] for a frozen classifier: the mean
@@ -539,7 +550,7 @@ impl ClassifierLoss {
         let t_len = self.check_shapes(x, wcls, targets);
         assert_eq!(dx.len(), x.len(), "dx must be shaped like x");
         let (vocab, dim) = (self.vocab, self.dim);
-        let row_scale = grad_scale / t_len.max(1) as f32;
+        let row_scale = grad_scale / loss_tokens(targets).max(1) as f32;
         let mut loss_sum = 0.0f64;
         for t0 in (0..t_len).step_by(self.chunk) {
             let n = self.chunk.min(t_len - t0);
@@ -551,7 +562,7 @@ impl ClassifierLoss {
             // dx[:, t0..t0+n] += Wclsᵀ [D, V] · dlogitsᵀ [V, n]
             matmul_acc(dxc, w.t(), dlogits.t());
         }
-        (loss_sum / t_len.max(1) as f64) as f32
+        (loss_sum / loss_tokens(targets).max(1) as f64) as f32
     }
 
     /// Checks the operands and returns `T`.

@@ -14,6 +14,7 @@
 
 pub mod binding;
 pub mod bpe;
+pub mod chat_data;
 pub mod checkpoint;
 pub mod corpus;
 pub mod cost_model;

@@ -24,7 +24,7 @@ use crate::lora::{LoraConfig, LoraParams};
 use crate::lora_pipeline::{dropout_seed, LoraPipeline};
 use crate::optim::{self, AdamW, AdamWConfig, LossScaler, LrSchedule};
 use crate::telemetry::{Cumulative, Event, PhasesMs, Report, StepFlops, Telemetry};
-use crate::trainer::{StepInfo, TrainConfig, TrainError};
+use crate::trainer::{LossShares, StepInfo, TrainConfig, TrainError};
 
 /// The checkpoint kind of LoRA runs.
 pub const CHECKPOINT_KIND: &str = "anetrain-lora";
@@ -295,18 +295,21 @@ impl<'d> LoraTrainer<'d> {
         let lr = self.schedule.lr(step);
         self.grads.fill(0.0);
         let accum = self.train.accum;
-        let grad_scale = self.scaler.scale / accum as f32;
+        // With a loss mask (chat data) the step's loss is the mean over its loss tokens.
+        let shares = LossShares::count(&self.train_data, &self.sampler, accum, &mut self.inputs, &mut self.targets);
         let mut loss_sum = 0.0f64;
         for micro in 0..accum {
             self.train_data.sample_batch(&mut self.sampler, &mut self.inputs, &mut self.targets);
             // Dropout masks drawn from the step and micro-batch: a resumed run draws the same.
             self.pipeline.set_dropout_seed(Some(dropout_seed(self.train.seed, step, micro)));
+            let n_micro = data::loss_tokens(&self.targets);
+            let grad_scale = shares.grad_scale(self.scaler.scale, n_micro);
             let loss =
                 self.pipeline.forward_backward(&self.lora, &mut self.grads, &self.inputs, &self.targets, grad_scale)?;
             if !loss.is_finite() {
                 return Err(TrainError::NonFinite { step: step + 1, what: "loss", value: loss });
             }
-            loss_sum += loss as f64;
+            loss_sum += loss as f64 * shares.loss_weight(n_micro);
         }
         let loss = (loss_sum / accum as f64) as f32;
         let opt_start = Instant::now();
@@ -357,6 +360,7 @@ impl<'d> LoraTrainer<'d> {
                 phases_ms: self.last_phases,
                 loss_scale: self.train.loss_scaling.then_some(self.scaler.scale),
                 compile_stall_ms: None,
+                loss_tokens: Some(shares.total as u64),
             })
             .map_err(TrainError::Telemetry)?;
         Ok(info)
@@ -377,9 +381,11 @@ impl<'d> LoraTrainer<'d> {
         self.pipeline.set_dropout_seed(None); // evaluation: no dropout
         let mut sum = 0.0f64;
         let n = self.train.eval_batches;
+        let shares = LossShares::count(val, &sampler, n, &mut self.inputs, &mut self.targets);
         for _ in 0..n {
             val.sample_batch(&mut sampler, &mut self.inputs, &mut self.targets);
-            sum += self.pipeline.loss(&self.lora, &self.inputs, &self.targets)? as f64;
+            let weight = shares.loss_weight(data::loss_tokens(&self.targets));
+            sum += self.pipeline.loss(&self.lora, &self.inputs, &self.targets)? as f64 * weight;
         }
         self.pipeline.times.take();
         Ok(Some((sum / n as f64) as f32))

@@ -1,4 +1,4 @@
-//! Pretokenizing a text corpus into llama2.c's u16 shards, in parallel.
+//! Pretokenizing a text corpus into token shards ([`crate::data`]), in parallel.
 //!
 //! Inputs are either
 //! - **JSON** (`*.json`): an array of objects with a `"story"` string, as in TinyStories'
@@ -12,17 +12,19 @@
 //! with rayon, and collected in input order, so the bytes written do not depend on the
 //! number of threads.
 //!
-//! Any tokenizer [`AnyTokenizer`] opens works, provided its ids fit a u16 (vocabulary ≤
-//! 65536) and it has a beginning-of-text token.
+//! Any tokenizer [`AnyTokenizer`] opens works, provided it has a beginning-of-text token.
+//! The shards are llama2.c's headerless u16 files when the vocabulary fits a u16
+//! (≤ 65 536 ids), else headed u32 shards (Qwen's 151 936 ids); [`shard_width`] chooses,
+//! and a caller may ask for u32 with a smaller vocabulary.
 
 use std::path::{Path, PathBuf};
 
 use indicatif::ProgressBar;
-use llama::tokenizers::{AnyTokenizer, MAX_SHARD_VOCAB};
+use llama::tokenizers::AnyTokenizer;
 use rayon::prelude::*;
 use serde::Deserialize;
 
-use crate::data::{self, DataError};
+use crate::data::{self, DataError, TokenWidth};
 
 /// What can go wrong pretokenizing, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +35,9 @@ pub enum PretokenizeError {
     #[error("{}: not a JSON array of objects with a \"story\" string: {message}", path.display())]
     Json { path: PathBuf, message: String },
     #[error(
-        "the {kind} has {vocab_size} token ids, more than the {MAX_SHARD_VOCAB} a u16 shard can hold; \
-         pretokenize with a smaller vocabulary"
+        "the {kind} has {vocab_size} token ids, more than the {} a u16 shard can hold; \
+         write u32 shards (leave out the u16 choice)",
+        TokenWidth::U16.max_vocab()
     )]
     VocabTooLarge { kind: &'static str, vocab_size: usize },
     #[error("the {kind} has no beginning-of-text token to put before each story")]
@@ -99,13 +102,22 @@ pub fn split_blocks(text: &str) -> Vec<String> {
     stories
 }
 
-/// Checks that `tokenizer` can write shards: ids fit u16 and there is a BOS token.
+/// Checks that `tokenizer` can write shards (it has a BOS token) and returns its BOS id.
 pub fn check_tokenizer(tokenizer: &AnyTokenizer) -> Result<u32, PretokenizeError> {
-    let vocab_size = tokenizer.vocab_size();
-    if vocab_size > MAX_SHARD_VOCAB {
-        return Err(PretokenizeError::VocabTooLarge { kind: tokenizer.kind(), vocab_size });
-    }
     tokenizer.bos_id().ok_or(PretokenizeError::NoBos { kind: tokenizer.kind() })
+}
+
+/// The token width of the shards for `tokenizer`: `requested`, if its ids fit, or the
+/// narrowest that holds them (u16 up to 65 536 ids, else u32).
+pub fn shard_width(tokenizer: &AnyTokenizer, requested: Option<TokenWidth>) -> Result<TokenWidth, PretokenizeError> {
+    let vocab_size = tokenizer.vocab_size();
+    match requested {
+        Some(width) if vocab_size > width.max_vocab() => {
+            Err(PretokenizeError::VocabTooLarge { kind: tokenizer.kind(), vocab_size })
+        }
+        Some(width) => Ok(width),
+        None => Ok(TokenWidth::for_vocab(vocab_size)),
+    }
 }
 
 /// Encodes stories into one token stream: each trimmed, BOS first, no EOS. Parallel,
@@ -115,7 +127,7 @@ pub fn encode_stories(
     tokenizer: &AnyTokenizer,
     stories: &[String],
     progress: &ProgressBar,
-) -> Result<Vec<u16>, llama::Error> {
+) -> Result<Vec<u32>, llama::Error> {
     let encoded: Vec<Vec<u32>> = stories
         .par_iter()
         .map(|story| {
@@ -124,19 +136,21 @@ pub fn encode_stories(
             ids
         })
         .collect::<Result<_, _>>()?;
-    // check_tokenizer bounds every id below 65536, so the narrowing is exact.
-    Ok(encoded.into_iter().flatten().map(|id| id as u16).collect())
+    Ok(encoded.into_iter().flatten().collect())
 }
 
-/// Pretokenizes every input into `out_dir/<stem>.bin` (created if needed). `progress`
-/// counts stories; its length grows as each input is read.
+/// Pretokenizes every input into `out_dir/<stem>.bin` (created if needed), with tokens
+/// of `width` ([`shard_width`] when `None`). `progress` counts stories; its length grows
+/// as each input is read.
 pub fn pretokenize_files(
     tokenizer: &AnyTokenizer,
     inputs: &[PathBuf],
     out_dir: &Path,
+    width: Option<TokenWidth>,
     progress: &ProgressBar,
 ) -> Result<Vec<ShardSummary>, PretokenizeError> {
     check_tokenizer(tokenizer)?;
+    let width = shard_width(tokenizer, width)?;
     if inputs.is_empty() {
         return Err(PretokenizeError::NoInputs);
     }
@@ -159,7 +173,7 @@ pub fn pretokenize_files(
         progress.inc_length(stories.len() as u64);
         let tokens = encode_stories(tokenizer, &stories, progress)
             .map_err(|source| PretokenizeError::Tokenizer { path: input.clone(), source })?;
-        data::write_shard(&output, &tokens)?;
+        data::write_tokens(&output, &tokens, width, None)?;
         summaries.push(ShardSummary { input: input.clone(), output, stories: stories.len(), tokens: tokens.len() });
     }
     Ok(summaries)

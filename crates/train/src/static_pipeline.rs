@@ -33,6 +33,7 @@ use llama::{Config, Params};
 
 use crate::binding::{IoConvention, KernelIo, Target};
 use crate::cpu_ops::{self, ClassifierLoss};
+use crate::data::IGNORE_TARGET;
 use crate::kernels::{KernelDef, LayerDims};
 use crate::linalg::{matmul_acc, MatMut, MatRef};
 use crate::pipeline::{LayerActs, PhaseTimes};
@@ -612,8 +613,9 @@ impl StaticPipeline {
         Ok(())
     }
 
-    /// Extras: from the device's chunk softmaxes, the mean cross-entropy; with
-    /// `dlogits_scale`, also turns `scratch.probs` into `scale · (softmax − onehot)`.
+    /// Extras: from the device's chunk softmaxes, the mean cross-entropy over the
+    /// targets that are not [`IGNORE_TARGET`]; with `dlogits_scale`, also turns
+    /// `scratch.probs` into `scale · (softmax − onehot)`, and 0 at ignored targets.
     fn extras_loss(&mut self, targets: &[u32], dlogits_scale: Option<f32>) -> f32 {
         let t_len = self.tokens();
         let chunks = &self.shape.vocab_chunks;
@@ -635,17 +637,22 @@ impl StaticPipeline {
             }
         }
         let mut loss = 0.0f64;
-        for (t, &target) in targets.iter().enumerate() {
+        for (t, &target) in targets.iter().enumerate().filter(|(_, &target)| target != IGNORE_TARGET) {
             let p = probs[target as usize * t_len + t].max(MIN_PROB);
             loss -= f64::from(p).ln();
         }
         if let Some(scale) = dlogits_scale {
             probs.iter_mut().for_each(|p| *p *= scale);
             for (t, &target) in targets.iter().enumerate() {
-                probs[target as usize * t_len + t] -= scale;
+                if target == IGNORE_TARGET {
+                    // probs: [V, T]; a masked position has no gradient.
+                    (0..probs.len() / t_len).for_each(|v| probs[v * t_len + t] = 0.0);
+                } else {
+                    probs[target as usize * t_len + t] -= scale;
+                }
             }
         }
-        (loss / t_len.max(1) as f64) as f32
+        (loss / crate::data::loss_tokens(targets).max(1) as f64) as f32
     }
 
     /// The backward of an RMSNorm: `dx += ∂/∂x`, `dgain += ∂/∂gain`, on the device with
@@ -708,7 +715,8 @@ impl StaticPipeline {
         let loss = if self.shape.ane_extras {
             self.device_softmax()?;
             lap(&mut t, &mut self.times.device_forward);
-            let loss = self.extras_loss(targets, Some(grad_scale / t_len.max(1) as f32));
+            let n_loss = crate::data::loss_tokens(targets);
+            let loss = self.extras_loss(targets, Some(grad_scale / n_loss.max(1) as f32));
             let s = &mut self.scratch;
             let dlogits = MatRef::new(&s.probs, vocab, t_len);
             // dx [D, T] += Wclsᵀ [D, V] · dlogits [V, T]

@@ -91,6 +91,11 @@ pub enum Event {
         loss_scale: Option<f32>,
         #[serde(skip_serializing_if = "Option::is_none", default)]
         compile_stall_ms: Option<f64>,
+        /// Targets the loss of this step averaged over: batch × seq × accum, or fewer
+        /// with a loss mask (chat data: the assistant's tokens only). Absent in lines
+        /// written before masks existed.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        loss_tokens: Option<u64>,
     },
     Eval {
         step: u64,

@@ -445,7 +445,10 @@ impl<'d> Trainer<'d> {
         let lr = self.schedule.lr(step);
         self.grads.as_mut_slice().fill(0.0);
         let accum = self.train.accum;
-        let grad_scale = self.scaler.scale / accum as f32;
+        // Every rank counts the loss tokens of all the step's micro-batches, so all ranks
+        // weigh theirs by the same total.
+        let shares = LossShares::count(&self.train_data, &self.sampler, accum, &mut self.inputs, &mut self.targets);
+        let loss_scale = self.scaler.scale;
         // The `accum` micro-batches share one version of the kernels: one compile.
         let batch = self.train.batch;
         let Trainer { pipeline, params, grads, train_data, sampler, inputs, targets, device, dist, .. } = self;
@@ -458,11 +461,13 @@ impl<'d> Trainer<'d> {
                     continue;
                 }
                 train_data.sample_batch(sampler, inputs, targets);
+                let n_micro = data::loss_tokens(targets);
+                let grad_scale = shares.grad_scale(loss_scale, n_micro);
                 let loss = passes.forward_backward(weights, grads, inputs, targets, grad_scale)?;
                 if !loss.is_finite() {
                     return Err(TrainError::NonFinite { step: step + 1, what: "loss", value: loss });
                 }
-                loss_sum += loss as f64;
+                loss_sum += loss as f64 * shares.loss_weight(n_micro);
             }
             Ok(loss_sum)
         })?;
@@ -522,6 +527,7 @@ impl<'d> Trainer<'d> {
                 phases_ms: self.last_phases,
                 loss_scale: self.train.loss_scaling.then_some(self.scaler.scale),
                 compile_stall_ms: stall_ms,
+                loss_tokens: Some(shares.total as u64),
             })
             .map_err(TrainError::Telemetry)?;
         Ok(info)
@@ -534,12 +540,15 @@ impl<'d> Trainer<'d> {
         let mut sampler = data::Sampler::new(self.train.seed ^ 0x5EED_0F5A_11E5);
         let mut sum = 0.0f64;
         let n = self.train.eval_batches;
+        // The evaluation batches weighed as one step's micro-batches: the mean over all
+        // their loss tokens.
+        let shares = LossShares::count(val, &sampler, n, &mut self.inputs, &mut self.targets);
         let mut cost = CompileCost::default();
         for _ in 0..n {
             val.sample_batch(&mut sampler, &mut self.inputs, &mut self.targets);
             let (loss, c) = self.pipeline.loss(self.device, &self.params, self.step, &self.inputs, &self.targets)?;
             cost += c;
-            sum += loss as f64;
+            sum += loss as f64 * shares.loss_weight(data::loss_tokens(&self.targets));
         }
         self.count_compile(&cost);
         self.pipeline.take_times();
@@ -651,6 +660,68 @@ impl<'d> Trainer<'d> {
 
     pub fn report(&self) -> Report {
         Report::from_cumulative(&self.cumulative)
+    }
+}
+
+/// How the `accum` micro-batches of one optimizer step share its loss, so that the step's
+/// loss is the mean over all its loss tokens (targets that are not
+/// [`data::IGNORE_TARGET`]) and its gradient that mean's.
+///
+/// Without a loss mask every micro-batch has `batch × seq` loss tokens, and this is the
+/// plain average: gradient scale `scale / accum`, loss weight 1, bit for bit what the
+/// trainer did before masks existed. With a mask, micro-batch `m` with `n_m` of the
+/// step's `N` loss tokens takes gradient scale `scale · n_m / N` (its pipeline divides
+/// by `n_m`) and loss weight `accum · n_m / N` (the trainer divides the weighted sum by
+/// `accum`). A step without any loss token has zero weights: its gradient is zero.
+#[derive(Clone, Copy, Debug)]
+pub struct LossShares {
+    masked: bool,
+    accum: usize,
+    /// `N`: loss tokens of the whole step (over all data-parallel ranks).
+    pub total: usize,
+}
+
+impl LossShares {
+    /// Counts the loss tokens of the step's next `accum` batches, drawn from a copy of
+    /// `sampler` (so the caller draws the same batches afterwards). `inputs` and
+    /// `targets` are scratch space of one batch.
+    pub fn count(
+        data: &Dataset,
+        sampler: &data::Sampler,
+        accum: usize,
+        inputs: &mut [u32],
+        targets: &mut [u32],
+    ) -> LossShares {
+        if !data.is_masked() {
+            return LossShares { masked: false, accum, total: accum * targets.len() };
+        }
+        let mut ahead = sampler.clone();
+        let total = (0..accum)
+            .map(|_| {
+                data.sample_batch(&mut ahead, inputs, targets);
+                data::loss_tokens(targets)
+            })
+            .sum();
+        LossShares { masked: true, accum, total }
+    }
+
+    /// The gradient scale of a micro-batch with `n_micro` loss tokens, for a loss scale
+    /// of `scale`.
+    pub fn grad_scale(&self, scale: f32, n_micro: usize) -> f32 {
+        match (self.masked, self.total) {
+            (false, _) => scale / self.accum as f32,
+            (true, 0) => 0.0,
+            (true, total) => scale * (n_micro as f64 / total as f64) as f32,
+        }
+    }
+
+    /// The weight of a micro-batch's mean loss in the sum the step divides by `accum`.
+    pub fn loss_weight(&self, n_micro: usize) -> f64 {
+        match (self.masked, self.total) {
+            (false, _) => 1.0,
+            (true, 0) => 0.0,
+            (true, total) => (self.accum * n_micro) as f64 / total as f64,
+        }
     }
 }
 

@@ -160,3 +160,124 @@ fn bad_data_gives_errors_naming_file_and_offset() {
     assert!(matches!(Dataset::open(&[], &HoldOut::Fraction(0.0), 100, 2), Err(DataError::NoShards)));
     assert!(matches!(Dataset::from_tokens("mem", vec![], 100, 2), Err(DataError::Empty { .. })));
 }
+
+#[test]
+fn u32_shards_hold_ids_beyond_u16_and_read_like_u16_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = 151_936; // Qwen's
+    let tokens: Vec<u32> = (0..400u32).map(|i| (i * 7919) % vocab as u32).collect();
+    assert!(tokens.iter().any(|&t| t > 65_535));
+    let path = dir.path().join("qwen.bin");
+    write_tokens(&path, &tokens, TokenWidth::for_vocab(vocab), None).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    // The header: magic, version 1, 4 bytes a token, no flags, reserved, 400 tokens.
+    assert_eq!(&bytes[..8], SHARD_MAGIC);
+    assert_eq!(
+        bytes[8..32],
+        [[1, 0, 0, 0], [4, 0, 0, 0], [0; 4], [0; 4]]
+            .concat()
+            .into_iter()
+            .chain(400u64.to_le_bytes())
+            .collect::<Vec<u8>>()[..]
+    );
+    assert_eq!(bytes.len(), 32 + 4 * 400);
+    assert_eq!(bytes[32 + 4 * 3..32 + 4 * 4], tokens[3].to_le_bytes());
+
+    let seq = 8;
+    let data = Dataset::open(std::slice::from_ref(&path), &HoldOut::Fraction(0.0), vocab, seq).unwrap().train;
+    assert!(!data.is_masked());
+    let mut window = vec![0u32; seq + 1];
+    for index in [0, 17, data.n_windows() - 1] {
+        data.window(index, &mut window);
+        assert_eq!(window, tokens[index as usize..index as usize + seq + 1]);
+    }
+    // The same ids in memory, or as u16 where they fit, give the same windows.
+    let small: Vec<u32> = tokens.iter().map(|t| t % 60_000).collect();
+    let u16_path = dir.path().join("small16.bin");
+    let u32_path = dir.path().join("small32.bin");
+    write_tokens(&u16_path, &small, TokenWidth::U16, None).unwrap();
+    write_tokens(&u32_path, &small, TokenWidth::U32, None).unwrap();
+    assert_eq!(std::fs::read(&u16_path).unwrap().len(), 2 * 400, "u16 without a mask stays llama2.c's");
+    let (mut a, mut b) = (vec![0u32; 3 * seq], vec![0u32; 3 * seq]);
+    let (mut c, mut d) = (vec![0u32; 3 * seq], vec![0u32; 3 * seq]);
+    let d16 = Dataset::open(&[u16_path], &HoldOut::Fraction(0.0), 60_000, seq).unwrap().train;
+    let d32 = Dataset::open(&[u32_path], &HoldOut::Fraction(0.0), 60_000, seq).unwrap().train;
+    d16.sample_batch(&mut Sampler::new(4), &mut a, &mut b);
+    d32.sample_batch(&mut Sampler::new(4), &mut c, &mut d);
+    assert_eq!((a, b), (c, d));
+
+    // A model whose vocabulary is smaller than the ids: the file, offset and byte.
+    let err = Dataset::open(&[path], &HoldOut::Fraction(0.0), 70_000, seq).unwrap_err();
+    let first = tokens.iter().position(|&t| t >= 70_000).unwrap();
+    assert!(
+        matches!(err, DataError::TokenOutOfRange { offset, byte, vocab: 70_000, .. }
+            if offset == first as u64 && byte == 32 + 4 * first as u64),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("qwen.bin"), "{err}");
+}
+
+#[test]
+fn masked_shards_turn_masked_targets_into_ignore() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<u32> = (0..200u32).map(|i| 1 + i % 50).collect();
+    let mask: Vec<u8> = (0..200).map(|i| u8::from(i % 5 >= 2)).collect();
+    let path = dir.path().join("chat.bin");
+    write_tokens(&path, &tokens, TokenWidth::U16, Some(&mask)).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap().len(), 32 + 2 * 200 + 200);
+    let seq = 10;
+    let data = Dataset::open(&[path], &HoldOut::Fraction(0.0), 64, seq).unwrap().train;
+    assert!(data.is_masked());
+    let (mut inputs, mut targets) = (vec![0u32; 8 * seq], vec![0u32; 8 * seq]);
+    data.sample_batch(&mut Sampler::new(2), &mut inputs, &mut targets);
+    for (row_in, row_t) in inputs.chunks(seq).zip(targets.chunks(seq)) {
+        // tokens[i] = 1 + i % 50 and windows are shorter than 50: the first input says where.
+        let start = (0..200 - seq).find(|&p| tokens[p..p + seq] == *row_in).unwrap();
+        for (s, &target) in row_t.iter().enumerate() {
+            let pos = start + s + 1;
+            let want = if mask[pos] == 1 { tokens[pos] } else { IGNORE_TARGET };
+            assert_eq!(target, want, "target of position {pos}");
+        }
+    }
+    assert_eq!(loss_tokens(&targets), targets.iter().filter(|&&t| t != IGNORE_TARGET).count());
+    assert!(loss_tokens(&targets) < targets.len());
+}
+
+#[test]
+fn bad_headers_and_masks_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str, bytes: Vec<u8>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        Dataset::open(&[path], &HoldOut::Fraction(0.0), 100, 2).unwrap_err().to_string()
+    };
+    let header = |width: u32, flags: u32, n: u64| {
+        let mut h = SHARD_MAGIC.to_vec();
+        for v in [1u32, width, flags, 0] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        h.extend_from_slice(&n.to_le_bytes());
+        h
+    };
+    // Truncated: the header promises 10 u32 tokens, the file has 9.
+    let mut bytes = header(4, 0, 10);
+    bytes.extend(std::iter::repeat_n(0u8, 36));
+    let e = open("short.bin", bytes);
+    assert!(e.contains("short.bin") && e.contains("10 u32 tokens") && e.contains("72 bytes"), "{e}");
+    // A width that is neither 2 nor 4.
+    let e = open("width.bin", header(3, 0, 1).into_iter().chain([1, 0, 0]).collect());
+    assert!(e.contains("width.bin") && e.contains("3 bytes per token"), "{e}");
+    // A mask byte that is not 0 or 1.
+    let mut bytes = header(2, 1, 3);
+    bytes.extend([1, 0, 5, 0, 6, 0, 0, 2, 1]);
+    let e = open("mask.bin", bytes);
+    assert!(e.contains("mask.bin") && e.contains("loss-mask byte 2 at token offset 1"), "{e}");
+    // Shorter than a header.
+    let e = open("stub.bin", SHARD_MAGIC.to_vec());
+    assert!(e.contains("stub.bin") && e.contains("header"), "{e}");
+    // A mask of the wrong length is refused when writing.
+    let e = write_tokens(&dir.path().join("w.bin"), &[1, 2], TokenWidth::U16, Some(&[1])).unwrap_err();
+    assert!(e.to_string().contains("2 tokens, 1 mask bytes"), "{e}");
+    let e = write_tokens(&dir.path().join("w.bin"), &[1, 70_000], TokenWidth::U16, None).unwrap_err();
+    assert!(e.to_string().contains("70000 at offset 1 does not fit a u16 shard"), "{e}");
+}

@@ -163,3 +163,117 @@ fn overlapping_dw_with_device_work_changes_nothing() {
         assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "gradient {i}: {x} vs {y}");
     }
 }
+
+/// A mask over `targets`: every third target and a run at the start of each row are
+/// [`IGNORE_TARGET`], as chat data masks the prompt.
+fn mask_targets(targets: &[u32], s: usize) -> Vec<u32> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| if i % 3 == 0 || i % s < 2 { train::data::IGNORE_TARGET } else { t })
+        .collect()
+}
+
+/// The reference loss with the mask applied by hand: the mean of `−log p[target]` over
+/// the targets that are not ignored.
+fn reference_masked_loss(params: &Params, inputs: &[u32], targets: &[u32], s: usize) -> f64 {
+    let mut total = 0.0f64;
+    let mut n = 0;
+    for (inp, tgt) in inputs.chunks(s).zip(targets.chunks(s)) {
+        let logits = llama::reference::forward_sequence(params, inp).unwrap();
+        for (row, &target) in logits.iter().zip(tgt) {
+            if target == train::data::IGNORE_TARGET {
+                continue;
+            }
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            total += lse - row[target as usize] as f64;
+            n += 1;
+        }
+    }
+    total / n as f64
+}
+
+#[test]
+fn masked_loss_and_gradients_match_the_reference_with_the_mask_applied_by_hand() {
+    for (name, config) in architectures().into_iter().filter(|(n, _)| ["llama2", "qwen3"].contains(n)) {
+        let mut p = params(&config, 13);
+        let (b, s) = (2, 8);
+        let (inputs, targets) = batch(&config, b, s, 6);
+        let masked = mask_targets(&targets, s);
+        assert!(masked.contains(&train::data::IGNORE_TARGET) && masked.iter().any(|&t| t < 100));
+        let device = CpuDevice::new(Precision::Fp32);
+        let mut pipe = DynamicPipeline::new(&device, &config, b, s).unwrap();
+        let want = reference_masked_loss(&p, &inputs, &masked, s);
+        let loss = pipe.loss(&p, &inputs, &masked).unwrap() as f64;
+        assert!((loss - want).abs() < 1e-4 * want.abs().max(1.0), "{name}: pipeline {loss}, reference {want}");
+        // It is not the unmasked loss.
+        assert!((want - reference_loss(&p, &inputs, &targets, s)).abs() > 1e-3);
+
+        let mut grads = Params::zeros(&config).unwrap();
+        let fb_loss = pipe.forward_backward(&p, &mut grads, &inputs, &masked, 1.0).unwrap() as f64;
+        assert!((fb_loss - want).abs() < 1e-4 * want.abs().max(1.0), "{name}: forward_backward {fb_loss}");
+        let mut rng = ChaCha8Rng::seed_from_u64(98);
+        let specs: Vec<_> = p.layout().specs().to_vec();
+        for spec in &specs {
+            for _ in 0..2 {
+                let i = spec.offset + rng.gen_range(0..spec.len());
+                let h = 1e-2f32;
+                let orig = p.as_slice()[i];
+                p.as_mut_slice()[i] = orig + h;
+                let up = reference_masked_loss(&p, &inputs, &masked, s);
+                p.as_mut_slice()[i] = orig - h;
+                let down = reference_masked_loss(&p, &inputs, &masked, s);
+                p.as_mut_slice()[i] = orig;
+                let fd = (up - down) / (2.0 * h as f64);
+                let g = grads.as_slice()[i] as f64;
+                assert!(
+                    (g - fd).abs() <= 2e-3 + 0.03 * fd.abs(),
+                    "{name}: d masked loss / d {}[{}]: pipeline {g}, finite difference {fd}",
+                    spec.name,
+                    i - spec.offset
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_masked_position_contributes_no_gradient() {
+    // Masking a target is the same as removing its row from the loss: the gradient of
+    // the masked batch is (N_all · g_all − Σ_masked g_t) / N_kept, computed here from
+    // single-target batches (each a batch with all targets but one masked).
+    let config = tiny(2);
+    let p = params(&config, 17);
+    let (b, s) = (1, 8);
+    let (inputs, targets) = batch(&config, b, s, 8);
+    let ignore = train::data::IGNORE_TARGET;
+    let device = CpuDevice::new(Precision::Fp32);
+    let mut pipe = DynamicPipeline::new(&device, &config, b, s).unwrap();
+    let keep = [1usize, 4, 6];
+    let mut masked = vec![ignore; s];
+    for &k in &keep {
+        masked[k] = targets[k];
+    }
+    let mut want = vec![0.0f64; p.len()];
+    for &k in &keep {
+        let mut one = vec![ignore; s];
+        one[k] = targets[k];
+        let mut g = Params::zeros(&config).unwrap();
+        pipe.forward_backward(&p, &mut g, &inputs, &one, 1.0).unwrap();
+        for (w, &x) in want.iter_mut().zip(g.as_slice()) {
+            *w += f64::from(x) / keep.len() as f64;
+        }
+    }
+    let mut got = Params::zeros(&config).unwrap();
+    pipe.forward_backward(&p, &mut got, &inputs, &masked, 1.0).unwrap();
+    let max = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    for (i, (&g, &w)) in got.as_slice().iter().zip(&want).enumerate() {
+        assert!((f64::from(g) - w).abs() <= 1e-5 * max, "gradient {i}: {g} vs {w}");
+    }
+    // All targets masked: loss 0 and no gradient at all.
+    let mut none = Params::zeros(&config).unwrap();
+    let loss = pipe.forward_backward(&p, &mut none, &inputs, &[ignore; 8], 1.0).unwrap();
+    assert_eq!(loss, 0.0);
+    assert!(none.as_slice().iter().all(|&g| g == 0.0));
+}
