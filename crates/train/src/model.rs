@@ -57,8 +57,9 @@ pub struct LayerRef<'a> {
     pub k_norm: Option<&'a [f32]>,
 }
 
-/// What a device model reads its weights from.
-pub trait ModelWeights {
+/// What a device model reads its weights from. `Sync`, so that a forward pass can run
+/// on a rayon worker (see [`Decoder::forward`]).
+pub trait ModelWeights: Sync {
     fn dims(&self) -> ModelDims;
     /// `[vocab, dim]`.
     fn token_embedding(&self) -> &[f32];
@@ -365,11 +366,17 @@ impl<'w, W: ModelWeights> Decoder<'w, W> {
                 ),
             ));
         }
-        let mut last = Vec::new();
-        for chunk in tokens.chunks(if tokens.len() == 1 { 1 } else { self.prefill_chunk }) {
-            last = self.forward_chunk(chunk)?;
-        }
-        Ok(last)
+        // On a rayon worker: the kernels' parallel loops then split their work with the
+        // other workers (a worker that finds its half not yet taken does it itself),
+        // instead of this thread handing each loop to the pool and sleeping until it is
+        // done (two thread wake-ups per loop, dozens of loops per token).
+        rayon::scope(|_| {
+            let mut last = Vec::new();
+            for chunk in tokens.chunks(if tokens.len() == 1 { 1 } else { self.prefill_chunk }) {
+                last = self.forward_chunk(chunk)?;
+            }
+            Ok(last)
+        })
     }
 
     fn forward_chunk(&mut self, tokens: &[u32]) -> device::Result<Vec<f32>> {
