@@ -457,16 +457,25 @@ fn pretokenize_refuses_big_vocabularies_and_bad_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write_inputs(d);
-    // A word-level tokenizer.json with 70,000 ids: they do not fit u16.
+    // A word-level tokenizer.json with 70,000 ids (`<s>` among them): they do not fit u16 shards.
     let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..70_000).map(|i| (format!("w{i}"), serde_json::json!(i))).collect();
+        (0..70_000).map(|i| (if i == 1 { "<s>".into() } else { format!("w{i}") }, serde_json::json!(i))).collect();
     let json = serde_json::json!({"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
         "pre_tokenizer": {"type": "Whitespace"}, "added_tokens": [], "normalizer": null, "post_processor": null,
         "decoder": null, "truncation": null, "padding": null});
     std::fs::write(d.join("big.json"), json.to_string()).unwrap();
-    let out = anetrain(d, &["data", "pretokenize", "--tokenizer", "big.json", "--in", "data00.json", "--out", "o"]);
-    failed_with(&out, &["70000 token ids", "65536"]);
+    let big = ["data", "pretokenize", "--tokenizer", "big.json", "--in", "data00.json", "--out", "o"];
+    let out = anetrain(d, &[&big[..], &["--width", "u16"]].concat());
+    failed_with(&out, &["70000 token ids", "65536", "u32"]);
     assert!(!d.join("o").exists());
+    // Without the choice such a vocabulary gets u32 shards, marked by their header.
+    ok(&anetrain(d, &big));
+    let shards: Vec<_> = std::fs::read_dir(d.join("o")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!shards.is_empty());
+    for shard in shards {
+        assert!(std::fs::read(&shard).unwrap().starts_with(b"ANETOKNS"), "{}", shard.display());
+    }
+    std::fs::remove_dir_all(d.join("o")).unwrap();
 
     let tok = fixture("tok512.bin");
     std::fs::write(d.join("bad.json"), r#"[{"story": "ok"}, {"text": "no story"}]"#).unwrap();
