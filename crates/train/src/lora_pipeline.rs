@@ -618,45 +618,33 @@ impl LoraPipeline {
             cpu_ops::rmsnorm_backward(&mut s.dx, &mut s.dgain, &s.dxn, &a.x_mid, w.rms_ffn(), &a.inv_rms2, &mut s.row);
             lap(&mut t, &mut times.rmsnorm);
 
-            // Attention backward: Woᵀ (+ the o adapter), then the weight-free part.
-            if l == 0 && !qkv_adapted {
-                // Only the o adapter: its gradient needs `dy_attn` (= s.dx) and `o`.
-                Self::attention_grads(
-                    slots,
-                    &mut self.grads_attn,
-                    &self.scaled,
-                    &self.masks,
-                    lora,
-                    l,
-                    a,
-                    s,
-                    grads,
-                    times,
-                    &mut t,
-                )?;
-                break;
+            // Attention backward: Woᵀ (+ the o adapter), then the weight-free part; layer 0
+            // needs it only for its q/k/v adapters.
+            if l > 0 || qkv_adapted {
+                let k = &mut slots.attn_bwd_wo;
+                k.write("dy", &s.dx);
+                write_adapters(k, &self.scaled, l, &self.masks);
+                lap(&mut t, &mut times.surface_io);
+                k.eval(kernels.attn_bwd_wo.as_mut())?;
+                lap(&mut t, &mut times.device_backward);
+                k.take("do", &mut s.d_o);
+                let k = &mut slots.attn_bwd_free;
+                k.write("do", &s.d_o);
+                k.write("q", &a.q);
+                k.write("o", &a.o);
+                k.write("k", &a.k);
+                k.write("v", &a.v);
+                lap(&mut t, &mut times.surface_io);
+                k.eval(self.attn_bwd_free.as_mut())?;
+                lap(&mut t, &mut times.device_backward);
+                k.take("dq", &mut s.dq);
+                k.take("dk", &mut s.dk);
+                k.take("dv", &mut s.dv);
+                lap(&mut t, &mut times.surface_io);
             }
-            let k = &mut slots.attn_bwd_wo;
-            k.write("dy", &s.dx);
-            write_adapters(k, &self.scaled, l, &self.masks);
-            lap(&mut t, &mut times.surface_io);
-            k.eval(kernels.attn_bwd_wo.as_mut())?;
-            lap(&mut t, &mut times.device_backward);
-            k.take("do", &mut s.d_o);
-            let k = &mut slots.attn_bwd_free;
-            k.write("do", &s.d_o);
-            k.write("q", &a.q);
-            k.write("o", &a.o);
-            k.write("k", &a.k);
-            k.write("v", &a.v);
-            lap(&mut t, &mut times.surface_io);
-            k.eval(self.attn_bwd_free.as_mut())?;
-            lap(&mut t, &mut times.device_backward);
-            k.take("dq", &mut s.dq);
-            k.take("dk", &mut s.dk);
-            k.take("dv", &mut s.dv);
-            lap(&mut t, &mut times.surface_io);
             if l == 0 {
+                // Layer 0 ends with its adapters' gradients: the o adapter's needs
+                // `dy_attn` (= s.dx) and `o`, the q/k/v adapters' the dq, dk, dv above.
                 Self::attention_grads(
                     slots,
                     &mut self.grads_attn,
